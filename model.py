@@ -1,0 +1,327 @@
+"""
+The model: any Hugging Face causal LM + a vision tower (CLIP, SigLIP, DINOv2, or CLIP+DINOv2 "MoF"),
+joined by a connector from connectors.py. The transformer blocks are Hugging Face's; the glue is ours.
+
+    from model import ModelArgs, build_model, save_pretrained, load_pretrained
+    model, tokenizer, processor = build_model(ModelArgs(llm="microsoft/phi-2",
+        vision_tower="google/siglip-so400m-patch14-384", connector="mlp2x_gelu"))
+    out = model(input_ids, attention_mask, labels=labels, images=pixel_values)   # out["loss"]
+    new_tokens = model.generate(input_ids, attention_mask, images=pixel_values, max_new_tokens=32)
+    save_pretrained(model, tokenizer, processor, "out/run1")   # self-contained, loads offline:
+    model, tokenizer, processor = load_pretrained("out/run1")
+
+How images get in: data.py expands each `<image>` into `model.num_image_tokens` copies of the sentinel id
+IMAGE_TOKEN_INDEX (-200); `embed()` looks up the text embeddings and drops the connector's output into the
+sentinel positions with one masked_scatter. `images` holds only the pictures of the rows that have one, in
+batch order: text-only rows never run the tower (TinyLLaVA Factory feeds them a zero image).
+
+State-dict keys follow TinyLLaVA Factory (`language_model.*`, `vision_tower._vision_tower.*`,
+`connector._connector.*`) so its checkpoints map onto ours (transformers 5 dropped the `vision_model.` level
+inside CLIP/SigLIP vision models, the one difference a loader of the original's files has to undo).
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from safetensors.torch import save_model as save_safetensors
+from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer,
+                          CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
+                          SiglipVisionConfig, SiglipVisionModel)
+
+from connectors import build_connector
+from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+
+@dataclass
+class ModelArgs:
+    llm: str = ""                      # Hub id or local dir of any AutoModelForCausalLM
+    tokenizer: str = ""                # default: the llm's (OpenELM: meta-llama/Llama-2-7b-hf, as the original)
+    vision_tower: str = ""             # Hub id or local dir; kind from its config.json model_type: clip | siglip | dinov2
+    vision_tower2: str = ""            # set -> MoF: vision_tower is CLIP, this is DINOv2, both see the same image
+    connector: str = "mlp2x_gelu"      # identity | linear | mlp{N}x_gelu | qformer | resampler | mof_mlp | pixel_shuffle{S}_mlp{N}x_gelu
+    vision_feature_layer: int = -2     # hidden_states index; later layers and the post-norm/head are removed, never run
+    vision_feature_select_strategy: str = "patch"  # patch (drop the CLS token) | cls_patch (keep every token)
+    legacy_patch_drop: bool = False    # True: 'patch' drops the first token even without CLS (original; SigLIP 729->728)
+    num_queries: int = 128             # qformer / resampler output tokens
+    num_resampler_layers: int = 3      # resampler / qformer depth
+    trust_remote_code: bool = False    # only for LLMs outside transformers (OpenELM); runs code from the Hub
+    attn_implementation: str = ""      # "" = transformers default (sdpa) | eager | flash_attention_2
+    dtype: str = "float32"             # weights as loaded: float32 | bfloat16 | float16 (train with bf16 autocast)
+
+
+# model_type in the tower's config.json -> (class, config class, has a CLS token first)
+TOWERS = {
+    "clip": (CLIPVisionModel, CLIPVisionConfig, True),
+    "clip_vision_model": (CLIPVisionModel, CLIPVisionConfig, True),
+    "siglip": (SiglipVisionModel, SiglipVisionConfig, False),
+    "siglip_vision_model": (SiglipVisionModel, SiglipVisionConfig, False),
+    "dinov2": (Dinov2Model, Dinov2Config, True),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tower_kind(model_type):
+    if model_type not in TOWERS:
+        raise ValueError(f"vision tower model_type {model_type!r} is not supported; valid: {sorted(TOWERS)}")
+    return TOWERS[model_type]
+
+
+def truncate_tower(hf_tower, feature_layer):
+    """Drop every encoder layer after `feature_layer` and the final norm / pooling head, so they never run.
+    hidden_states[k] of an L-layer encoder is the output of its k-th layer (0 = embeddings; -2 = L-1)."""
+    layers = hf_tower.encoder.layers if hasattr(hf_tower.encoder, "layers") else hf_tower.encoder.layer
+    n = len(layers)
+    keep = feature_layer if feature_layer >= 0 else n + 1 + feature_layer
+    if not 0 <= keep <= n:
+        raise ValueError(f"vision_feature_layer={feature_layer} is out of range for a {n}-layer tower")
+    del layers[keep:]
+    for name in ("post_layernorm", "layernorm"):   # SigLIP/CLIP, DINOv2: applied after the last layer
+        if isinstance(getattr(hf_tower, name, None), nn.LayerNorm):
+            setattr(hf_tower, name, nn.Identity())
+    if getattr(hf_tower, "use_head", False):       # SigLIP attention-pooling head
+        hf_tower.use_head = False
+        del hf_tower.head
+    return hf_tower
+
+
+class VisionTower(nn.Module):
+    """One HF vision model (or two for MoF) truncated at the feature layer; returns the selected tokens.
+    The single child `_vision_tower` keeps the original's key names."""
+
+    def __init__(self, towers, has_cls, args):
+        super().__init__()
+        self._vision_tower = towers[0] if len(towers) == 1 else nn.ModuleDict({"clip": towers[0], "dinov2": towers[1]})
+        self.has_cls = has_cls
+        self.strategy = args.vision_feature_select_strategy
+        self.legacy_patch_drop = args.legacy_patch_drop
+        if self.strategy not in ("patch", "cls_patch"):
+            raise ValueError(f"vision_feature_select_strategy must be 'patch' or 'cls_patch', got {self.strategy!r}")
+
+    @property
+    def towers(self):
+        t = self._vision_tower
+        return [t["clip"], t["dinov2"]] if isinstance(t, nn.ModuleDict) else [t]
+
+    def select(self, feats, has_cls):
+        drop = self.strategy == "patch" and (has_cls or self.legacy_patch_drop)
+        return feats[:, 1:] if drop else feats
+
+    def forward(self, images):
+        images = images.to(self.dtype)
+        outs = [self.select(t(pixel_values=images).last_hidden_state, c) for t, c in zip(self.towers, self.has_cls)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def num_tokens(self, image_size):
+        """Tokens per image after selection, from the patch embeddings of a blank image (cheap, exact)."""
+        x = torch.zeros(1, 3, *image_size, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            n = [self.select(t.embeddings(x), c).shape[1] for t, c in zip(self.towers, self.has_cls)]
+        return n[0] if len(n) == 1 else tuple(n)
+
+    @property
+    def hidden_size(self):
+        return [t.config.hidden_size for t in self.towers]
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+
+class TinyLlava(nn.Module):
+    def __init__(self, language_model, vision_tower, connector, args, image_size):
+        super().__init__()
+        self.language_model = language_model
+        self.vision_tower = vision_tower
+        self.connector = connector
+        self.args = args
+        self.num_image_tokens = connector.num_tokens(vision_tower.num_tokens(image_size))
+        self.supervised_only_loss = True   # False: HF's full-logits loss (same value, more memory; see bench.py)
+
+    def encode_images(self, images):
+        """(N_img, 3, H, W) -> (N_img, num_image_tokens, llm_hidden). A frozen tower runs without autograd."""
+        if any(p.requires_grad for p in self.vision_tower.parameters()):
+            feats = self.vision_tower(images)
+        else:
+            with torch.no_grad():
+                feats = self.vision_tower(images)
+        return self.connector(feats)
+
+    def embed(self, input_ids, images=None, image_features=None):
+        """Text embeddings with the image features written into the IMAGE_TOKEN_INDEX positions."""
+        is_image = input_ids == IMAGE_TOKEN_INDEX
+        embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        if image_features is None and images is not None:
+            image_features = self.encode_images(images)
+        n_slots = int(is_image.sum())
+        n_feats = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if n_slots != n_feats:
+            raise ValueError(f"{n_slots} image positions in input_ids but {n_feats} image feature vectors "
+                             f"({self.num_image_tokens} per image): data and model disagree on num_image_tokens")
+        if n_feats:
+            feats = image_features.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats)   # row-major = batch order
+        return embeds
+
+    def forward(self, input_ids, attention_mask=None, labels=None, images=None, image_features=None):
+        """Without labels: {"logits"}. With labels: {"loss", "loss_sum", "num_tokens"}, the loss being a
+        cross-entropy summed over supervised tokens only (train.py divides by the step's total count)."""
+        embeds = self.embed(input_ids, images, image_features)
+        lm = self.language_model
+        if labels is None:
+            return {"logits": lm(inputs_embeds=embeds, attention_mask=attention_mask).logits}
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        head = lm.get_output_embeddings()   # None for remote-code models that tie by hand (OpenELM)
+        if self.supervised_only_loss and head is not None:
+            # Run the decoder, then the LM head only at the supervised positions: never builds the
+            # [batch, length, vocab] logits (2048 x 256k floats per sample for Gemma).
+            hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+            logits = head(hidden[:, :-1][keep]).float()
+            cap = getattr(lm.config, "final_logit_softcapping", None)   # Gemma-2 style heads
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+        else:
+            logits = lm(inputs_embeds=embeds, attention_mask=attention_mask).logits[:, :-1][keep].float()
+        loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
+        n = keep.sum()
+        return {"loss": loss_sum / n.clamp(min=1), "loss_sum": loss_sum, "num_tokens": n}
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, images=None, **kwargs):
+        """Batched generation from LEFT-padded prompts with the KV cache; returns only the new tokens
+        (HF's generate returns no prompt when it is given inputs_embeds alone)."""
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate() needs left-padded prompts (collate(..., padding_side='left'))")
+        embeds = self.embed(input_ids, images)
+        kwargs.setdefault("pad_token_id", self.language_model.generation_config.pad_token_id)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+
+def image_size(processor):
+    """(H, W) of the processor's output: the crop if it crops, else the resize target."""
+    s = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+    s = dict(s)
+    if "height" in s:
+        return s["height"], s["width"]
+    return s["shortest_edge"], s["shortest_edge"]
+
+
+def load_tokenizer(path, trust_remote_code=False):
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # The original sets pad := unk for phi / tinyllama / gemma / openelm and keeps Qwen2's own pad; padding is
+    # masked by the attention mask we build from lengths, so only generation configs ever see this id.
+    if tok.unk_token is not None:
+        tok.pad_token = tok.unk_token
+    elif tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _build(args, text_config=None, vision_configs=None, llm_kwargs=None, lm_weights=None):
+    """Shared by build_model (weights from the Hub/dirs) and load_pretrained (architecture from saved configs,
+    LLM weights handed over as a state dict so from_pretrained can still quantise them)."""
+    dtype = DTYPES[args.dtype]
+    attn = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    if text_config is None:
+        lm = AutoModelForCausalLM.from_pretrained(args.llm, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                                                  **attn, **(llm_kwargs or {}))
+    else:
+        lm_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]   # the Auto class wants a path here
+        lm, info = lm_cls.from_pretrained(None, config=text_config, state_dict=lm_weights, dtype=dtype,
+                                          output_loading_info=True, **attn, **(llm_kwargs or {}))
+        if info["missing_keys"] or info["unexpected_keys"]:
+            raise ValueError(f"saved LLM weights do not fit its config: missing {sorted(info['missing_keys'])[:5]}, "
+                             f"unexpected {sorted(info['unexpected_keys'])[:5]}")
+    paths = [args.vision_tower] + ([args.vision_tower2] if args.vision_tower2 else [])
+    towers, has_cls = [], []
+    for i, path in enumerate(paths):
+        if vision_configs is None:
+            cls, _, cls_token = tower_kind(AutoConfig.from_pretrained(path).model_type)
+            tower = cls.from_pretrained(path, dtype=dtype, **attn)
+        else:
+            cls, config_cls, cls_token = tower_kind(vision_configs[i]["model_type"])
+            tower = cls._from_config(config_cls.from_dict(vision_configs[i]), dtype=dtype, **attn)
+        towers.append(truncate_tower(tower, args.vision_feature_layer))
+        has_cls.append(cls_token)
+    if len(towers) == 2 and not (towers[0].config.model_type.startswith("clip") and towers[1].config.model_type == "dinov2"):
+        raise ValueError("MoF needs vision_tower = a CLIP model and vision_tower2 = a DINOv2 model")
+    vision = VisionTower(towers, has_cls, args)
+    widths = vision.hidden_size
+    llm_width = lm.get_input_embeddings().embedding_dim   # OpenELM's config says model_dim, not hidden_size
+    connector = build_connector(args.connector, widths[0], llm_width, vision_dim2=widths[-1],
+                                num_queries=args.num_queries, num_layers=args.num_resampler_layers)
+    return lm, vision, connector.to(dtype)
+
+
+def build_model(args, llm_kwargs=None):
+    """A new model from pretrained parts: LLM and tower(s) from Hub ids or dirs, a freshly initialised connector.
+    llm_kwargs go to the LLM's from_pretrained (e.g. quantization_config for QLoRA)."""
+    lm, vision, connector = _build(args, llm_kwargs=llm_kwargs)
+    tokenizer = load_tokenizer(args.tokenizer or args.llm, args.trust_remote_code)
+    processor = AutoImageProcessor.from_pretrained(args.vision_tower)   # MoF: both towers see CLIP's preprocessing
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    return TinyLlava(lm, vision, connector, args, image_size(processor)), tokenizer, processor
+
+
+def save_pretrained(model, tokenizer, processor, out_dir, state_dict=None):
+    """Self-contained: config.json (our args + the LLM's and towers' configs), model.safetensors,
+    tokenizer and image-processor files. The weights go to a temp name first and are renamed, so a crash
+    never leaves a half-written model.safetensors. `state_dict`: weights gathered elsewhere (ZeRO-3)."""
+    os.makedirs(out_dir, exist_ok=True)
+    config = {"model_type": "tinyllava_nano", **asdict(model.args),
+              "text_config": model.language_model.config.to_dict(),
+              "vision_configs": [t.config.to_dict() for t in model.vision_tower.towers],
+              "num_image_tokens": model.num_image_tokens}
+    tmp = os.path.join(out_dir, "model.safetensors.tmp")
+    if state_dict is None:
+        save_safetensors(model, tmp, metadata={"format": "pt"})   # drops the duplicate name of tied weights
+    else:
+        seen, unique = set(), {}
+        for k, v in state_dict.items():                          # tied weights: keep the first name
+            if v.data_ptr() not in seen or v.numel() == 0:
+                seen.add(v.data_ptr())
+                unique[k] = v.detach().cpu().contiguous()
+        save_file(unique, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, default=str)
+    tokenizer.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def load_pretrained(path, llm_kwargs=None, **overrides):
+    """Load a save_pretrained directory offline: nothing is fetched, no remote code unless the config says so.
+    llm_kwargs go to the LLM's from_pretrained (quantization_config: QLoRA on a previous stage's output)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: not a tinyllava-nano model directory")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    if config.get("model_type") != "tinyllava_nano":
+        raise ValueError(f"{cfg_path}: model_type is {config.get('model_type')!r}, expected 'tinyllava_nano'")
+    args = ModelArgs(**{f.name: config[f.name] for f in fields(ModelArgs) if f.name in config})
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    lm_weights = {k[len("language_model."):]: weights.pop(k) for k in list(weights) if k.startswith("language_model.")}
+    text_config = AutoConfig.for_model(**config["text_config"])
+    lm, vision, connector = _build(args, text_config=text_config, vision_configs=config["vision_configs"],
+                                   llm_kwargs=llm_kwargs, lm_weights=lm_weights)
+    processor = AutoImageProcessor.from_pretrained(path)
+    model = TinyLlava(lm, vision, connector, args, image_size(processor))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.startswith("language_model.")]
+    if missing or unexpected:
+        raise ValueError(f"{path}/model.safetensors does not fit the model in config.json: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tokenizer = load_tokenizer(path, args.trust_remote_code)
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, processor

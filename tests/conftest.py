@@ -1,0 +1,83 @@
+"""Tiny random-init models of every supported family, saved to temp dirs and loaded back through the same
+`from_pretrained` path a Hub id takes. No network: tokenizers are trained locally (tests/tiny_tokenizers.py)."""
+import os
+import sys
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"          # a test that reaches for the Hub fails instead of downloading
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,  # noqa: E402
+                          GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel,
+                          StableLmConfig, StableLmForCausalLM, BitImageProcessor)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from tiny_tokenizers import make_tokenizer  # noqa: E402
+
+hf_logging.set_verbosity_error()   # load reports of the towers (unexpected text-model keys) are expected noise
+
+# family -> (config class, model class, tokenizer style, chat template of the original)
+LLMS = {
+    "phi": (PhiConfig, PhiForCausalLM, "phi", "phi"),
+    "llama": (LlamaConfig, LlamaForCausalLM, "llama", "llama"),          # TinyLlama
+    "stablelm": (StableLmConfig, StableLmForCausalLM, "phi", "phi"),     # StableLM-2 uses the phi template
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, "qwen2", "qwen2_base"),
+    "gemma": (GemmaConfig, GemmaForCausalLM, "gemma", "gemma"),
+}
+TOWER_KINDS = ("clip", "siglip", "dinov2")
+IMAGE_SIZE, PATCH = 32, 8
+
+
+def save_tiny_llm(family, out_dir, hidden=64, layers=2, seed=0):
+    config_cls, model_cls, style, _ = LLMS[family]
+    tok = make_tokenizer(style, out_dir)
+    extra = {"head_dim": 16} if family == "gemma" else {}
+    if family == "phi":
+        extra["partial_rotary_factor"] = 0.5
+    config = config_cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, **extra)
+    torch.manual_seed(seed)
+    model_cls(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def save_tiny_tower(kind, out_dir, hidden=32, layers=3, seed=0):
+    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=2,
+                  image_size=IMAGE_SIZE, patch_size=PATCH)
+    torch.manual_seed(seed)
+    if kind == "clip":
+        model = CLIPVisionModel(CLIPVisionConfig(**common))
+        proc = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    elif kind == "siglip":
+        model = SiglipVisionModel(SiglipVisionConfig(**common))
+        proc = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    elif kind == "dinov2":
+        model = Dinov2Model(Dinov2Config(**common))
+        proc = BitImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                 image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(out_dir)
+    proc.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llms(tmp_path_factory):
+    """family -> directory with a tiny random LLM and its tokenizer."""
+    root = tmp_path_factory.mktemp("llms")
+    return {f: save_tiny_llm(f, str(root / f)) for f in LLMS}
+
+
+@pytest.fixture(scope="session")
+def tiny_towers(tmp_path_factory):
+    """kind -> directory with a tiny random vision tower and its image processor."""
+    root = tmp_path_factory.mktemp("towers")
+    return {k: save_tiny_tower(k, str(root / k)) for k in TOWER_KINDS}
