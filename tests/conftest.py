@@ -81,3 +81,29 @@ def tiny_towers(tmp_path_factory):
     """kind -> directory with a tiny random vision tower and its image processor."""
     root = tmp_path_factory.mktemp("towers")
     return {k: save_tiny_tower(k, str(root / k)) for k in TOWER_KINDS}
+
+
+def write_dataset(root, n=16, text_only=4, seed=0):
+    """A small LLaVA-format set: n image samples (coloured squares; question about the colour) and text-only ones."""
+    from PIL import Image
+    import json
+    import random
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    records = []
+    for i in range(n):
+        name = rng.choice(sorted(colors))
+        Image.new("RGB", (40, 24), colors[name]).save(os.path.join(root, "images", f"{i}.png"))
+        q = "What color is the square?" if i % 3 else "Describe the picture in detail."
+        conv = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": f"A {name} square."}]
+        if i % 4 == 0:
+            conv += [{"from": "human", "value": "Is it sunny?"}, {"from": "gpt", "value": "No."}]
+        records.append({"id": f"img{i}", "image": f"{i}.png", "conversations": conv})
+    for i in range(text_only):
+        records.append({"id": f"txt{i}", "conversations": [{"from": "human", "value": "Why is the sky blue?"},
+                                                          {"from": "gpt", "value": "Because air scatters blue light."}]})
+    path = os.path.join(root, "data.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path, os.path.join(root, "images")

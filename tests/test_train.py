@@ -1,0 +1,225 @@
+"""train.py and recipes.py on tiny models: config handling, freezing, LoRA/QLoRA, token-normalised accumulation,
+resume, and stage hand-over."""
+import json
+import os
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from conftest import write_dataset
+
+import train
+from model import ModelArgs, build_model, load_pretrained
+from recipes import apply_recipe
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("data")))
+
+
+def run_args(tiny_llms, tiny_towers, dataset, out, *extra, family="llama"):
+    data, images = dataset
+    return [f"--llm={tiny_llms[family]}", f"--vision_tower={tiny_towers['siglip']}", f"--template={family}",
+            f"--data_finetune={data}", f"--images_finetune={images}", f"--data_pretrain={data}",
+            f"--images_pretrain={images}", f"--out_dir={out}", "--bf16=false", "--num_workers=0",
+            "--warmup_ratio=0", "--lr=1e-3", "--max_length=256", *extra]
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_file_overrides_and_coercion(tmp_path):
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("import math\nlr = 3e-4\nmicro_batch_size = 2\n_private = 1\n")
+    cfg = train.load_config(["--config", str(cfg_file), "--bf16=false", "--lr=1", "--finetune.lr=5e-5",
+                             "--resume", "--stages=[{'name': 'x'}]"])
+    assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float)
+    assert cfg["bf16"] is False and cfg["resume"] is True and cfg["micro_batch_size"] == 2
+    assert cfg["stage_overrides"] == {"finetune": {"lr": 5e-5}}
+    assert cfg["stages"] == [{"name": "x"}]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--learning_rate=1"], "unknown config key 'learning_rate'"),
+    (["--micro_batch=2"], "did you mean micro_batch_size"),
+    (["--bf16=maybe"], "expected true/false"),
+    (["--epochs=1.5"], "expected an integer"),
+    (["--lr=fast"], "expected a number"),
+    (["lr=1"], "use --key=value"),
+])
+def test_config_errors(argv, match):
+    with pytest.raises(ValueError, match=match):
+        train.load_config(argv)
+
+
+def test_config_file_unknown_key_names_the_file(tmp_path):
+    cfg_file = tmp_path / "bad.py"
+    cfg_file.write_text("tune_lm = 'full'\n")
+    with pytest.raises(ValueError, match=r"bad.py: unknown config key 'tune_lm'; did you mean tune_llm"):
+        train.load_config(["--config", str(cfg_file)])
+
+
+def test_stage_configs_apply_recipe_then_stage_overrides():
+    cfg = train.load_config(["--recipe=base", "--finetune.lr=1e-4", "--micro_batch_size=2"])
+    pre, fin = train.stage_configs(cfg)
+    assert (pre["stage"], pre["template"], pre["lr"], pre["tune_llm"], pre["global_batch_size"]) == \
+        ("pretrain", "pretrain", 1e-3, "frozen", 256)
+    assert (fin["stage"], fin["template"], fin["lr"], fin["tune_llm"], fin["global_batch_size"]) == \
+        ("finetune", "phi", 1e-4, "full", 128)
+    assert fin["micro_batch_size"] == 2
+    with pytest.raises(ValueError, match="no stage named 'share'"):
+        train.stage_configs(train.load_config(["--share.lr=1"]))
+
+
+# ----------------------------------------------------------------------------- recipes
+def counts(model):
+    def n(m, trainable):
+        return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
+    return {c: (n(m, True), n(m, False)) for c, m in
+            (("llm", model.language_model), ("vision_tower", model.vision_tower), ("connector", model.connector))}
+
+
+def recipe_cfg(**kw):
+    cfg = dict(train.DEFAULTS)
+    cfg.update(kw)
+    return cfg
+
+
+def test_tune_types_freeze_exactly(tiny_llms, tiny_towers):
+    model, _, _ = build_model(ModelArgs(llm=tiny_llms["llama"], vision_tower=tiny_towers["siglip"]))
+    apply_recipe(model, recipe_cfg(tune_llm="frozen", tune_vision_tower="frozen", tune_connector="full"))
+    c = counts(model)
+    assert c["llm"][0] == 0 and c["vision_tower"][0] == 0 and c["connector"][0] == c["connector"][1] > 0
+
+    apply_recipe(model, recipe_cfg(tune_llm="full", tune_vision_tower="partial:1", tune_connector="frozen"))
+    c = counts(model)
+    assert c["llm"][0] == c["llm"][1] and c["connector"][0] == 0
+    # SigLIP keeps layers 0..1 of 3 (feature layer -2): partial:1 trains exactly encoder layer 1
+    layer1 = sum(p.numel() for n, p in model.vision_tower.named_parameters() if ".layers.1." in n)
+    assert c["vision_tower"][0] == layer1 > 0
+
+    apply_recipe(model, recipe_cfg(tune_llm="partial:1", tune_vision_tower="frozen", tune_connector="full"))
+    lm = model.language_model
+    expected = sum(p.numel() for n, p in lm.named_parameters() if ".layers.1." in n or n in ("model.norm.weight",
+                                                                                             "lm_head.weight"))
+    assert counts(model)["llm"][0] == expected
+
+
+def test_lora_wraps_every_linear_except_heads(tiny_llms, tiny_towers):
+    model, _, _ = build_model(ModelArgs(llm=tiny_llms["llama"], vision_tower=tiny_towers["siglip"]))
+    total_before = counts(model)["llm"][1]
+    apply_recipe(model, recipe_cfg(tune_llm="lora", lora_r=4, lora_alpha=8, tune_vision_tower="lora",
+                                   tune_connector="full"))
+    lm = model.language_model
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in lm.named_parameters() if "lora_A" in n}
+    # 2 layers x (q, k, v, o, gate, up, down); never lm_head
+    assert len(adapted) == 14 and not any("lm_head" in n for n in adapted)
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    h, inter = 64, 128
+    # q,o: h->h; k,v: h->32 (2 kv heads x 16); gate, up: h->inter; down: inter->h; r=4
+    per_layer = 4 * (h + h) * 2 + 4 * (h + 32) * 2 + 4 * (h + inter) * 2 + 4 * (inter + h)
+    assert counts(model)["llm"][0] == 2 * per_layer
+    assert counts(model)["llm"][1] == total_before + 2 * per_layer
+    assert all("lora_" in n for n, p in model.vision_tower.named_parameters() if p.requires_grad)
+
+
+def test_bad_tune_types(tiny_llms, tiny_towers):
+    model, _, _ = build_model(ModelArgs(llm=tiny_llms["llama"], vision_tower=tiny_towers["siglip"]))
+    for kw, match in [(dict(tune_llm="half"), "valid"), (dict(tune_connector="partial:2"), "not the connector"),
+                      (dict(tune_vision_tower="qlora"), "LLM only")]:
+        with pytest.raises(ValueError, match=match):
+            apply_recipe(model, recipe_cfg(**kw))
+
+
+# ----------------------------------------------------------------------------- the loop
+def finetune(tiny_llms, tiny_towers, dataset, out, *extra, family="llama"):
+    args = run_args(tiny_llms, tiny_towers, dataset, out, "--stages=[{'name': 'finetune', 'tune_llm': 'full'}]",
+                    *extra, family=family)
+    AcceleratorState._reset_state(True)
+    return train.main(args)
+
+
+def test_accumulation_equals_big_batch(tiny_llms, tiny_towers, dataset, tmp_path):
+    """One optimizer step: 4 micro-batches of 1 == 1 batch of 4, because the loss is normalised by the
+    supervised tokens of the whole step (per-micro-batch means would weight short answers more)."""
+    common = ["--global_batch_size=4", "--max_steps=1", "--group_by_length=false", "--grad_clip=0"]
+    a, _ = finetune(tiny_llms, tiny_towers, dataset, tmp_path / "a", "--micro_batch_size=1", *common)
+    b, _ = finetune(tiny_llms, tiny_towers, dataset, tmp_path / "b", "--micro_batch_size=4", *common)
+    ma, _, _ = load_pretrained(a)
+    mb, _, _ = load_pretrained(b)
+    fresh, _, _ = build_model(ModelArgs(llm=tiny_llms["llama"], vision_tower=tiny_towers["siglip"]))
+    sa, sb, s0 = ma.state_dict(), mb.state_dict(), fresh.state_dict()
+    moved = 0
+    for k in sa:
+        if k.startswith("language_model"):
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)   # Adam step 1 = lr * sign(g)
+            moved += not torch.equal(sa[k], s0[k])
+    assert moved > 10
+
+
+def test_loss_falls_and_resume_matches(tiny_llms, tiny_towers, dataset, tmp_path, monkeypatch):
+    common = ["--global_batch_size=4", "--micro_batch_size=2", "--max_steps=6", "--save_every=2",
+              "--keep_checkpoints=2"]
+    _, full = finetune(tiny_llms, tiny_towers, dataset, tmp_path / "full", *common)
+    losses = full["finetune"]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])
+
+    real_save = train.save_checkpoint
+
+    def crash_after_second_save(accelerator, stage_dir, step, cfg):
+        real_save(accelerator, stage_dir, step, cfg)
+        if step == 4:
+            raise KeyboardInterrupt("simulated crash")
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_llms, tiny_towers, dataset, tmp_path / "cut", *common)
+    ckpts = sorted(os.listdir(tmp_path / "cut" / "1_finetune" / "checkpoints"))
+    assert ckpts == ["step_00000002", "step_00000004"]
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    _, resumed = finetune(tiny_llms, tiny_towers, dataset, tmp_path / "cut", *common, "--resume")
+    assert resumed["finetune"] == pytest.approx(losses[4:], rel=1e-5)
+    m1, _, _ = load_pretrained(str(tmp_path / "full" / "1_finetune"))
+    m2, _, _ = load_pretrained(str(tmp_path / "cut" / "1_finetune"))
+    for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_two_stage_recipe_hands_over_the_connector(tiny_llms, tiny_towers, dataset, tmp_path):
+    out = tmp_path / "base"
+    args = run_args(tiny_llms, tiny_towers, dataset, out, "--recipe=base", "--global_batch_size=4",
+                    "--micro_batch_size=4", "--max_steps=2", "--finetune.tune_connector=frozen",
+                    "--pretrain.global_batch_size=4", "--finetune.global_batch_size=4")
+    final, _ = train.main(args)
+    pre, _, _ = load_pretrained(str(out / "1_pretrain"))
+    fin, _, _ = load_pretrained(final)
+    fresh, _, _ = build_model(ModelArgs(llm=tiny_llms["llama"], vision_tower=tiny_towers["siglip"]))
+    for k, v in pre.connector.state_dict().items():
+        assert not torch.equal(v, fresh.connector.state_dict()[k])     # stage 1 trained it
+        assert torch.equal(v, fin.connector.state_dict()[k])            # stage 2 started from it (and froze it)
+    assert any(not torch.equal(a, b) for a, b in zip(pre.language_model.state_dict().values(),
+                                                     fin.language_model.state_dict().values()))
+    with open(out / "2_finetune" / "train_config.json") as f:
+        assert json.load(f)["template"] == "llama"
+
+
+@pytest.mark.parametrize("tune", ["lora", "qlora"])
+def test_lora_and_qlora_steps_on_cpu(tiny_llms, tiny_towers, dataset, tmp_path, tune):
+    out = tmp_path / tune
+    args = run_args(tiny_llms, tiny_towers, dataset, out, "--recipe=base", "--max_steps=2", "--micro_batch_size=2",
+                    "--pretrain.global_batch_size=4", "--finetune.global_batch_size=4", f"--recipe={tune}",
+                    "--lora_r=4", "--lora_alpha=8", "--finetune.lr=1e-2")
+    final, res = train.main(args)
+    assert all(torch.isfinite(torch.tensor(res["finetune"])))
+    assert os.path.isfile(os.path.join(final, "adapter_llm", "adapter_config.json"))
+    merged, _, _ = load_pretrained(final)          # a plain model: adapters merged onto the full-precision base
+    pre, _, _ = load_pretrained(str(out / "1_pretrain"))
+    diffs = [float((a - b).abs().max()) for a, b in zip(merged.language_model.state_dict().values(),
+                                                        pre.language_model.state_dict().values())]
+    assert max(diffs) > 0                           # the adapters changed the LLM

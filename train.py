@@ -1,0 +1,469 @@
+"""
+Train a TinyLLaVA-style model: an explicit Accelerate loop over the stages of a recipe.
+
+    python demo.py                                                        # the embedded CPU demo (tiny models)
+    accelerate launch train.py --config configs/phi2_siglip_base.py       # 1 GPU
+    accelerate launch --multi_gpu --num_processes 8 train.py --config configs/phi2_siglip_base.py
+    accelerate launch --config_file configs/accelerate/zero3.yaml train.py --config configs/phi2_siglip_base.py
+    ... --lr=1e-4 --bf16=false --finetune.lr=1e-4 --resume
+CPU processes (gloo): ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+    --mixed_precision no --dynamo_backend no train.py --config ...   (plain `--cpu --num_processes 2` starts ONE process)
+
+Config: DEFAULTS below, then the --config file (a Python file assigning some of these names), then --key=value.
+A recipe (recipes.py) is a list of stages; each stage overrides a few keys (tune types, lr, batch, template,
+data) and starts from the previous stage's saved model; `--<stage>.<key>=value` overrides one stage's value.
+Each stage writes out_dir/<n>_<stage>/ (a self-contained model, see model.save_pretrained) and keeps resumable
+checkpoints in out_dir/<n>_<stage>/checkpoints/step_N (model, optimizer, scheduler, RNG, step, data position).
+"""
+import ast
+import difflib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+
+DEFAULTS = dict(
+    # --- model (see model.ModelArgs)
+    llm="",                           # Hub id or dir of any causal LM
+    tokenizer="",                     # "" = the llm's
+    vision_tower="",                  # Hub id or dir: CLIP | SigLIP | DINOv2
+    vision_tower2="",                 # DINOv2 for MoF (vision_tower is then CLIP)
+    connector="mlp2x_gelu",           # identity | linear | mlp{N}x_gelu | qformer | resampler | mof_mlp | pixel_shuffle{S}_mlp{N}x_gelu
+    vision_feature_layer=-2,
+    vision_feature_select_strategy="patch",  # patch | cls_patch
+    legacy_patch_drop=False,          # True reproduces the original's SigLIP first-patch drop (729 -> 728)
+    num_queries=128,                  # qformer / resampler
+    num_resampler_layers=3,
+    trust_remote_code=False,          # OpenELM only: runs code from the Hub
+    attn_implementation="",           # "" (sdpa) | eager | flash_attention_2
+    dtype="float32",                  # weights: float32 | bfloat16 (bf16 autocast is separate, below)
+    init_from="",                     # a saved model dir to start the first stage from
+    # --- data
+    template="phi",                   # phi | llama | gemma | qwen2_base | qwen2_instruct | auto (pretrain stages: pretrain)
+    image_aspect_ratio="square",      # square (processor default, as the original's scripts) | pad
+    max_length=2048,                  # tokens incl. image tokens (the original: 2048; 3072 for share/lora/3.1B)
+    data_pretrain="", images_pretrain="",      # LLaVA-format json/jsonl and its image folder, per recipe stage
+    data_finetune="", images_finetune="",
+    data_share="", images_share="",
+    data_share_finetune="", images_share_finetune="",
+    data_val="", images_val="",       # optional validation set (finetune-style template)
+    group_by_length=True,             # batches of similar length, image and text-only samples apart
+    num_workers=2,
+    # --- recipe (recipes.py)
+    recipe="base",                    # base | share | lora | qlora
+    stages=[],                        # or your own: [dict(name=..., data=..., tune_llm=..., lr=...), ...]
+    tune_llm="frozen",                # frozen | full | partial:K | lora | qlora
+    tune_vision_tower="frozen",       # frozen | full | partial:K | lora
+    tune_connector="full",            # frozen | full | lora
+    lora_r=128, lora_alpha=256, lora_dropout=0.05,
+    lora_target_modules=[],           # [] = every Linear of the component except output heads
+    qlora_bits=4,                     # 4 (nf4, double quant) | 8
+    merge_lora=True,                  # final save: also write the model with adapters merged
+    # --- optimisation
+    lr=2e-5,
+    lr_llm=0.0, lr_vision_tower=0.0, lr_connector=0.0,   # 0 = lr
+    weight_decay=0.0,                 # never on biases and norms
+    warmup_ratio=0.03,
+    grad_clip=1.0,
+    global_batch_size=128,            # = micro_batch_size x processes x accumulation steps
+    micro_batch_size=4,
+    epochs=1,
+    max_steps=0,                      # > 0: stop after this many optimizer steps (per stage)
+    bf16=True,                        # bf16 autocast (CPU and GPU)
+    fp16=False,                       # fp16 autocast, GPU only
+    gradient_checkpointing=False,
+    seed=42,
+    # --- output
+    out_dir="out/run",
+    log_every=1,
+    val_every=0,                      # steps; 0 = never
+    val_batches=20,
+    save_every=0,                     # checkpoint every N steps (0: only the final save)
+    keep_checkpoints=2,
+    tracker="",                       # "" | tensorboard | wandb
+    resume=False,                     # continue each stage from its latest checkpoint
+)
+
+
+# ----------------------------------------------------------------------------- config
+def coerce(key, value, default):
+    """A command-line string (or config-file value) as the type of the default."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--{key}: expected true/false, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(value, bool):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--{key}: expected a number, got {value!r}") from None
+        if isinstance(default, int):
+            if v != int(v):
+                raise ValueError(f"--{key}: expected an integer, got {value!r}")
+            return int(v)
+        return v
+    if isinstance(default, str):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--{key}: expected a Python literal like {default!r}, got {value!r}") from None
+    if not isinstance(value, type(default)):
+        raise ValueError(f"--{key}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def unknown(key):
+    close = difflib.get_close_matches(key, DEFAULTS, n=3)
+    return ValueError(f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
+def load_config(argv):
+    """DEFAULTS <- the --config file <- --key=value. Stage overrides (--finetune.lr=...) go to cfg['stage_overrides']."""
+    cfg, overrides, argv = dict(DEFAULTS), {}, list(argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        path = argv[i + 1]
+        del argv[i:i + 2]
+        scope = {}
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), scope)
+        for k, v in scope.items():
+            if k.startswith("_") or type(v).__name__ == "module":
+                continue
+            if k not in DEFAULTS:
+                raise ValueError(f"{path}: {unknown(k)}")
+            cfg[k] = coerce(k, v, DEFAULTS[k])
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; use --key=value")
+        key, eq, value = arg[2:].partition("=")
+        value = value if eq else "true"   # a bare flag: --resume
+        stage, dot, name = key.rpartition(".")
+        name = name if dot else key
+        if name not in DEFAULTS:
+            raise unknown(name)
+        if dot:
+            overrides.setdefault(stage, {})[name] = coerce(key, value, DEFAULTS[name])
+        else:
+            cfg[name] = coerce(name, value, DEFAULTS[name])
+    cfg["stage_overrides"] = overrides
+    return cfg
+
+
+def stage_configs(cfg):
+    from recipes import stages
+    out = []
+    plan = stages(cfg)
+    names = [s["name"] for s in plan]
+    for stage in plan:
+        for k in stage:
+            if k not in DEFAULTS and k not in ("name", "data"):
+                raise ValueError(f"stage {stage['name']!r}: {unknown(k)}")
+        scfg = {**cfg, **{k: v for k, v in stage.items() if k in DEFAULTS}}
+        scfg.update(cfg["stage_overrides"].get(stage["name"], {}))
+        scfg["stage"], scfg["data"] = stage["name"], stage.get("data", stage["name"])
+        out.append(scfg)
+    for name in cfg["stage_overrides"]:
+        if name not in names:
+            raise ValueError(f"--{name}.*: no stage named {name!r}; stages: {names}")
+    return out
+
+
+# ----------------------------------------------------------------------------- data order
+def grouped_batches(lengths, batch_size, seed, group_by_length=True):
+    """Batches of indices for one epoch, deterministic in `seed`. With grouping: image and text-only samples
+    are never mixed (as the original's modality grouping), and within shuffled megabatches of 64 batches the
+    samples are sorted by length so a batch pads little."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    if not group_by_length:
+        perm = torch.randperm(len(lengths), generator=g).tolist()
+        return [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+    batches = []
+    for part in (torch.nonzero(lengths > 0).flatten(), torch.nonzero(lengths <= 0).flatten()):
+        part = part[torch.randperm(len(part), generator=g)]
+        for mega in part.split(batch_size * 64):
+            mega = mega[torch.argsort(lengths[mega].abs(), descending=True, stable=True)].tolist()
+            batches += [mega[i:i + batch_size] for i in range(0, len(mega), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+# ----------------------------------------------------------------------------- optimizer
+def param_groups(model, cfg):
+    """AdamW groups per component (own lr) x (decay, no decay): biases and norms (ndim < 2) never decay."""
+    groups = []
+    for comp, module in (("llm", model.language_model), ("vision_tower", model.vision_tower),
+                         ("connector", model.connector)):
+        lr = cfg[f"lr_{comp}"] or cfg["lr"]
+        params = [p for p in module.parameters() if p.requires_grad]
+        for decay in (True, False):
+            ps = [p for p in params if (p.ndim >= 2) == decay]
+            if ps:
+                groups.append({"params": ps, "lr": lr, "weight_decay": cfg["weight_decay"] if decay else 0.0,
+                               "name": f"{comp}{'' if decay else '_no_decay'}"})
+    if not groups:
+        raise ValueError("nothing to train: every component is frozen")
+    return groups
+
+
+def cosine_with_warmup(step, warmup, total):
+    """HF's get_cosine_schedule_with_warmup, the original's scheduler."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(stage_dir):
+    d = os.path.join(stage_dir, "checkpoints")
+    done = sorted(n for n in os.listdir(d) if n.startswith("step_") and not n.endswith(".tmp")) if os.path.isdir(d) else []
+    return os.path.join(d, done[-1]) if done else None
+
+
+def save_checkpoint(accelerator, stage_dir, step, cfg):
+    """accelerator.save_state into step_N.tmp, then an atomic rename: a crash mid-save leaves the previous
+    checkpoint as the latest complete one. Keeps the newest cfg['keep_checkpoints']."""
+    d = os.path.join(stage_dir, "checkpoints")
+    final, tmp = os.path.join(d, f"step_{step:08d}"), os.path.join(d, f"step_{step:08d}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "trainer.json"), "w") as f:
+            json.dump({"step": step, "config": cfg}, f, indent=1, default=str)
+        os.replace(tmp, final)
+        done = sorted(n for n in os.listdir(d) if n.startswith("step_") and not n.endswith(".tmp"))
+        for old in done[:-cfg["keep_checkpoints"]]:
+            shutil.rmtree(os.path.join(d, old))
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- one stage
+def train_stage(cfg, accelerator, init, stage_dir):
+    from torch.utils.data import DataLoader
+    from data import VLMDataset, collate
+    from model import ModelArgs, build_model, load_pretrained, save_pretrained
+    from recipes import apply_recipe, quantization_kwargs
+
+    torch.manual_seed(cfg["seed"])
+    main = accelerator.is_main_process
+    margs = ModelArgs(**{k: cfg[k] for k in ModelArgs.__dataclass_fields__})
+    llm_kwargs = quantization_kwargs(cfg)
+    if init:
+        model, tokenizer, processor = load_pretrained(init, llm_kwargs=llm_kwargs)
+    else:
+        model, tokenizer, processor = build_model(margs, llm_kwargs=llm_kwargs)
+    if main:
+        print(f"\n=== stage {cfg['stage']}: from {init or 'pretrained parts'} -> {stage_dir}")
+    apply_recipe(model, cfg, verbose=main)
+    if cfg["gradient_checkpointing"]:
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.language_model.enable_input_require_grads()   # checkpointing through a frozen embedding
+
+    data, images = cfg[f"data_{cfg['data']}"], cfg[f"images_{cfg['data']}"]
+    if not data:
+        raise ValueError(f"stage {cfg['stage']!r} reads data_{cfg['data']}, which is not set")
+    dataset = VLMDataset(data, tokenizer, processor, cfg["template"], model.num_image_tokens, cfg["max_length"],
+                         images or None, cfg["image_aspect_ratio"])
+    world, mb = accelerator.num_processes, cfg["micro_batch_size"]
+    accum = cfg["global_batch_size"] // (mb * world)
+    if accum < 1 or accum * mb * world != cfg["global_batch_size"]:
+        raise ValueError(f"global_batch_size {cfg['global_batch_size']} is not micro_batch_size {mb} x "
+                         f"{world} processes x an integer number of accumulation steps")
+    accelerator.gradient_accumulation_steps = accum
+    collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+
+    def loader(epoch):   # each rank takes every world-th batch of the same seeded order
+        batches = grouped_batches(dataset.lengths, mb, cfg["seed"] + epoch, cfg["group_by_length"])
+        return accelerator.prepare_data_loader(DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
+                                                          num_workers=cfg["num_workers"]))
+
+    steps_per_epoch = len(loader(0)) // accum
+    total = cfg["max_steps"] or steps_per_epoch * cfg["epochs"]
+    if steps_per_epoch == 0:
+        raise ValueError(f"{data}: {len(dataset)} samples make less than one global batch of {cfg['global_batch_size']}")
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.999), fused=False)
+    warmup = math.ceil(cfg["warmup_ratio"] * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(cosine_with_warmup, warmup=warmup, total=total))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)   # stepped by hand once per optimizer step
+    raw = accelerator.unwrap_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    step = 0
+    ckpt = latest_checkpoint(stage_dir) if cfg["resume"] else None
+    if ckpt:
+        accelerator.load_state(ckpt)
+        with open(os.path.join(ckpt, "trainer.json")) as f:
+            step = json.load(f)["step"]
+        if main:
+            print(f"resumed from {ckpt} at step {step}")
+    if main:
+        print(f"{len(dataset)} samples, {steps_per_epoch} steps/epoch, {total} steps; global batch "
+              f"{cfg['global_batch_size']} = {mb} x {world} processes x {accum} accumulation")
+
+    val_loader = None
+    if cfg["data_val"] and cfg["val_every"]:
+        val_set = VLMDataset(cfg["data_val"], tokenizer, processor, cfg["template"], raw.num_image_tokens,
+                             cfg["max_length"], cfg["images_val"] or None, cfg["image_aspect_ratio"])
+        val_loader = accelerator.prepare_data_loader(DataLoader(val_set, batch_size=mb, collate_fn=collate_fn))
+
+    losses, t0, seen, tokens = [], time.time(), 0, 0
+    while step < total:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        it = iter(accelerator.skip_first_batches(loader(epoch), done_in_epoch * accum))
+        for _ in range(steps_per_epoch - done_in_epoch):
+            micro = [next(it) for _ in range(accum)]
+            # Normalise by the supervised tokens of the whole optimizer step, across micro-batches and ranks:
+            # accelerator.backward divides by `accum` and DDP averages over ranks, hence the * accum * world.
+            local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            n_step = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
+            step_loss = 0.0
+            for b in micro:
+                with accelerator.accumulate(model), accelerator.autocast():
+                    out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"])
+                    accelerator.backward(out["loss_sum"] * accum * world / max(n_step, 1))
+                step_loss += float(out["loss_sum"])
+                seen += b["input_ids"].shape[0]
+                tokens += int(b["attention_mask"].sum())
+            grad_norm = accelerator.clip_grad_norm_(trainable, cfg["grad_clip"]) if cfg["grad_clip"] else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(n_step, 1)
+            losses.append(loss)
+            if main and (step % cfg["log_every"] == 0 or step == total):
+                dt = time.time() - t0
+                gn = f" | grad {float(grad_norm):.3f}" if grad_norm is not None else ""
+                print(f"step {step}/{total} | loss {loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e}{gn} | "
+                      f"{seen * world / dt:.1f} samples/s | {tokens * world / dt:.0f} tok/s", flush=True)
+                accelerator.log({"loss": loss, "lr": scheduler.get_last_lr()[0]}, step=step)
+            if val_loader is not None and step % cfg["val_every"] == 0:
+                val = validate(model, val_loader, accelerator, cfg["val_batches"])
+                if main:
+                    print(f"step {step} | val loss {val:.4f}")
+                accelerator.log({"val_loss": val}, step=step)
+            if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total:
+                save_checkpoint(accelerator, stage_dir, step, cfg)
+            if step >= total:
+                break
+
+    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(model)   # a collective: gathers ZeRO-3 shards
+    if main:
+        final_save(raw, tokenizer, processor, stage_dir, cfg, state, init)
+        with open(os.path.join(stage_dir, "losses.json"), "w") as f:
+            json.dump(losses, f)
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    return losses
+
+
+@torch.no_grad()
+def validate(model, val_loader, accelerator, max_batches):
+    model.eval()
+    total, n = 0.0, 0
+    for i, b in enumerate(val_loader):
+        if i >= max_batches:
+            break
+        with accelerator.autocast():
+            out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"])
+        total += float(accelerator.reduce(out["loss_sum"].detach(), "sum"))
+        n += int(accelerator.reduce(out["num_tokens"].detach(), "sum"))
+    model.train()
+    return total / max(n, 1)
+
+
+def final_save(model, tokenizer, processor, stage_dir, cfg, state, init):
+    """The stage's model, self-contained. LoRA components also get standard PEFT adapter dirs
+    (adapter_<component>/), and the model itself is written with the adapters merged."""
+    from peft import PeftModel
+    from model import save_pretrained
+    wrapped = {"llm": model.language_model, "connector": model.connector._connector}
+    vt = model.vision_tower._vision_tower
+    wrapped.update({f"vision_tower_{k}": v for k, v in vt.items()} if isinstance(vt, torch.nn.ModuleDict)
+                   else {"vision_tower": vt})
+    for name, m in wrapped.items():
+        if isinstance(m, PeftModel):
+            m.save_pretrained(os.path.join(stage_dir, f"adapter_{name}"))
+    if any(isinstance(m, PeftModel) for m in wrapped.values()):
+        if cfg["tune_llm"] == "qlora":   # merging into a 4-bit base is lossy: merge onto the full-precision base
+            from model import load_pretrained
+            base, _, _ = load_pretrained(init) if init else (None, None, None)
+            if base is None:
+                print("qlora without a previous stage: adapters saved, no merged model written")
+                return
+            merged = PeftModel.from_pretrained(base.language_model, os.path.join(stage_dir, "adapter_llm")).merge_and_unload()
+            base.language_model = merged
+            base.connector.load_state_dict(model.connector.state_dict())
+            base.vision_tower.load_state_dict(model.vision_tower.state_dict())
+            model = base
+        else:
+            model.language_model = unwrap_peft(model.language_model)
+            model.connector._connector = unwrap_peft(model.connector._connector)
+            if isinstance(vt, torch.nn.ModuleDict):
+                for k in list(vt.keys()):
+                    vt[k] = unwrap_peft(vt[k])
+            else:
+                model.vision_tower._vision_tower = unwrap_peft(vt)
+        state = None
+    save_pretrained(model, tokenizer, processor, stage_dir, state_dict=state)
+    with open(os.path.join(stage_dir, "train_config.json"), "w") as f:
+        json.dump(cfg, f, indent=1, default=str)
+
+
+def unwrap_peft(m):
+    from peft import PeftModel
+    return m.merge_and_unload() if isinstance(m, PeftModel) else m
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+    from transformers.utils import logging as hf_logging
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    if cfg["fp16"] and not torch.cuda.is_available():
+        raise ValueError("fp16 needs a GPU (fp16 matmul on CPU runs at ~1 GFLOP/s); use --bf16=true")
+    hf_logging.set_verbosity_error()
+    precision = "bf16" if cfg["bf16"] else "fp16" if cfg["fp16"] else "no"
+    # CPU processes talk over gloo; without naming it, Accelerate+DeepSpeed see 1 process on every rank
+    gloo = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=precision, log_with=cfg["tracker"] or None, project_dir=cfg["out_dir"],
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if gloo else [])
+    if accelerator.is_main_process:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1, default=str)
+    if cfg["tracker"]:
+        accelerator.init_trackers("tinyllava-nano", config={k: str(v) for k, v in cfg.items()})
+    init, results = cfg["init_from"], {}
+    for i, scfg in enumerate(stage_configs(cfg)):
+        stage_dir = os.path.join(cfg["out_dir"], f"{i + 1}_{scfg['stage']}")
+        if cfg["resume"] and os.path.isfile(os.path.join(stage_dir, "model.safetensors")):
+            if accelerator.is_main_process:
+                print(f"stage {scfg['stage']} already finished in {stage_dir}; skipping")
+        else:
+            results[scfg["stage"]] = train_stage(scfg, accelerator, init, stage_dir)
+        init = stage_dir
+    accelerator.end_training()
+    return init, results
+
+
+if __name__ == "__main__":
+    main()
