@@ -1,0 +1,413 @@
+"""Data: LLaVA-format records -> chat text -> token ids with labels -> padded batches.
+
+    records = load_records("llava_v1_5_mix665k.json")          # JSON list or JSONL, validated up front
+    ds = VLMDataset(records, tokenizer, image_processor, template="phi", num_image_tokens=728,
+                    max_length=3072, image_folder="data/images", image_aspect_ratio="square")
+    loader = DataLoader(ds, batch_size=8, collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
+    batch = next(iter(loader))   # input_ids, attention_mask, labels [B, L]; images [n_img, 3, H, W] or None
+
+    # one prompt for generation (ends in "ASSISTANT:", labels all IGNORE_INDEX)
+    x = encode([{"from": "human", "value": "<image>\\nWhat is this?"}], "phi", tokenizer, 728, for_generation=True)
+
+Public API
+    IGNORE_INDEX = -100, IMAGE_TOKEN_INDEX = -200, IMAGE_PLACEHOLDER = "<image>", DataError(ValueError)
+    load_records(path) -> list[dict]                    check_record(record, source, index)
+    TEMPLATES: name -> ChatTemplate | HFChatTemplate     get_template(name_or_template)
+    render(conversations, template, tokenizer=None, for_generation=False) -> (text, supervised char spans)
+    encode(conversations, template, tokenizer, num_image_tokens, max_length=None, for_generation=False)
+        -> {"input_ids": LongTensor[T], "labels": LongTensor[T]}
+    load_image(path) -> PIL.Image (RGB);  preprocess_image(image, processor, aspect="square"|"pad") -> Tensor[3, H, W]
+    VLMDataset(records_or_path, tokenizer, image_processor, template, num_image_tokens, max_length,
+               image_folder=None, image_aspect_ratio="square")
+        [i] -> {"input_ids", "labels", "pixel_values": Tensor[3, H, W] | None, "id"};  .lengths -> list[int]
+    collate(batch, pad_token_id, padding_side="right") -> {"input_ids", "attention_mask", "labels", "images"}
+
+Text format (TinyLLaVA Factory, = LLaVA-1.5 vicuna_v1 with the LLM's own EOS; LLaVA "plain" for pretraining):
+    SYSTEM USER: <image>\\n{q1} ASSISTANT: {a1}<eos>USER: {q2} ASSISTANT: {a2}<eos>
+The image placeholder is moved to the front of its turn. A leading non-human message (a per-sample system prompt)
+is dropped, as in the original. Labels are built by construction: while rendering we record the character spans
+the model must learn (each answer from the space after "ASSISTANT:" through its EOS; for "plain", the caption and
+its "\\n"); every `<image>`-separated chunk is tokenized once with offsets and a token is supervised iff it covers
+a character of such a span. This equals the original's round-re-tokenising masks wherever those are consistent,
+and never silently masks a whole sample: anything odd raises DataError naming file, record and id.
+
+Not done here (on purpose): multi-image samples, anyres tiling, dummy zero images for text-only samples (those
+rows carry no image at all, so the vision tower never runs on them), tokenizers that append EOS to every call.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageFile
+
+IGNORE_INDEX = -100  # label of tokens that take no loss (torch CrossEntropyLoss default ignore_index)
+IMAGE_TOKEN_INDEX = -200  # sentinel id at image positions; model.py writes image features there (LLaVA's value)
+IMAGE_PLACEHOLDER = "<image>"
+
+# As in LLaVA / TinyLLaVA: one truncated file among ~600k images should cost a damaged picture, not a crash
+# hours into a run.
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+
+class DataError(ValueError):
+    """A record cannot be turned into a training sample; the message names file, record index and id."""
+
+
+def _where(source, index, record) -> str:
+    rid = record.get("id") if isinstance(record, dict) else None
+    return f"{source}: record {index} (id={rid!r})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Records
+
+def load_records(path) -> list[dict]:
+    """Read a LLaVA-format JSON list or JSONL file and validate every record (fail at startup, not at step 90k)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    else:  # JSONL: one record per non-empty line; the record index is the count of records before it
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: record {len(records)} (line {lineno}): bad JSON line: {e.msg}") from None
+    if not records:
+        raise DataError(f"{path}: no records")
+    for i, record in enumerate(records):
+        check_record(record, path, i)
+    return records
+
+
+def check_record(record, source="<records>", index=0) -> None:
+    """Raise DataError unless `record` is a well-formed LLaVA sample with a consistent image placeholder."""
+    where = _where(source, index, record)
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: record is a {type(record).__name__}, expected an object")
+    convs = record.get("conversations")
+    if not isinstance(convs, list):
+        raise DataError(f"{where}: missing or non-list 'conversations'")
+    for t, turn in enumerate(convs):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+            raise DataError(f"{where}: turn {t} must be {{'from': str, 'value': str}}, got {turn!r:.80}")
+    image = record.get("image")
+    if image is not None and not (isinstance(image, str) and image):
+        raise DataError(f"{where}: 'image' must be a non-empty relative path, got {image!r}")
+    try:
+        turns = _turns(convs, for_generation=False)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    n_tags = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in turns)
+    if any(IMAGE_PLACEHOLDER in a for _, a in turns):
+        raise DataError(f"{where}: {IMAGE_PLACEHOLDER} inside a gpt turn")
+    if n_tags > 1:
+        raise DataError(f"{where}: {n_tags} {IMAGE_PLACEHOLDER} placeholders; multi-image samples are not supported")
+    if image is not None and n_tags == 0:
+        raise DataError(f"{where}: has 'image' but no {IMAGE_PLACEHOLDER} in its text")
+    if image is None and n_tags == 1:
+        raise DataError(f"{where}: has {IMAGE_PLACEHOLDER} in its text but no 'image'")
+
+
+def _turns(conversations, for_generation) -> list[tuple[str, str | None]]:
+    """[{"from", "value"}, ...] -> [(question, answer)]; the answer of the last pair is None for generation."""
+    msgs = list(conversations)
+    # The original (TinyLLaVA `_get_list_from_message`) drops a first message that is not from the human, which
+    # is how per-sample system prompts end up ignored. We keep that for parity with released checkpoints.
+    skipped = int(bool(msgs) and msgs[0].get("from") != "human")
+    msgs = msgs[skipped:]
+    if for_generation and msgs and msgs[-1].get("from") == "gpt" and msgs[-1].get("value") is None:
+        msgs = msgs[:-1]
+    if not msgs:
+        raise DataError("empty conversations")
+    for t, m in enumerate(msgs):
+        expected = "human" if t % 2 == 0 else "gpt"
+        if m.get("from") != expected:
+            raise DataError(f"turn {t + skipped} is from {m.get('from')!r}, expected {expected!r} "
+                            "(turns must alternate human/gpt, starting with human)")
+    if for_generation != (len(msgs) % 2 == 1):
+        want = "a human turn (the question to answer)" if for_generation else "a gpt turn"
+        raise DataError(f"conversations must end with {want}")
+    values = [m["value"] for m in msgs] + ([None] if for_generation else [])
+    return list(zip(values[0::2], values[1::2]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat templates (strings from TinyLLaVA Factory data/template/*.py, see reference §5.3)
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    system: str                # once, before the first user turn
+    user: str                  # a user turn; "{q}" = the question, image placeholder moved to its front
+    image: str                 # what the placeholder becomes at the front of the question
+    prompt: str                # opens the assistant turn; alone at the end it is the generation prompt
+    answer: str                # "{a}" = the answer; this piece plus `eos` is what the model learns
+    eos: str                   # end of every answer; must be one token of the LLM's tokenizer
+    keep_question: bool = True  # False for LLaVA "plain" pretraining: the human text is thrown away
+
+
+@dataclass(frozen=True)
+class HFChatTemplate:
+    """Use the tokenizer's own `apply_chat_template` (any other LLM). The image becomes "<image>\\n" at the front
+    of its user message; supervised spans are found by rendering message prefixes and diffing the strings, so the
+    template must be prefix-stable (rendering a shorter conversation gives a prefix of the longer one)."""
+
+
+def _vicuna(eos: str) -> ChatTemplate:
+    # "ASSISTANT:" + " {a}": the original's separator " ASSISTANT: " ends in the space that BPE merges into the
+    # first answer token (its `instruction_len - 1`), so that space belongs to the supervised answer piece.
+    return ChatTemplate(system=SYSTEM + " ", user="USER: {q} ", image=IMAGE_PLACEHOLDER + "\n",
+                        prompt="ASSISTANT:", answer=" {a}", eos=eos)
+
+
+TEMPLATES = {
+    "phi": _vicuna("<|endoftext|>"),           # phi-2, stablelm-2
+    "llama": _vicuna("</s>"),                  # TinyLlama, OpenELM (Llama-2 tokenizer)
+    "gemma": _vicuna("<eos>"),
+    "qwen2_base": _vicuna("<|endoftext|>"),
+    "qwen2_instruct": _vicuna("<|im_end|>"),
+    # LLaVA "plain": "<image>" + caption + "\n". (The original writes "<image>" for every turn; captions are
+    # single-turn, and here a turn only gets the image if its question had the placeholder.)
+    "pretrain": ChatTemplate(system="", user="{q}", image=IMAGE_PLACEHOLDER, prompt="", answer="{a}\n", eos="",
+                             keep_question=False),
+    "auto": HFChatTemplate(),
+}
+
+
+def get_template(template):
+    if isinstance(template, (ChatTemplate, HFChatTemplate)):
+        return template
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; valid: {', '.join(TEMPLATES)}")
+    return TEMPLATES[template]
+
+
+def _question(t: ChatTemplate, q: str) -> str:
+    has_image = IMAGE_PLACEHOLDER in q
+    q = q if t.keep_question else ""
+    if has_image:  # exactly the original's relocation, including its two strip() calls
+        q = (t.image + q.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
+    return t.user.replace("{q}", q, 1)
+
+
+def render(conversations, template, tokenizer=None, for_generation=False) -> tuple[str, list[tuple[int, int]]]:
+    """Conversation -> (text, [(start, end)] character spans to supervise). `tokenizer` is needed only for "auto"."""
+    t = get_template(template)
+    turns = _turns(conversations, for_generation)
+    if isinstance(t, HFChatTemplate):
+        return _render_hf(turns, tokenizer, for_generation)
+    text, spans = t.system, []
+    for q, a in turns:
+        text += _question(t, q) + t.prompt
+        if a is not None:
+            piece = t.answer.replace("{a}", a, 1) + t.eos
+            spans.append((len(text), len(text) + len(piece)))
+            text += piece
+    return text, spans
+
+
+def _render_hf(turns, tokenizer, for_generation):
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template 'auto' needs a tokenizer with a chat_template")
+    messages = []
+    for q, a in turns:
+        if IMAGE_PLACEHOLDER in q:
+            q = IMAGE_PLACEHOLDER + "\n" + q.replace(IMAGE_PLACEHOLDER, "").strip()
+        messages.append({"role": "user", "content": q})
+        if a is not None:
+            messages.append({"role": "assistant", "content": a})
+
+    def chat(msgs, generation_prompt):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    text = chat(messages, for_generation)
+    spans = []
+    for k in range(1, len(messages), 2):  # assistant messages
+        before, through = chat(messages[:k], True), chat(messages[: k + 1], False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise DataError("the tokenizer's chat template is not prefix-stable, cannot locate assistant turn "
+                            f"{k // 2}; write a ChatTemplate for this LLM instead")
+        # the newline a template puts between turns is glue, not something the model must produce
+        spans.append((len(before), len(through.rstrip())))
+    # Templates that write the BOS text themselves would get a second BOS from the tokenizer: keep one.
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
+        text, spans = text[len(bos):], [(s - len(bos), e - len(bos)) for s, e in spans]
+    return text, spans
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenisation with labels by construction
+
+def encode(conversations, template, tokenizer, num_image_tokens, max_length=None, for_generation=False) -> dict:
+    """Token ids and labels of one conversation; each image placeholder becomes `num_image_tokens` sentinels.
+
+    Ids equal LLaVA's `tokenizer_image_token`: the text is split on "<image>", each chunk is tokenized with the
+    tokenizer's default special tokens, and the BOS it adds to every chunk but the first is dropped. A token is
+    supervised iff its characters overlap a span from `render`. `max_length` counts image tokens; a cut never
+    splits an image (it moves before the image, dropping it), and a sample left with nothing to learn raises.
+    """
+    text, spans = render(conversations, template, tokenizer, for_generation)
+    supervised = bytearray(len(text))  # 1 = this character is to be learned
+    for s, e in spans:
+        supervised[s:e] = b"\x01" * (e - s)
+
+    ids, labels, base = [], [], 0
+    for k, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if k > 0:
+            ids += [IMAGE_TOKEN_INDEX] * num_image_tokens
+            labels += [IGNORE_INDEX] * num_image_tokens
+            base += len(IMAGE_PLACEHOLDER)
+        enc = tokenizer(chunk, return_offsets_mapping=True)
+        chunk_ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        # An added BOS has the empty offset (0, 0); a literal BOS string in the text does not.
+        if k > 0 and chunk_ids and chunk_ids[0] == tokenizer.bos_token_id and tuple(offsets[0]) == (0, 0):
+            chunk_ids, offsets = chunk_ids[1:], offsets[1:]
+        prev_end = 0
+        for tok_id, (s, e) in zip(chunk_ids, offsets):
+            # Extend each token back to where the previous one ended: tokenizers that trim offsets (GPT-2's
+            # ByteLevel trim_offsets) report " A" as "A", and the space is what makes "ĠA" an answer token.
+            s = min(s, prev_end)
+            prev_end = max(prev_end, e)
+            ids.append(tok_id)
+            labels.append(tok_id if 1 in supervised[base + s: base + e] else IGNORE_INDEX)
+        base += len(chunk)
+    if for_generation:
+        labels = [IGNORE_INDEX] * len(ids)
+        if max_length is not None and len(ids) > max_length:
+            raise DataError(f"prompt is {len(ids)} tokens (incl. images), longer than max_length={max_length}")
+    else:
+        if max_length is not None and len(ids) > max_length:
+            cut = max_length
+            while cut > 0 and ids[cut] == IMAGE_TOKEN_INDEX and ids[cut - 1] == IMAGE_TOKEN_INDEX:
+                cut -= 1  # the cut fell inside an image: cut before it instead
+            n = len(ids)
+            ids, labels = ids[:cut], labels[:cut]
+            if all(x == IGNORE_INDEX for x in labels):
+                raise DataError(f"answer truncated away at max_length={max_length} (sample is {n} tokens, "
+                                f"{num_image_tokens} per image)")
+        if all(x == IGNORE_INDEX for x in labels):
+            raise DataError("no supervised tokens")
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+
+def load_image(path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as e:  # missing file, unreadable or not an image (PIL.UnidentifiedImageError is an OSError)
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def preprocess_image(image: Image.Image, processor, aspect="square") -> torch.Tensor:
+    """PIL image -> (3, H, W) float tensor. "square": the processor's own resize/crop (TinyLLaVA's default);
+    "pad": LLaVA's expand2square first, centring the image on a square canvas filled with the mean colour."""
+    if aspect == "pad":
+        w, h = image.size
+        side = max(w, h)
+        fill = tuple(int(255 * m) for m in processor.image_mean)  # SigLIP -> (127,127,127), CLIP -> (122,116,104)
+        canvas = Image.new(image.mode, (side, side), fill)
+        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        image = canvas
+    elif aspect != "square":
+        raise ValueError(f"unknown image_aspect_ratio {aspect!r}; valid: square, pad")
+    return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset and collator
+
+class VLMDataset(torch.utils.data.Dataset):
+    """LLaVA-format samples; text-only samples have pixel_values None (no dummy image)."""
+
+    def __init__(self, records, tokenizer, image_processor, template, num_image_tokens, max_length,
+                 image_folder=None, image_aspect_ratio="square"):
+        if isinstance(records, (str, os.PathLike)):
+            self.source, records = str(records), load_records(records)
+        else:
+            self.source = "<records>"
+            for i, record in enumerate(records):
+                check_record(record, self.source, i)
+        self.records = records
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.template = get_template(template)
+        self.num_image_tokens, self.max_length = num_image_tokens, max_length
+        self.image_folder, self.image_aspect_ratio = image_folder, image_aspect_ratio
+        if image_aspect_ratio not in ("square", "pad"):
+            raise ValueError(f"unknown image_aspect_ratio {image_aspect_ratio!r}; valid: square, pad")
+        if image_folder is None and any(r.get("image") is not None for r in records):
+            raise ValueError(f"{self.source} has image samples but image_folder is None")
+        eos = getattr(self.template, "eos", "")
+        if eos and len(tokenizer(eos, add_special_tokens=False).input_ids) != 1:
+            raise ValueError(f"the chat template ends answers with {eos!r}, which this tokenizer does not know as "
+                             "one token; pick the template that matches the LLM (or 'auto')")
+        self._lengths = None
+
+    def __len__(self):
+        return len(self.records)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Rough token count per sample (characters / 4, plus the image tokens), positive for image samples and
+        negative for text-only ones like the original's modality_lengths; for length-grouped sampling only."""
+        if self._lengths is None:
+            self._lengths = []
+            for r in self.records:
+                n = sum(len(turn["value"]) for turn in r["conversations"]) // 4 + 1
+                self._lengths.append(n + self.num_image_tokens if r.get("image") is not None else -n)
+        return self._lengths
+
+    def __getitem__(self, i) -> dict:
+        record = self.records[i]
+        try:
+            out = encode(record["conversations"], self.template, self.tokenizer, self.num_image_tokens,
+                         self.max_length)
+            pixel_values = None
+            # the image may have been cut away by truncation; then the sample carries no picture either
+            if record.get("image") is not None and bool((out["input_ids"] == IMAGE_TOKEN_INDEX).any()):
+                image = load_image(os.path.join(self.image_folder, record["image"]))
+                pixel_values = preprocess_image(image, self.image_processor, self.image_aspect_ratio)
+        except DataError as e:
+            raise DataError(f"{_where(self.source, i, record)}: {e}") from None
+        return {**out, "pixel_values": pixel_values, "id": record.get("id")}
+
+
+def collate(batch, pad_token_id, padding_side="right") -> dict:
+    """Pad a list of samples into a batch. "left" padding is for batched generation.
+
+    The attention mask comes from the sample lengths, not from `input_ids != pad_token_id`, which would hide real
+    EOS tokens when pad == eos (phi, qwen2_base). `images` holds the pictures of the samples that have one, in
+    batch order: model.py fills the sentinel positions row by row in that same order.
+    """
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None; set tokenizer.pad_token (TinyLLaVA uses the unk token)")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"unknown padding_side {padding_side!r}; valid: right, left")
+    lengths = [len(s["input_ids"]) for s in batch]
+    B, L = len(batch), max(lengths)
+    input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    for row, (sample, n) in enumerate(zip(batch, lengths)):
+        cols = slice(0, n) if padding_side == "right" else slice(L - n, L)
+        input_ids[row, cols] = sample["input_ids"]
+        labels[row, cols] = sample["labels"]
+        attention_mask[row, cols] = 1
+    pictures = [s["pixel_values"] for s in batch if s.get("pixel_values") is not None]
+    images = torch.stack(pictures) if pictures else None
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images}
