@@ -47,7 +47,7 @@ class ModelArgs:
     vision_feature_select_strategy: str = "patch"  # patch (drop the CLS token) | cls_patch (keep every token)
     legacy_patch_drop: bool = False    # True: 'patch' drops the first token even without CLS (original; SigLIP 729->728)
     num_queries: int = 128             # qformer / resampler output tokens
-    num_resampler_layers: int = 3      # resampler / qformer depth
+    num_resampler_layers: int = 3      # resampler depth (the qformer keeps BERT-base's 12 layers)
     trust_remote_code: bool = False    # only for LLMs outside transformers (OpenELM); runs code from the Hub
     attn_implementation: str = ""      # "" = transformers default (sdpa) | eager | flash_attention_2
     dtype: str = "float32"             # weights as loaded: float32 | bfloat16 | float16 (train with bf16 autocast)
@@ -191,6 +191,12 @@ class TinyLlava(nn.Module):
         else:
             logits = lm(inputs_embeds=embeds, attention_mask=attention_mask).logits[:, :-1][keep].float()
         loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
+        if images is None and image_features is None:
+            # A batch without pictures leaves the tower and connector out of the graph. Add them with weight 0
+            # so every trainable parameter gets a (zero) gradient: DDP / ZeRO ranks stay in step, and a
+            # text-only batch in a connector-only stage is a no-op instead of a "does not require grad" error.
+            extra = [p.sum() for m in (self.vision_tower, self.connector) for p in m.parameters() if p.requires_grad]
+            loss_sum = loss_sum + 0.0 * sum(extra) if extra else loss_sum
         n = keep.sum()
         return {"loss": loss_sum / n.clamp(min=1), "loss_sum": loss_sum, "num_tokens": n}
 
@@ -233,10 +239,17 @@ def _build(args, text_config=None, vision_configs=None, llm_kwargs=None, lm_weig
     if text_config is None:
         lm = AutoModelForCausalLM.from_pretrained(args.llm, dtype=dtype, trust_remote_code=args.trust_remote_code,
                                                   **attn, **(llm_kwargs or {}))
-    else:
-        lm_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]   # the Auto class wants a path here
-        lm, info = lm_cls.from_pretrained(None, config=text_config, state_dict=lm_weights, dtype=dtype,
-                                          output_loading_info=True, **attn, **(llm_kwargs or {}))
+    elif type(text_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:   # remote code (OpenELM): no quantised reload
+        lm = AutoModelForCausalLM.from_config(text_config, dtype=dtype, trust_remote_code=True, **attn)
+        missing, unexpected = lm.load_state_dict(lm_weights, strict=False)
+        loaded = {p.data_ptr() for n, p in lm.named_parameters() if n in lm_weights}
+        missing = [n for n in missing if lm.get_parameter(n).data_ptr() not in loaded]   # tied copies are fine
+        if missing or unexpected:
+            raise ValueError(f"saved LLM weights do not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    else:   # from_pretrained with a state dict, so a quantization_config still applies (QLoRA after a stage)
+        lm, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)].from_pretrained(
+            None, config=text_config, state_dict=lm_weights, dtype=dtype, output_loading_info=True, **attn,
+            **(llm_kwargs or {}))
         if info["missing_keys"] or info["unexpected_keys"]:
             raise ValueError(f"saved LLM weights do not fit its config: missing {sorted(info['missing_keys'])[:5]}, "
                              f"unexpected {sorted(info['unexpected_keys'])[:5]}")
@@ -312,7 +325,11 @@ def load_pretrained(path, llm_kwargs=None, **overrides):
         setattr(args, k, v)
     weights = load_file(os.path.join(path, "model.safetensors"))
     lm_weights = {k[len("language_model."):]: weights.pop(k) for k in list(weights) if k.startswith("language_model.")}
-    text_config = AutoConfig.for_model(**config["text_config"])
+    if args.trust_remote_code:   # e.g. OpenELM: its config class lives in the Hub repo's code, as does the model
+        text_config = AutoConfig.from_pretrained(args.llm, trust_remote_code=True)
+        text_config.update({k: v for k, v in config["text_config"].items() if k != "auto_map"})
+    else:
+        text_config = AutoConfig.for_model(**config["text_config"])
     lm, vision, connector = _build(args, text_config=text_config, vision_configs=config["vision_configs"],
                                    llm_kwargs=llm_kwargs, lm_weights=lm_weights)
     processor = AutoImageProcessor.from_pretrained(path)

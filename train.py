@@ -64,7 +64,6 @@ DEFAULTS = dict(
     lora_r=128, lora_alpha=256, lora_dropout=0.05,
     lora_target_modules=[],           # [] = every Linear of the component except output heads
     qlora_bits=4,                     # 4 (nf4, double quant) | 8
-    merge_lora=True,                  # final save: also write the model with adapters merged
     # --- optimisation
     lr=2e-5,
     lr_llm=0.0, lr_vision_tower=0.0, lr_connector=0.0,   # 0 = lr
@@ -233,7 +232,7 @@ def latest_checkpoint(stage_dir):
     return os.path.join(d, done[-1]) if done else None
 
 
-def save_checkpoint(accelerator, stage_dir, step, cfg):
+def save_checkpoint(accelerator, stage_dir, step, cfg, scheduler):
     """accelerator.save_state into step_N.tmp, then an atomic rename: a crash mid-save leaves the previous
     checkpoint as the latest complete one. Keeps the newest cfg['keep_checkpoints']."""
     d = os.path.join(stage_dir, "checkpoints")
@@ -242,7 +241,9 @@ def save_checkpoint(accelerator, stage_dir, step, cfg):
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()   # every rank has written its shard / RNG state before the rename
     if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
             json.dump({"step": step, "config": cfg}, f, indent=1, default=str)
         os.replace(tmp, final)
@@ -299,8 +300,11 @@ def train_stage(cfg, accelerator, init, stage_dir):
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.999), fused=False)
     warmup = math.ceil(cfg["warmup_ratio"] * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(cosine_with_warmup, warmup=warmup, total=total))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)   # stepped by hand once per optimizer step
+    ds = accelerator.state.deepspeed_plugin
+    if ds is not None:   # DeepSpeed owns accumulation and clipping: give it this stage's numbers, not "auto"
+        ds.deepspeed_config.update(train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=accum,
+                                   train_batch_size=mb * accum * world, gradient_clipping=cfg["grad_clip"])
+    model, optimizer = accelerator.prepare(model, optimizer)   # the scheduler is ours: stepped once per step
     raw = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -308,6 +312,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     ckpt = latest_checkpoint(stage_dir) if cfg["resume"] else None
     if ckpt:
         accelerator.load_state(ckpt)
+        scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=True))
         with open(os.path.join(ckpt, "trainer.json")) as f:
             step = json.load(f)["step"]
         if main:
@@ -337,7 +342,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
                 with accelerator.accumulate(model), accelerator.autocast():
                     out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"])
                     accelerator.backward(out["loss_sum"] * accum * world / max(n_step, 1))
-                step_loss += float(out["loss_sum"])
+                step_loss += float(out["loss_sum"].detach())
                 seen += b["input_ids"].shape[0]
                 tokens += int(b["attention_mask"].sum())
             grad_norm = accelerator.clip_grad_norm_(trainable, cfg["grad_clip"]) if cfg["grad_clip"] else None
@@ -359,7 +364,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
                     print(f"step {step} | val loss {val:.4f}")
                 accelerator.log({"val_loss": val}, step=step)
             if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total:
-                save_checkpoint(accelerator, stage_dir, step, cfg)
+                save_checkpoint(accelerator, stage_dir, step, cfg, scheduler)
             if step >= total:
                 break
 

@@ -265,3 +265,16 @@ def test_mixed_batch_loss_matches_manual_cross_entropy(tiny_llms, tiny_towers):
                              ignore_index=IGNORE_INDEX, reduction="sum")
     torch.testing.assert_close(model(input_ids, mask, labels=labels, images=images)["loss_sum"], manual,
                                rtol=1e-5, atol=1e-4)
+
+
+def test_text_only_batch_keeps_trainable_parts_in_the_graph(tiny_llms, tiny_towers):
+    """Connector-only stage (frozen LLM), a batch with no picture: backward works and the connector gets an
+    exact zero gradient (the DDP all-reduce needs one from every rank), the tower never runs."""
+    model, tok, _ = make(tiny_llms, tiny_towers)
+    model.language_model.requires_grad_(False)
+    model.vision_tower.requires_grad_(False)
+    input_ids, mask, labels, images, _ = batch(model, tok, [(4, False, 4)])
+    out = model(input_ids, mask, labels=labels)
+    out["loss"].backward()
+    for name, p in model.connector.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name

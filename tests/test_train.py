@@ -173,8 +173,8 @@ def test_loss_falls_and_resume_matches(tiny_llms, tiny_towers, dataset, tmp_path
 
     real_save = train.save_checkpoint
 
-    def crash_after_second_save(accelerator, stage_dir, step, cfg):
-        real_save(accelerator, stage_dir, step, cfg)
+    def crash_after_second_save(accelerator, stage_dir, step, cfg, scheduler):
+        real_save(accelerator, stage_dir, step, cfg, scheduler)
         if step == 4:
             raise KeyboardInterrupt("simulated crash")
     monkeypatch.setattr(train, "save_checkpoint", crash_after_second_save)
@@ -223,3 +223,25 @@ def test_lora_and_qlora_steps_on_cpu(tiny_llms, tiny_towers, dataset, tmp_path, 
     diffs = [float((a - b).abs().max()) for a, b in zip(merged.language_model.state_dict().values(),
                                                         pre.language_model.state_dict().values())]
     assert max(diffs) > 0                           # the adapters changed the LLM
+
+
+def test_resume_inside_a_later_stage(tiny_llms, tiny_towers, dataset, tmp_path, monkeypatch):
+    """A crash in stage 2: --resume skips the finished stage 1 and continues stage 2 from its checkpoint."""
+    common = ["--recipe=base", "--micro_batch_size=2", "--pretrain.global_batch_size=4",
+              "--finetune.global_batch_size=4", "--max_steps=4", "--save_every=2"]
+    _, full = train.main(run_args(tiny_llms, tiny_towers, dataset, tmp_path / "full", *common))
+    real_save = train.save_checkpoint
+
+    def crash_in_finetune(accelerator, stage_dir, step, cfg, scheduler):
+        real_save(accelerator, stage_dir, step, cfg, scheduler)
+        if cfg["stage"] == "finetune":
+            raise KeyboardInterrupt("simulated crash")
+    monkeypatch.setattr(train, "save_checkpoint", crash_in_finetune)
+    AcceleratorState._reset_state(True)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(run_args(tiny_llms, tiny_towers, dataset, tmp_path / "cut", *common))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    AcceleratorState._reset_state(True)
+    _, resumed = train.main(run_args(tiny_llms, tiny_towers, dataset, tmp_path / "cut", *common, "--resume"))
+    assert "pretrain" not in resumed                              # finished stage skipped
+    assert resumed["finetune"] == pytest.approx(full["finetune"][2:], rel=1e-5)
