@@ -116,10 +116,13 @@ class VisionTower(nn.Module):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def num_tokens(self, image_size):
-        """Tokens per image after selection, from the patch embeddings of a blank image (cheap, exact)."""
-        x = torch.zeros(1, 3, *image_size, dtype=self.dtype, device=self.device)
-        with torch.no_grad():
-            n = [self.select(t.embeddings(x), c).shape[1] for t, c in zip(self.towers, self.has_cls)]
+        """Tokens per image after selection: one per patch (+ CLS). Counted, not run, so it also works on
+        ZeRO-3-partitioned weights."""
+        n = []
+        for t, has_cls in zip(self.towers, self.has_cls):
+            p = t.config.patch_size
+            tokens = (image_size[0] // p) * (image_size[1] // p) + int(has_cls)
+            n.append(tokens - int(self.strategy == "patch" and (has_cls or self.legacy_patch_drop)))
         return n[0] if len(n) == 1 else tuple(n)
 
     @property
@@ -143,7 +146,7 @@ class TinyLlava(nn.Module):
         self.connector = connector
         self.args = args
         self.num_image_tokens = connector.num_tokens(vision_tower.num_tokens(image_size))
-        self.supervised_only_loss = True   # False: HF's full-logits loss (same value, more memory; see bench.py)
+        self.supervised_only_loss = True   # False: the full-logits loss (same value, more memory)
 
     def encode_images(self, images):
         """(N_img, 3, H, W) -> (N_img, num_image_tokens, llm_hidden). A frozen tower runs without autograd."""
@@ -261,7 +264,12 @@ def _build(args, text_config=None, vision_configs=None, llm_kwargs=None, lm_weig
             tower = cls.from_pretrained(path, dtype=dtype, **attn)
         else:
             cls, config_cls, cls_token = tower_kind(vision_configs[i]["model_type"])
-            tower = cls._from_config(config_cls.from_dict(vision_configs[i]), dtype=dtype, **attn)
+            config = config_cls.from_dict(vision_configs[i])
+            if args.attn_implementation:
+                config._attn_implementation = args.attn_implementation
+            # the plain constructor, not _from_config: under ZeRO-3 that would build partitioned (empty)
+            # weights that load_state_dict below cannot fill; DeepSpeed partitions at prepare() instead
+            tower = cls(config).to(dtype)
         towers.append(truncate_tower(tower, args.vision_feature_layer))
         has_cls.append(cls_token)
     if len(towers) == 2 and not (towers[0].config.model_type.startswith("clip") and towers[1].config.model_type == "dinov2"):

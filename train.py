@@ -181,22 +181,31 @@ def stage_configs(cfg):
 
 
 # ----------------------------------------------------------------------------- data order
-def grouped_batches(lengths, batch_size, seed, group_by_length=True):
-    """Batches of indices for one epoch, deterministic in `seed`. With grouping: image and text-only samples
-    are never mixed (as the original's modality grouping), and within shuffled megabatches of 64 batches the
-    samples are sorted by length so a batch pads little."""
+def grouped_batches(lengths, batch_size, seed, group_by_length=True, world=1):
+    """Batches of indices for one epoch, deterministic in `seed`, laid out for `world` ranks: Accelerate hands
+    batch i to rank i % world, so each run of `world` consecutive batches is one global micro-batch. With
+    grouping, image and text-only samples never share a global micro-batch (as the original's modality
+    grouping; under ZeRO-3 a rank that skips the tower while another runs it would hang), and within shuffled
+    megabatches samples are sorted by length so a batch pads little. A short last global batch is topped up
+    with its own samples so every rank gets one (at most world - 1 repeats per modality and epoch)."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.tensor(lengths)
-    if not group_by_length:
-        perm = torch.randperm(len(lengths), generator=g).tolist()
-        return [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
-    batches = []
-    for part in (torch.nonzero(lengths > 0).flatten(), torch.nonzero(lengths <= 0).flatten()):
+    parts = [torch.nonzero(lengths > 0).flatten(), torch.nonzero(lengths <= 0).flatten()] if group_by_length \
+        else [torch.arange(len(lengths))]
+    size, global_batches = batch_size * world, []
+    for part in parts:
         part = part[torch.randperm(len(part), generator=g)]
-        for mega in part.split(batch_size * 64):
-            mega = mega[torch.argsort(lengths[mega].abs(), descending=True, stable=True)].tolist()
-            batches += [mega[i:i + batch_size] for i in range(0, len(mega), batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        for mega in part.split(size * 64 if group_by_length else size):
+            if group_by_length:
+                mega = mega[torch.argsort(lengths[mega].abs(), descending=True, stable=True)]
+            global_batches += list(mega.tolist()[i:i + size] for i in range(0, len(mega), size))
+    out = []
+    for i in torch.randperm(len(global_batches), generator=g).tolist() if group_by_length else range(len(global_batches)):
+        gb = global_batches[i]
+        gb = gb + gb[:max(0, world - len(gb))]
+        k = -(-len(gb) // world)   # ceil: rank r takes gb[r*k:(r+1)*k]
+        out += [gb[r * k:(r + 1) * k] or gb[-1:] for r in range(world)]
+    return out
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -289,7 +298,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
 
     def loader(epoch):   # each rank takes every world-th batch of the same seeded order
-        batches = grouped_batches(dataset.lengths, mb, cfg["seed"] + epoch, cfg["group_by_length"])
+        batches = grouped_batches(dataset.lengths, mb, cfg["seed"] + epoch, cfg["group_by_length"], world)
         return accelerator.prepare_data_loader(DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
                                                           num_workers=cfg["num_workers"]))
 

@@ -14,9 +14,9 @@ data_finetune = "demo/finetune.json"
 images_finetune = "demo/images"
 stages = [
     dict(name="pretrain", data="pretrain", template="pretrain", tune_llm="full", tune_vision_tower="full",
-         tune_connector="full", lr=1e-3, epochs=2),
+         tune_connector="full", lr=1e-3, lr_vision_tower=3e-4, epochs=3),
     dict(name="finetune", data="finetune", tune_llm="full", tune_vision_tower="full", tune_connector="full",
-         lr=1e-3, epochs=5),
+         lr=1e-3, lr_vision_tower=3e-4, epochs=4),
 ]
 global_batch_size = 16
 micro_batch_size = 16

@@ -206,7 +206,7 @@ def test_padding_does_not_change_per_row_losses(tiny_llms, tiny_towers):
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["phi", "llama", "gemma"])
+@pytest.mark.parametrize("family", list(LLMS))
 def test_batched_generate_equals_one_by_one(tiny_llms, tiny_towers, family):
     model, tok, _ = make(tiny_llms, tiny_towers, family, "siglip")
     model.eval()

@@ -245,3 +245,22 @@ def test_resume_inside_a_later_stage(tiny_llms, tiny_towers, dataset, tmp_path, 
     _, resumed = train.main(run_args(tiny_llms, tiny_towers, dataset, tmp_path / "cut", *common, "--resume"))
     assert "pretrain" not in resumed                              # finished stage skipped
     assert resumed["finetune"] == pytest.approx(full["finetune"][2:], rel=1e-5)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("group", [True, False])
+def test_grouped_batches_cover_every_sample_and_align_modalities(world, group):
+    import random
+    rng = random.Random(world)
+    lengths = [rng.choice([1, -1]) * rng.randint(1, 60) for _ in range(53)]
+    batches = train.grouped_batches(lengths, 4, seed=7, group_by_length=group, world=world)
+    assert len(batches) % world == 0 and all(batches)
+    flat = [i for b in batches for i in b]
+    assert set(flat) == set(range(53)) and len(flat) - 53 < world * 2     # each once, a few top-ups at most
+    assert batches == train.grouped_batches(lengths, 4, seed=7, group_by_length=group, world=world)
+    if group:   # rank r gets batch i*world + r: one global micro-batch never mixes images and text-only
+        for j in range(0, len(batches), world):
+            assert len({lengths[i] > 0 for b in batches[j:j + world] for i in b}) == 1
+        pad = lambda bs: sum(max(abs(lengths[i]) for i in b) * len(b) - sum(abs(lengths[i]) for i in b) for b in bs)
+        shuffled = train.grouped_batches(lengths, 4, seed=7, group_by_length=False, world=world)
+        assert pad(batches) < pad(shuffled)                                   # length grouping cuts padding
