@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -266,7 +265,7 @@ def save_checkpoint(accelerator, stage_dir, step, cfg, scheduler):
 def train_stage(cfg, accelerator, init, stage_dir):
     from torch.utils.data import DataLoader
     from data import VLMDataset, collate
-    from model import ModelArgs, build_model, load_pretrained, save_pretrained
+    from model import ModelArgs, build_model, load_pretrained
     from recipes import apply_recipe, quantization_kwargs
 
     torch.manual_seed(cfg["seed"])
