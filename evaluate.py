@@ -552,7 +552,7 @@ def answer_questions(model, tokenizer, processor, questions, image_folder, templ
     from data import collate, encode, load_image, preprocess_image
     done = {r["question_id"] for r in read_jsonl(answers_file)} if os.path.isfile(answers_file) else set()
     todo = [q for q in questions if q["question_id"] not in done]
-    aspect = getattr(model.args, "image_aspect_ratio", "square")
+    aspect = model.args.image_aspect_ratio   # the preprocessing the model was trained with
     model.eval()
     with open(answers_file, "a") as out:
         for i in range(0, len(todo), batch_size):

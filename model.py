@@ -46,6 +46,7 @@ class ModelArgs:
     vision_feature_layer: int = -2     # hidden_states index; later layers and the post-norm/head are removed, never run
     vision_feature_select_strategy: str = "patch"  # patch (drop the CLS token) | cls_patch (keep every token)
     legacy_patch_drop: bool = False    # True: 'patch' drops the first token even without CLS (original; SigLIP 729->728)
+    image_aspect_ratio: str = "square"  # square (processor default) | pad; saved so evaluation preprocesses alike
     num_queries: int = 128             # qformer / resampler output tokens
     num_resampler_layers: int = 3      # resampler depth (the qformer keeps BERT-base's 12 layers)
     trust_remote_code: bool = False    # only for LLMs outside transformers (OpenELM); runs code from the Hub
@@ -132,10 +133,6 @@ class VisionTower(nn.Module):
     @property
     def dtype(self):
         return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
 
 class TinyLlava(nn.Module):

@@ -185,11 +185,18 @@ def test_text_only_rows_never_run_the_tower(tiny_llms, tiny_towers):
 
 
 def test_frozen_tower_runs_without_autograd(tiny_llms, tiny_towers):
+    """A frozen tower keeps no activations for backward: even an input that requires grad leaves its output
+    outside the graph (run with autograd, it would not)."""
     model, _, _ = make(tiny_llms, tiny_towers)
     model.vision_tower.requires_grad_(False)
-    feats = model.encode_images(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))
-    assert feats.requires_grad                                    # through the trainable connector only
-    assert not model.vision_tower(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)).requires_grad
+    seen = []
+    model.vision_tower.register_forward_hook(lambda m, inp, out: seen.append(out.requires_grad))
+    x = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, requires_grad=True)
+    feats = model.encode_images(x)
+    assert seen == [False] and feats.requires_grad                # the connector still trains
+    model.vision_tower.requires_grad_(True)
+    model.encode_images(x)
+    assert seen == [False, True]
 
 
 def test_padding_does_not_change_per_row_losses(tiny_llms, tiny_towers):
@@ -278,3 +285,9 @@ def test_text_only_batch_keeps_trainable_parts_in_the_graph(tiny_llms, tiny_towe
     out["loss"].backward()
     for name, p in model.connector.named_parameters():
         assert p.grad is not None and not p.grad.any(), name
+
+
+def test_saved_config_keeps_the_training_preprocessing(tiny_llms, tiny_towers, tmp_path):
+    model, tok, proc = make(tiny_llms, tiny_towers, image_aspect_ratio="pad")
+    save_pretrained(model, tok, proc, str(tmp_path / "m"))
+    assert load_pretrained(str(tmp_path / "m"))[0].args.image_aspect_ratio == "pad"
