@@ -2,11 +2,12 @@
 The embedded demo: train a tiny vision-language model on real handwritten digits (shipped in demo/) on a CPU,
 through the same code as the real configs, then score it on the held-out split with evaluate.py's scorers.
 
-    python demo.py                  # about 4 minutes on 2 CPU cores, no network
-    python demo.py --epochs=1       # any train.py key can be overridden, as with train.py
+    python demo.py                  # about 3.5 minutes on 2 CPU cores, no network; held-out accuracy ~56-68
+    python demo.py --finetune.epochs=2 --seed=1   # any train.py key can be overridden, as with train.py
 
-The LLM (Llama architecture, 4 layers x 192) and the SigLIP tower (4 layers x 128, 32 px, patch 4: 64 image tokens) are built from
-configs with random weights and saved to out/demo/base/, then loaded back through from_pretrained like a Hub model.
+The LLM (Llama architecture, 4 layers x 192) and the SigLIP tower (4 layers x 128, 32 px, patch 16: a 2x2 grid,
+4 image tokens) are built from configs with random weights and saved to out/demo/base/, then loaded back through
+from_pretrained like a Hub model.
 """
 import os
 import sys
@@ -29,7 +30,7 @@ def make_base_models(base=BASE, seed=0):
     llm.save_pretrained(f"{base}/llm")
     tok.save_pretrained(f"{base}/llm")
     tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                                                 num_attention_heads=4, image_size=32, patch_size=4))
+                                                 num_attention_heads=4, image_size=32, patch_size=16))
     tower.save_pretrained(f"{base}/siglip")
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(f"{base}/siglip")
 

@@ -110,7 +110,9 @@ def main():
     pretrain, finetune, train_answers = [], [], {}
     for i in train_idx:
         s = samples[i]
-        caption = f"a {s['color']} handwritten digit {s['digit']} on a {s['background']} background"
+        # The caption is the digit alone. Measured: with a from-scratch LLM, any further words ("a red handwritten
+        # digit 7 on a white background") let the model learn colours and never the digit in the CPU budget.
+        caption = str(s["digit"])
         pretrain.append({"id": f"pt_{i:05d}", "image": s["image"],
                          "conversations": turn("<image>\n" + rng.choice(CAPTION_REQUESTS), caption)})
         conv = []  # 1-3 QA turns of distinct types; the first carries <image> (at its end ~5% of the time)
@@ -180,7 +182,8 @@ def main():
 {len(samples)} of the 1797 UCI handwritten digits bundled with scikit-learn (`load_digits`, BSD-3-Clause; UCI "Optical
 Recognition of Handwritten Digits", Alpaydin & Kaynak 1998), 8x8 scans upscaled (bilinear) to {SIZE}x{SIZE} palette
 PNGs `images/<sklearn index>.png` (open with `.convert("RGB")`), digit in red/green/blue/yellow on white or black.
-- `pretrain.json`: {len(pretrain)} captions, one per training image ("a red handwritten digit 7 on a white background").
+- `pretrain.json`: {len(pretrain)} captions, one per training image: the digit alone ("7"; longer captions let a
+  from-scratch model learn the colours and never the digit on a CPU budget, measured).
 - `finetune.json`: {len(finetune)} records, {n_qa} QA turns (digit, colour, background, even?, greater than 4?, "Is
   there a D in the image?"; 1-3 per image; ~5% `<image>` last; {len(finetune) - len(train_idx)} text-only sums);
   {len(answers)} distinct answers: {" ".join(answers)}.

@@ -264,3 +264,15 @@ def test_grouped_batches_cover_every_sample_and_align_modalities(world, group):
         pad = lambda bs: sum(max(abs(lengths[i]) for i in b) * len(b) - sum(abs(lengths[i]) for i in b) for b in bs)
         shuffled = train.grouped_batches(lengths, 4, seed=7, group_by_length=False, world=world)
         assert pad(batches) < pad(shuffled)                                   # length grouping cuts padding
+
+
+def test_validation_loss_and_gradient_checkpointing(tiny_llms, tiny_towers, dataset, tmp_path, capsys):
+    data, images = dataset
+    _, res = finetune(tiny_llms, tiny_towers, dataset, tmp_path / "v", "--global_batch_size=4", "--micro_batch_size=2",
+                      "--max_steps=2", f"--data_val={data}", f"--images_val={images}", "--val_every=1",
+                      "--val_batches=2", "--gradient_checkpointing=true")
+    out = capsys.readouterr().out
+    vals = [float(line.split("val loss ")[1]) for line in out.splitlines() if "val loss" in line]
+    assert len(vals) == 2 and all(v > 0 for v in vals)
+    with open(tmp_path / "v" / "config.json") as f:
+        assert json.load(f)["gradient_checkpointing"] is True          # the resolved config is saved
