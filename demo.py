@@ -45,14 +45,15 @@ def main(argv):
         make_base_models()
     model_dir, results = train.main(["--config", "configs/demo.py", *argv])
     t_train = time.time() - t0
-    report = evaluate.main(["--model", model_dir, "--bench", "vqav2", "--data", "demo/eval",
-                            "--image-folder", "demo/images", "--batch-size", "32"])
-    report_pope = evaluate.main(["--model", model_dir, "--bench", "pope", "--data", "demo/eval",
-                                 "--image-folder", "demo/images", "--batch-size", "32"])
+    vqa, = evaluate.main(["--model", model_dir, "--bench", "vqav2", "--data", "demo/eval/vqav2", "--image-folder",
+                          "demo/images", "--questions", "demo/eval/vqav2/llava_vqav2_demo_val.jsonl",
+                          "--annotations", "demo/eval/vqav2/demo_val_annotations.json", "--batch-size", "32"])
+    pope, = evaluate.main(["--model", model_dir, "--bench", "pope", "--data", "demo/eval",
+                           "--image-folder", "demo/images", "--batch-size", "32"])
     for stage, losses in results.items():
         print(f"{stage}: loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} ({len(losses)} steps)")
-    pope = report_pope["splits"]["random"]
-    print(f"held-out VQAv2-style accuracy {report['overall']:.1f} (majority baseline 29.8) | "
+    pope = pope["metrics"]["splits"]["random"]
+    print(f"held-out VQAv2-style accuracy {vqa['metrics']['overall']:.1f} (majority baseline 29.8) | "
           f"POPE-style F1 {100 * pope['f1']:.1f}, acc {100 * pope['accuracy']:.1f} "
           f"(always-yes baseline acc 50.0) | train {t_train:.0f} s, total {time.time() - t0:.0f} s "
           f"on {torch.get_num_threads()} threads")

@@ -145,9 +145,9 @@ def main():
             qtypes.append(qtype)
     meta = {"info": {"description": "tinyllava-nano demo: UCI handwritten digits via scikit-learn"},
             "license": {"name": "BSD-3-Clause"}, "data_type": "demo_digits", "data_subtype": "val"}
-    dump(OUT / "eval/vqav2_questions.jsonl", vqa_q, jsonl=True)
-    dump(OUT / "eval/vqav2_official_questions.json", dict(meta, task_type="Open-Ended", questions=official_q))
-    dump(OUT / "eval/vqav2_annotations.json", dict(meta, annotations=anns))
+    dump(OUT / "eval/vqav2/llava_vqav2_demo_val.jsonl", vqa_q, jsonl=True)
+    dump(OUT / "eval/vqav2/demo_val_questions.json", dict(meta, task_type="Open-Ended", questions=official_q))
+    dump(OUT / "eval/vqav2/demo_val_annotations.json", dict(meta, annotations=anns))
 
     # held-out POPE-style: one "Is there a D in the image?" per image, exactly 50/50 yes/no; labels in question order
     wants = rng.sample([True, False] * (N_EVAL // 2), N_EVAL)
@@ -156,8 +156,8 @@ def main():
         q, a = ask("there", samples[i], rng, want)
         pope_q.append({"question_id": qid, "image": samples[i]["image"], "text": q + SUFFIX, "category": "random"})
         pope_l.append({"question_id": qid, "image": samples[i]["image"], "text": q, "label": a.lower()})
-    dump(OUT / "eval/pope_questions.jsonl", pope_q, jsonl=True)
-    dump(OUT / "eval/pope_labels/coco_pope_random.json", pope_l, jsonl=True)
+    dump(OUT / "eval/pope/llava_pope_test.jsonl", pope_q, jsonl=True)
+    dump(OUT / "eval/pope/coco/coco_pope_random.json", pope_l, jsonl=True)
 
     # majority baselines: the most frequent TRAINING answer of each question type, scored on the held-out set
     gt = [a["multiple_choice_answer"] for a in anns]
@@ -187,8 +187,9 @@ PNGs `images/<sklearn index>.png` (open with `.convert("RGB")`), digit in red/gr
 - `finetune.json`: {len(finetune)} records, {n_qa} QA turns (digit, colour, background, even?, greater than 4?, "Is
   there a D in the image?"; 1-3 per image; ~5% `<image>` last; {len(finetune) - len(train_idx)} text-only sums);
   {len(answers)} distinct answers: {" ".join(answers)}.
-- `eval/`: {N_EVAL} held-out images: `vqav2_questions.jsonl` ({len(vqa_q)}) + official-format `vqav2_annotations.json`,
-  `vqav2_official_questions.json`; `pope_questions.jsonl` ({len(pope_q)}) + `pope_labels/coco_pope_random.json`.
+- `eval/`: {N_EVAL} held-out images, laid out as LLaVA's eval folders: `vqav2/llava_vqav2_demo_val.jsonl` ({len(vqa_q)})
+  + official-format `vqav2/demo_val_annotations.json` and `vqav2/demo_val_questions.json`;
+  `pope/llava_pope_test.jsonl` ({len(pope_q)}) + `pope/coco/coco_pope_random.json`.
 - `tokenizer/`: phi-2 style byte-level BPE, {len(tok)} tokens, `<|endoftext|>` = bos/eos/unk/pad (template "phi").
 
 Majority baselines (most frequent training answer of the question type) | n | held-out accuracy

@@ -1,4 +1,4 @@
-"""Scorers in evaluate.py against hand-derived values, one or more cases per quirk of
+"""Scorers in scorers.py against hand-derived values, one or more cases per quirk of
 shared/reference/eval_metrics.md (the "qN" in a test name). Inputs are tiny literals in each benchmark's native
 format; every expected value is derived in the comment next to it from the official rules. Pure Python, < 1 s."""
 import random
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import evaluate as ev
+import scorers as ev
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def rows(*pairs, prompt="<image>\nq"):
 
 
 def test_importable_without_torch():
-    code = "import sys; sys.modules['torch'] = None; import evaluate; print(len(evaluate.SCORERS))"
+    code = "import sys; sys.modules['torch'] = None; import scorers; print(len(scorers.SCORERS))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "8"
