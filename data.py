@@ -63,8 +63,8 @@ def _where(source, index, record) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Records
 
-def load_records(path) -> list[dict]:
-    """Read a LLaVA-format JSON list or JSONL file and validate every record (fail at startup, not at step 90k)."""
+def read_records(path) -> list:
+    """Parse a LLaVA-format JSON list or JSONL file (no validation); a syntax error names the file and line."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if text.lstrip().startswith("["):
@@ -83,38 +83,59 @@ def load_records(path) -> list[dict]:
                 raise DataError(f"{path}: record {len(records)} (line {lineno}): bad JSON line: {e.msg}") from None
     if not records:
         raise DataError(f"{path}: no records")
+    return records
+
+
+def load_records(path) -> list[dict]:
+    """read_records + check_record on every record (fail at startup, not at step 90k)."""
+    records = read_records(path)
     for i, record in enumerate(records):
         check_record(record, path, i)
     return records
 
 
-def check_record(record, source="<records>", index=0) -> None:
-    """Raise DataError unless `record` is a well-formed LLaVA sample with a consistent image placeholder."""
-    where = _where(source, index, record)
+def record_problems(record, image_folder=None) -> list[str]:
+    """Every problem of one LLaVA record ([] if none): its shape, turns that do not alternate human/gpt or are
+    empty, an unanswered last turn, <image> placeholders that do not match the 'image' field (or more than one),
+    and, given image_folder, an image that is missing or does not decode."""
     if not isinstance(record, dict):
-        raise DataError(f"{where}: record is a {type(record).__name__}, expected an object")
+        return [f"record is a {type(record).__name__}, expected an object"]
     convs = record.get("conversations")
     if not isinstance(convs, list):
-        raise DataError(f"{where}: missing or non-list 'conversations'")
+        return ["missing or non-list 'conversations'"]
     for t, turn in enumerate(convs):
         if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
-            raise DataError(f"{where}: turn {t} must be {{'from': str, 'value': str}}, got {turn!r:.80}")
-    image = record.get("image")
-    if image is not None and not (isinstance(image, str) and image):
-        raise DataError(f"{where}: 'image' must be a non-empty relative path, got {image!r}")
+            return [f"turn {t} must be {{'from': str, 'value': str}}, got {turn!r:.80}"]
+    problems = [f"turn {t} ({turn['from']}) is empty" for t, turn in enumerate(convs) if not turn["value"].strip()]
     try:
-        turns = _turns(convs, for_generation=False)
+        _turns(convs, for_generation=False)
     except DataError as e:
-        raise DataError(f"{where}: {e}") from None
-    n_tags = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in turns)
-    if any(IMAGE_PLACEHOLDER in a for _, a in turns):
-        raise DataError(f"{where}: {IMAGE_PLACEHOLDER} inside a gpt turn")
-    if n_tags > 1:
-        raise DataError(f"{where}: {n_tags} {IMAGE_PLACEHOLDER} placeholders; multi-image samples are not supported")
-    if image is not None and n_tags == 0:
-        raise DataError(f"{where}: has 'image' but no {IMAGE_PLACEHOLDER} in its text")
-    if image is None and n_tags == 1:
-        raise DataError(f"{where}: has {IMAGE_PLACEHOLDER} in its text but no 'image'")
+        problems.append(str(e))
+    n_tags = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in convs if turn["from"] != "gpt")
+    image = record.get("image")
+    if any(IMAGE_PLACEHOLDER in turn["value"] for turn in convs if turn["from"] == "gpt"):
+        problems.append(f"{IMAGE_PLACEHOLDER} inside a gpt turn")
+    if image is not None and not (isinstance(image, str) and image):
+        problems.append(f"'image' must be a non-empty relative path, got {image!r}")
+    elif n_tags > 1:
+        problems.append(f"{n_tags} {IMAGE_PLACEHOLDER} placeholders; multi-image samples are not supported")
+    elif image is not None and n_tags == 0:
+        problems.append(f"has 'image' but no {IMAGE_PLACEHOLDER} in its text")
+    elif image is None and n_tags == 1:
+        problems.append(f"has {IMAGE_PLACEHOLDER} in its text but no 'image'")
+    elif image is not None and image_folder is not None:
+        try:
+            load_image(os.path.join(image_folder, image))
+        except DataError as e:
+            problems.append(str(e))
+    return problems
+
+
+def check_record(record, source="<records>", index=0, image_folder=None) -> None:
+    """Raise DataError (naming source, index and id) with every problem of `record` (see record_problems)."""
+    problems = record_problems(record, image_folder)
+    if problems:
+        raise DataError(f"{_where(source, index, record)}: " + "; ".join(problems))
 
 
 def _turns(conversations, for_generation) -> list[tuple[str, str | None]]:
@@ -333,24 +354,42 @@ def preprocess_image(image: Image.Image, processor, aspect="square") -> torch.Te
 # Dataset and collator
 
 class VLMDataset(torch.utils.data.Dataset):
-    """LLaVA-format samples; text-only samples have pixel_values None (no dummy image)."""
+    """LLaVA-format samples; text-only samples have pixel_values None (no dummy image).
+
+    bad_samples="error" raises DataError at the first bad record (structure: at construction; a corrupt image or
+    an answer truncated away: when the sample is read). "skip" leaves a record with structural problems out at
+    construction (self.skipped lists (index, id, reason), each printed), and replaces a sample that fails when read
+    by the next good one of the same modality, reporting the failure in the batch (sample["skipped"]) so that the
+    training loop can count and log it: nothing is dropped silently."""
 
     def __init__(self, records, tokenizer, image_processor, template, num_image_tokens, max_length,
-                 image_folder=None, image_aspect_ratio="square"):
-        if isinstance(records, (str, os.PathLike)):
-            self.source, records = str(records), load_records(records)
-        else:
-            self.source = "<records>"
-            for i, record in enumerate(records):
+                 image_folder=None, image_aspect_ratio="square", bad_samples="error"):
+        if bad_samples not in ("error", "skip"):
+            raise ValueError(f"unknown bad_samples policy {bad_samples!r}; valid: error, skip")
+        self.source = str(records) if isinstance(records, (str, os.PathLike)) else "<records>"
+        records = read_records(records) if isinstance(records, (str, os.PathLike)) else records
+        self.records, self.origin, self.skipped = [], [], []
+        for i, record in enumerate(records):
+            try:
                 check_record(record, self.source, i)
-        self.records = records
+            except DataError as e:
+                if bad_samples == "error":
+                    raise
+                self.skipped.append((i, record.get("id") if isinstance(record, dict) else None, str(e)))
+                print(f"skipping {e}", flush=True)
+                continue
+            self.records.append(record)
+            self.origin.append(i)   # index in the source file, for messages
+        if not self.records:
+            raise DataError(f"{self.source}: no usable records ({len(self.skipped)} skipped)")
+        self.bad_samples = bad_samples
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template = get_template(template)
         self.num_image_tokens, self.max_length = num_image_tokens, max_length
         self.image_folder, self.image_aspect_ratio = image_folder, image_aspect_ratio
         if image_aspect_ratio not in ("square", "pad"):
             raise ValueError(f"unknown image_aspect_ratio {image_aspect_ratio!r}; valid: square, pad")
-        if image_folder is None and any(r.get("image") is not None for r in records):
+        if image_folder is None and any(r.get("image") is not None for r in self.records):
             raise ValueError(f"{self.source} has image samples but image_folder is None")
         eos = getattr(self.template, "eos", "")
         if eos and len(tokenizer(eos, add_special_tokens=False).input_ids) != 1:
@@ -372,7 +411,7 @@ class VLMDataset(torch.utils.data.Dataset):
                 self._lengths.append(n + self.num_image_tokens if r.get("image") is not None else -n)
         return self._lengths
 
-    def __getitem__(self, i) -> dict:
+    def sample(self, i) -> dict:
         record = self.records[i]
         try:
             out = encode(record["conversations"], self.template, self.tokenizer, self.num_image_tokens,
@@ -383,8 +422,22 @@ class VLMDataset(torch.utils.data.Dataset):
                 image = load_image(os.path.join(self.image_folder, record["image"]))
                 pixel_values = preprocess_image(image, self.image_processor, self.image_aspect_ratio)
         except DataError as e:
-            raise DataError(f"{_where(self.source, i, record)}: {e}") from None
+            raise DataError(f"{_where(self.source, self.origin[i], record)}: {e}") from None
         return {**out, "pixel_values": pixel_values, "id": record.get("id")}
+
+    def __getitem__(self, i) -> dict:
+        if self.bad_samples == "error":
+            return self.sample(i)
+        skipped, modality = [], self.records[i].get("image") is not None
+        for j in [k % len(self) for k in range(i, i + len(self))]:
+            if (self.records[j].get("image") is not None) != modality:
+                continue   # a replacement of the same modality keeps the ranks' modality batches aligned
+            try:
+                return {**self.sample(j), "skipped": skipped}
+            except DataError as e:
+                print(f"skipping {e}", flush=True)
+                skipped.append((self.origin[j], self.records[j].get("id"), str(e)))
+        raise DataError(f"{self.source}: no readable sample left of this modality ({len(skipped)} failed)")
 
 
 def collate(batch, pad_token_id, padding_side="right") -> dict:
@@ -410,4 +463,5 @@ def collate(batch, pad_token_id, padding_side="right") -> dict:
         attention_mask[row, cols] = 1
     pictures = [s["pixel_values"] for s in batch if s.get("pixel_values") is not None]
     images = torch.stack(pictures) if pictures else None
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images,
+            "skipped": [x for s in batch for x in s.get("skipped", ())]}
