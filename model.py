@@ -317,7 +317,12 @@ def save_pretrained(model, tokenizer, processor, out_dir, state_dict=None):
 
 def load_pretrained(path, llm_kwargs=None, **overrides):
     """Load a save_pretrained directory offline: nothing is fetched, no remote code unless the config says so.
-    llm_kwargs go to the LLM's from_pretrained (quantization_config: QLoRA on a previous stage's output)."""
+    TinyLLaVA Factory's own layouts (model_type "tinyllava", the pretrain sub-directories, LoRA output) load too,
+    through convert.py. llm_kwargs go to the LLM's from_pretrained (quantization_config: QLoRA on a previous
+    stage's output)."""
+    from convert import is_tinyllava_factory, load_tinyllava   # convert.py imports this module
+    if is_tinyllava_factory(path):
+        return load_tinyllava(path, llm_kwargs=llm_kwargs, **overrides)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: not a tinyllava-nano model directory")
@@ -325,10 +330,17 @@ def load_pretrained(path, llm_kwargs=None, **overrides):
         config = json.load(f)
     if config.get("model_type") != "tinyllava_nano":
         raise ValueError(f"{cfg_path}: model_type is {config.get('model_type')!r}, expected 'tinyllava_nano'")
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    tokenizer = load_tokenizer(path, overrides.get("trust_remote_code", config.get("trust_remote_code", False)))
+    return assemble(config, weights, tokenizer, AutoImageProcessor.from_pretrained(path), path,
+                    llm_kwargs, **overrides)
+
+
+def assemble(config, weights, tokenizer, processor, source, llm_kwargs=None, **overrides):
+    """The model described by a config.json dict of ours, filled with `weights` (our key names; popped)."""
     args = ModelArgs(**{f.name: config[f.name] for f in fields(ModelArgs) if f.name in config})
     for k, v in overrides.items():
         setattr(args, k, v)
-    weights = load_file(os.path.join(path, "model.safetensors"))
     lm_weights = {k[len("language_model."):]: weights.pop(k) for k in list(weights) if k.startswith("language_model.")}
     if args.trust_remote_code:   # e.g. OpenELM: its config class lives in the Hub repo's code, as does the model
         text_config = AutoConfig.from_pretrained(args.llm, trust_remote_code=True)
@@ -337,13 +349,11 @@ def load_pretrained(path, llm_kwargs=None, **overrides):
         text_config = AutoConfig.for_model(**config["text_config"])
     lm, vision, connector = _build(args, text_config=text_config, vision_configs=config["vision_configs"],
                                    llm_kwargs=llm_kwargs, lm_weights=lm_weights)
-    processor = AutoImageProcessor.from_pretrained(path)
     model = TinyLlava(lm, vision, connector, args, image_size(processor))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith("language_model.")]
     if missing or unexpected:
-        raise ValueError(f"{path}/model.safetensors does not fit the model in config.json: "
+        raise ValueError(f"the weights in {source} do not fit the model its config describes: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    tokenizer = load_tokenizer(path, args.trust_remote_code)
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, processor

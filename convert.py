@@ -1,0 +1,486 @@
+"""
+Checkpoints in and out: TinyLLaVA Factory's layouts <-> ours, and export to transformers' own Llava.
+
+    python convert.py from-tinyllava SRC DST [--template phi]   # an original checkpoint -> our self-contained dir
+    python convert.py to-tinyllava SRC DST [--max-length 3072]  # one of ours -> the original's Hub release layout
+    python convert.py to-llava SRC DST [--no-verify]            # ours or an original -> LlavaForConditionalGeneration
+
+model.load_pretrained reads the original's layouts directly (reference §7.1; offline, no remote code): the release
+(config.json model_type "tinyllava", safetensors, sharded or not, or .bin), the pretrain stage (language_model/,
+vision_tower/, connector/ with pytorch_model.bin, read with weights_only=True) and LoRA output (that plus PEFT
+adapters, merged on load). It computes what the original does: `patch` always drops the first token
+(legacy_patch_drop: SigLIP 729 -> 728), the tower after the feature layer is dropped (it never reaches the output).
+Template: the config's conv_version, else "pretrain" for the pretrain layout, else the vicuna-style one with the
+tokenizer's EOS. Image processor: the directory's, else the Hub cache's, else the tower's stock one rebuilt from
+its config. from-tinyllava also writes train_config.json (the template) for train.py, evaluate.py and chat.py.
+
+Export to LlavaForConditionalGeneration keeps the logits: the tower is saved cut after the feature layer (Llava reads
+the last one); Llava's "default" strategy drops the first token (our CLS drop or the legacy SigLIP drop), "full"
+keeps all. Not exportable (llava_blockers says which applies):
+    MoF (vision_tower2)                Llava has one vision tower
+    connector other than mlp2x_gelu    Llava's projector is Linear -> GELU -> Linear per token, nothing else
+    Phi LLMs (phi-2)                   their LM head has a bias; Llava's lm_head has none
+    Gemma-2 soft-capping, OpenELM      Llava runs AutoModel + its own plain head: no soft-cap, no remote code
+    template "auto"                    the tokenizer's own template cannot place Llava's image items
+    image_aspect_ratio "pad"           the exported processor would not pad to a square first
+Training tokenized each side of the image separately (the original's tokenizer_image_token), which gives Llama-style
+tokenizers a "▁" after the image; LlavaProcessor tokenizes in one pass, so the exported chat template writes
+"<image> " where that reproduces the training ids (checked on a probe conversation).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import re
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import CONFIG_MAPPING, AddedToken, AutoImageProcessor
+
+from data import TEMPLATES, ChatTemplate, IMAGE_PLACEHOLDER, encode, get_template, render
+from model import DTYPES, TOWERS, assemble, image_size, load_pretrained, load_tokenizer, save_pretrained
+
+SUBDIRS = ("language_model", "vision_tower", "connector")
+PREFIX = {"language_model": "language_model.", "vision_tower": "vision_tower._vision_tower.",
+          "connector": "connector._connector."}
+ORIGINAL_CONNECTORS = ("identity", "linear", "mof_mlp", "resampler")   # + mlp{N}x_gelu; same key names as ours
+PREFERRED_TEMPLATE = {"phi": "phi", "stablelm": "phi", "llama": "llama", "gemma": "gemma", "openelm": "llama",
+                      "qwen2": "qwen2_base"}   # text model_type -> name, among the templates whose EOS fits
+
+
+# -------------------- Reading the original's files ------------------------------------------------------------------
+
+def is_tinyllava_factory(path):
+    """A directory in one of the original's layouts (release, pretrain sub-directories, LoRA)."""
+    cfg = os.path.join(path, "config.json")
+    return (os.path.isfile(cfg) and read_json(cfg).get("model_type") == "tinyllava") or _has_subdirs(path)
+
+
+def _has_subdirs(path):
+    return all(os.path.isdir(os.path.join(path, d)) for d in ("language_model", "connector"))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_state_dict(d, names=("model.safetensors", "pytorch_model.bin")):
+    """The tensors of a HF-style save in directory d: one file or the shards its index names. .bin files are read
+    with weights_only=True: tensors only, no pickled code runs."""
+    load = lambda f: load_file(f) if f.endswith(".safetensors") else torch.load(f, "cpu", weights_only=True)
+    for name in names:
+        index = os.path.join(d, name + ".index.json")
+        if os.path.isfile(index):
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load(os.path.join(d, shard)).items()}
+        if os.path.isfile(os.path.join(d, name)):
+            return load(os.path.join(d, name))
+    raise FileNotFoundError(f"no weights in {d} (looked for {', '.join(names)} and their sharded indexes)")
+
+
+def merge_lora(weights, path):
+    """Merge the PEFT LoRA adapters saved in `path` into `weights` (original key names), in place, in fp32."""
+    acfg = read_json(os.path.join(path, "adapter_config.json"))
+    if acfg.get("peft_type", "LORA") != "LORA" or acfg.get("use_dora"):
+        raise ValueError(f"{path}: only plain LoRA adapters merge, not {acfg.get('peft_type')} / DoRA")
+    pairs = {}
+    for k, v in read_state_dict(path, ("adapter_model.safetensors", "adapter_model.bin")).items():
+        k = k.removeprefix("base_model.model.")
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.\w+)?\.weight", k)   # older PEFT kept the adapter name
+        if m:
+            pairs.setdefault(m[1], {})[m[2]] = v
+        elif "lora_" in k:
+            raise ValueError(f"{path}: cannot merge {k} (only LoRA on Linear layers merges)")
+        else:                                                       # a bias / module trained next to the adapters
+            weights[k.replace(".base_layer", "")] = v
+    for name, ab in pairs.items():
+        if name + ".weight" not in weights:
+            raise ValueError(f"{path}: adapter for {name}, which is not in the base weights")
+        alpha = next((a for pattern, a in (acfg.get("alpha_pattern") or {}).items()   # PEFT: on the name's tail
+                      if re.fullmatch(rf"(.*\.)?{pattern}", name)), acfg["lora_alpha"])
+        r = ab["A"].shape[0]
+        delta = ab["B"].float() @ ab["A"].float() * (alpha / (math.sqrt(r) if acfg.get("use_rslora") else r))
+        weights[name + ".weight"] = weights[name + ".weight"].float() + (delta.T if acfg.get("fan_in_fan_out")
+                                                                         else delta)
+    print(f"merged {len(pairs)} LoRA adapters from {path}")
+
+
+def read_tinyllava(path):
+    """(the original's config dict, its weights under the original's key names, layout name)."""
+    cfg = read_json(os.path.join(path, "config.json")) if os.path.isfile(os.path.join(path, "config.json")) else {}
+    if _has_subdirs(path):
+        layout, weights = "pretrain", {}
+        for sub in [s for s in SUBDIRS if os.path.isdir(os.path.join(path, s))]:
+            d = os.path.join(path, sub)
+            for k, v in read_state_dict(d).items():
+                if sub == "connector":                    # '_connector.0.weight' (common) or '0.weight' (lora save)
+                    k = k.split("_connector.", 1)[-1]
+                weights[PREFIX[sub] + k] = v
+            if sub != "connector" and os.path.isfile(os.path.join(d, "config.json")):
+                cfg.setdefault("text_config" if sub == "language_model" else "vision_config",
+                               read_json(os.path.join(d, "config.json")))
+    else:
+        layout, weights = "release", read_state_dict(path)
+    weights = {k.replace(".base_layer", ""): v for k, v in weights.items()}
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        layout = "lora"
+        merge_lora(weights, path)
+    if any(k.startswith("model.mm_projector") for k in weights):
+        raise ValueError(f"{path}: TinyLLaVABench-era keys (model.mm_projector.*); convert them with the original's "
+                         "convert_legecy_weights_to_tinyllavafactory first")
+    for key in ("connector_type", "text_config", "vision_config"):
+        if not cfg.get(key):
+            raise ValueError(f"{path}: the original's config.json has no {key!r}")
+    return cfg, weights, layout
+
+
+# -------------------- The original's config and names -> ours -------------------------------------------------------
+
+def _tower_prefixes(n_towers):
+    root = PREFIX["vision_tower"]
+    return [root] if n_towers == 1 else [root + "clip.", root + "dinov2."]
+
+
+def _our_tower_keys(weights, vision_configs, feature_layer):
+    """Tower keys as ours: no `vision_model.` level (transformers 5 CLIP/SigLIP), and nothing our towers cut away
+    (layers after the feature layer, post-norm, head) or do not keep (stale position_ids / inv_freq buffers)."""
+    out, dropped = {}, 0
+    for k, v in weights.items():
+        for prefix, vc in zip(_tower_prefixes(len(vision_configs)), vision_configs):
+            if k.startswith(prefix):
+                rest = k[len(prefix):].removeprefix("vision_model.")
+                n = vc["num_hidden_layers"]
+                keep = feature_layer if feature_layer >= 0 else n + 1 + feature_layer
+                m = re.match(r"encoder\.layers?\.(\d+)\.", rest)
+                if (m and int(m[1]) >= keep) or rest.startswith(("post_layernorm.", "layernorm.", "head.")) \
+                        or rest.endswith("position_ids"):
+                    dropped, k = dropped + 1, None
+                else:
+                    k = prefix + rest
+                break
+        if k is not None and not k.endswith("rotary_emb.inv_freq"):
+            out[k] = v
+    return out, dropped
+
+
+def default_processor(vision_config):
+    """The image processor the original's tower ids ship with, rebuilt from the vision config (no Hub)."""
+    from transformers import BitImageProcessor, CLIPImageProcessor, SiglipImageProcessor
+    kind, s = vision_config["model_type"], vision_config.get("image_size", 224)
+    if kind.startswith("siglip"):      # google/siglip-*: resize to s x s, bicubic, mean = std = 0.5
+        return SiglipImageProcessor(size={"height": s, "width": s})
+    if kind.startswith("clip"):        # openai/clip-vit-*: shortest edge s, centre crop s, CLIP mean/std
+        return CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+    return BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},   # dinov2
+                             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+
+
+def _local(files, *places):
+    """The first of `places` (directories, or Hub ids looked up in the local cache only) holding one of `files`."""
+    from huggingface_hub import snapshot_download
+    for place in places:
+        if place and not os.path.isdir(place):
+            try:
+                place = snapshot_download(place, local_files_only=True)   # never downloads
+            except (OSError, ValueError):   # not cached / not a repo id
+                continue
+        if place and any(os.path.isfile(os.path.join(place, f)) for f in files):
+            return place
+    return None
+
+
+def infer_template(cfg, tokenizer, layout):
+    for key in ("conv_version", "conv_mode", "template"):
+        if cfg.get(key):
+            get_template(cfg[key])   # raises on an unknown name
+            return cfg[key]
+    if layout == "pretrain":
+        return "pretrain"
+    fits = [n for n, t in TEMPLATES.items() if getattr(t, "eos", "") and t.eos == tokenizer.eos_token]
+    if fits:
+        preferred = PREFERRED_TEMPLATE.get(cfg["text_config"].get("model_type"))
+        return preferred if preferred in fits else fits[0]
+    raise ValueError(f"no chat template ends answers with {tokenizer.eos_token!r}: pass --template")
+
+
+def load_tinyllava(path, llm_kwargs=None, **overrides):
+    """A TinyLLaVA Factory checkpoint as our model: (model, tokenizer, image processor). The chat template it
+    implies is in model.template (train_config.json carries it after from-tinyllava)."""
+    cfg, weights, layout = read_tinyllava(path)
+    vision_configs = [cfg["vision_config"].get("vision_config", cfg["vision_config"])]   # a full CLIP config: its tower
+    if cfg.get("vision_model_name_or_path2") or cfg["connector_type"] == "mof_mlp":
+        if not cfg.get("vision_config2"):   # written by our to-tinyllava only
+            raise ValueError(f"{path}: an original MoF checkpoint does not store its DINOv2 config")
+        vision_configs.append(cfg["vision_config2"])
+    connector = cfg["connector_type"]
+    if connector not in ORIGINAL_CONNECTORS and not re.fullmatch(r"mlp\d+x_gelu", connector):
+        raise ValueError(f"{path}: connector {connector!r} cannot be read (the original's qformer keys differ "
+                         f"from ours); readable: {', '.join(ORIGINAL_CONNECTORS)}, mlp{{N}}x_gelu")
+    text_type = cfg["text_config"].get("model_type")
+    if text_type not in CONFIG_MAPPING and not overrides.get("trust_remote_code"):
+        raise ValueError(f"{path}: LLM {text_type!r} is not in transformers: load with trust_remote_code=True")
+    hub = lambda p: re.sub(r"^(clip|siglip|dinov2|mof):", "", p or "")   # the original's "kind:hub_id" syntax
+    args = dict(llm=cfg.get("llm_model_name_or_path", ""), tokenizer=cfg.get("tokenizer_name_or_path") or "",
+                vision_tower=hub(cfg.get("vision_model_name_or_path")),
+                vision_tower2=hub(cfg.get("vision_model_name_or_path2")), connector=connector,
+                vision_feature_layer=cfg.get("vision_feature_layer", -2),
+                vision_feature_select_strategy=cfg.get("vision_feature_select_strategy", "patch"),
+                legacy_patch_drop=True,   # the original's 'patch' always drops the first token
+                image_aspect_ratio="pad" if cfg.get("image_aspect_ratio") == "pad" else "square",   # anyres: dead there
+                num_queries=cfg.get("num_queries") or 128, num_resampler_layers=cfg.get("num_resampler_layers") or 3)
+    weights, dropped = _our_tower_keys(weights, vision_configs, args["vision_feature_layer"])
+
+    tok_dir = _local(("tokenizer_config.json", "tokenizer.json"), path, args["tokenizer"] or args["llm"])
+    if tok_dir is None:
+        raise FileNotFoundError(f"{path} has no tokenizer, nor has the Hub cache {args['tokenizer'] or args['llm']!r}")
+    tokenizer = load_tokenizer(tok_dir)
+    proc_dir = _local(("preprocessor_config.json",), path, os.path.join(path, "vision_tower"), args["vision_tower"])
+    processor = AutoImageProcessor.from_pretrained(proc_dir) if proc_dir else default_processor(vision_configs[0])
+    config = dict(args, model_type="tinyllava_nano", text_config=cfg["text_config"], vision_configs=vision_configs)
+    model, tokenizer, processor = assemble(config, weights, tokenizer, processor, path, llm_kwargs, **overrides)
+    model.template = infer_template(cfg, tokenizer, layout)
+    print(f"loaded TinyLLaVA Factory {layout} layout from {path}: {connector}, {model.num_image_tokens} image tokens, "
+          f"template {model.template!r}; {dropped} unused tower tensors dropped")
+    return model, tokenizer, processor
+
+
+def model_template(path, model, template=None):
+    """`template`, else <path>/train_config.json's, else the one an original checkpoint implies (model.template)."""
+    if template is None and os.path.isfile(os.path.join(path, "train_config.json")):
+        template = read_json(os.path.join(path, "train_config.json"))["template"]
+    template = template or getattr(model, "template", None)
+    if template is None:
+        raise ValueError(f"{path} has no train_config.json: pass --template (the chat template it was trained with)")
+    get_template(template)   # raises on an unknown name
+    return template
+
+
+# -------------------- Ours -> the original's release layout ---------------------------------------------------------
+
+def save_tinyllava(model, tokenizer, processor, out_dir, template, max_length=2048):
+    """Our model as the original's Hub release: config.json (TinyLlavaConfig fields), model.safetensors (its names).
+    What our tower cut away (layers after the feature layer, post-norm, head) comes from the tower's checkpoint when
+    it is available offline, else is left out (the original then initialises it randomly: its output is the same)."""
+    args, towers = model.args, model.vision_tower.towers
+    if args.connector == "qformer" or args.connector.startswith("pixel_shuffle"):
+        raise ValueError(f"connector {args.connector!r}: the original has no such weights "
+                         "(its Q-Former's keys differ, it has no pixel shuffle)")
+    weights, seen = {}, set()
+    for k, v in model.state_dict().items():   # tied weights: keep the first name, as HF saves do
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            weights[k] = v.detach().cpu().contiguous()
+    filled = 0
+    for prefix, tower, src in zip(_tower_prefixes(len(towers)), towers, [args.vision_tower, args.vision_tower2]):
+        kind, src = tower.config.model_type, _local(("config.json",), src)
+        full = TOWERS[kind][0].from_pretrained(src) if src else None
+        if full is not None and full.config.hidden_size == tower.config.hidden_size:
+            ours = tower.state_dict()
+            for k, v in full.state_dict().items():
+                if k not in ours:
+                    weights[prefix + k] = v.to(DTYPES[args.dtype]).contiguous()
+                    filled += 1
+        if not kind.startswith("dinov2"):
+            weights = {(prefix + "vision_model." + k[len(prefix):] if k.startswith(prefix) else k): v
+                       for k, v in weights.items()}
+    vconfigs = [t.config.to_dict() for t in towers]
+    vconfigs[0]["model_name_or_path"] = args.vision_tower
+    lm, strategy = model.language_model, args.vision_feature_select_strategy
+    if strategy == "patch" and not model.vision_tower.has_cls[0] and not args.legacy_patch_drop:
+        strategy = "cls_patch"   # the original's 'patch' would drop a SigLIP patch; its 'cls_patch' keeps all, as ours
+    config = dict(
+        architectures=["TinyLlavaForConditionalGeneration"], model_type="tinyllava",
+        llm_model_name_or_path=args.llm, tokenizer_name_or_path=args.tokenizer or args.llm,
+        vision_model_name_or_path=args.vision_tower, vision_model_name_or_path2=args.vision_tower2,
+        connector_type=args.connector, text_config=lm.config.to_dict(),
+        hidden_size=lm.get_input_embeddings().embedding_dim, vocab_size=lm.get_input_embeddings().num_embeddings,
+        ignore_index=-100, image_token_index=-200, pad_token=tokenizer.pad_token, pad_token_id=tokenizer.pad_token_id,
+        tokenizer_padding_side="right", tokenizer_model_max_length=max_length, tokenizer_use_fast=False,
+        vision_config=vconfigs[0], vision_hidden_size=towers[0].config.hidden_size,
+        vision_feature_layer=args.vision_feature_layer, vision_feature_select_strategy=strategy,
+        image_aspect_ratio=args.image_aspect_ratio, resampler_hidden_size=768, num_queries=args.num_queries,
+        num_resampler_layers=args.num_resampler_layers, use_cache=True, torch_dtype=args.dtype,
+        conv_version=template)   # not a field of the original (its scripts pass --conv-mode); read back by us
+    if len(towers) == 2:
+        config["vision_config2"] = vconfigs[1]   # the original re-downloads it; ours reads it from here
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, default=str)
+    tokenizer.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    print(f"wrote the TinyLLaVA Factory release layout to {out_dir} ({len(weights)} tensors, {filled} tower tensors "
+          "after the feature layer filled from the tower checkpoint)")
+
+
+# -------------------- Ours -> transformers' LlavaForConditionalGeneration + LlavaProcessor --------------------------
+
+def llava_blockers(model, template):
+    """Why this model cannot become a LlavaForConditionalGeneration (empty: it can)."""
+    args, lm = model.args, model.language_model
+    head = lm.get_output_embeddings()
+    checks = [
+        (len(model.vision_tower.towers) != 1, "two vision towers (MoF): Llava has one"),
+        (args.connector != "mlp2x_gelu",
+         f"connector {args.connector!r}: Llava's projector is Linear -> GELU -> Linear only"),
+        (head is None or getattr(head, "bias", None) is not None,
+         f"{type(lm).__name__}'s LM head has a bias (phi) or is not a Linear; Llava's lm_head has neither"),
+        (getattr(lm.config, "final_logit_softcapping", None) or lm.config.model_type not in CONFIG_MAPPING,
+         f"LLM {lm.config.model_type!r}: soft-capped logits or remote code, which Llava cannot run"),
+        (not isinstance(get_template(template), ChatTemplate),
+         f"template {template!r}: only TinyLLaVA's own templates become a Llava chat template"),
+        (args.image_aspect_ratio != "square",
+         f"image_aspect_ratio {args.image_aspect_ratio!r}: the exported processor would not pad")]
+    return [why for bad, why in checks if bad]
+
+
+def llava_chat_template(t, image=IMAGE_PLACEHOLDER):
+    """A Jinja chat template that renders what data.render does for template t (messages in HF's format, content a
+    string or a list of {"type": "image"} / {"type": "text"} items). `image` replaces the placeholder (see
+    export_llava for why it may carry a space)."""
+    s = json.dumps   # a Jinja string literal
+    user_pre, user_post = t.user.split("{q}")
+    ans_pre, ans_post = t.answer.split("{a}")
+    return (
+        "{{- " + s(t.system) + " -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set has_image = false -%}"
+        "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+        " | join('') -%}{%- set has_image = message['content'] | selectattr('type', 'equalto', 'image') | list"
+        " | length > 0 -%}{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if '<image>' in text -%}{%- set has_image = true -%}{%- endif -%}"
+        "{%- set text = text.replace('<image>', '') if has_image else text -%}"
+        + ("" if t.keep_question else "{%- set text = '' -%}") +
+        "{%- if has_image -%}{%- set text = (" + s(t.image.replace(IMAGE_PLACEHOLDER, image))
+        + " + text.strip()).strip() -%}{%- endif -%}"
+        "{{- " + s(user_pre) + " + text + " + s(user_post) + " + " + s(t.prompt) + " -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- " + s(ans_pre) + " + text + " + s(ans_post) + " + " + s(t.eos) + " -}}"
+        "{%- endif -%}{%- endfor -%}")
+
+
+def export_llava(model, tokenizer, processor, out_dir, template, verify=True):
+    """Write LlavaForConditionalGeneration weights + config + LlavaProcessor (image processor, tokenizer with an
+    <image> token, chat template) to out_dir. Raises ValueError naming every reason when the model does not fit."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    why = llava_blockers(model, template)
+    if why:
+        raise ValueError("cannot export to LlavaForConditionalGeneration:\n  " + "\n  ".join(why))
+    lm, tower, t = model.language_model, model.vision_tower.towers[0], get_template(template)
+    tok = copy.deepcopy(tokenizer)   # + "<image>" as a special token (a new id, or its own if the vocab has it)
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    image_id = tok.convert_tokens_to_ids("<image>")
+
+    sd = {"model.language_model." + k: v for k, v in lm.get_decoder().state_dict().items()}
+    tied = lm.get_output_embeddings().weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+    if not tied:
+        sd["lm_head.weight"] = lm.get_output_embeddings().weight
+    text_config = lm.config.to_dict()
+    rows = lm.get_input_embeddings().num_embeddings
+    if image_id >= rows:   # no spare row for the new token: add zero rows (suppressed in generation below)
+        grow = lambda w: torch.cat([w, w.new_zeros(image_id + 1 - rows, w.shape[1])])
+        embed_key = next(k for k in sd if k.endswith("embed_tokens.weight"))
+        sd[embed_key] = grow(sd[embed_key])
+        if not tied:
+            sd["lm_head.weight"] = grow(sd["lm_head.weight"])
+        text_config["vocab_size"] = image_id + 1
+    sd.update({"model.vision_tower." + k: v for k, v in tower.state_dict().items()})
+    for name in ("post_layernorm", "layernorm"):   # cut from our tower, present in Llava's; unused by hidden_states
+        if hasattr(tower, name):
+            sd[f"model.vision_tower.{name}.weight"] = torch.ones(tower.config.hidden_size)
+            sd[f"model.vision_tower.{name}.bias"] = torch.zeros(tower.config.hidden_size)
+    for i, ours in ((1, "0"), (2, "2")):
+        sd.update({f"model.multi_modal_projector.linear_{i}.{k}": v
+                   for k, v in model.connector._connector[int(ours)].state_dict().items()})
+    vision_config = tower.config.to_dict()
+    layers = tower.encoder.layers if hasattr(tower.encoder, "layers") else tower.encoder.layer
+    vision_config["num_hidden_layers"] = len(layers)      # cut after the feature layer: Llava reads the last one
+    for key in ("out_features", "out_indices", "stage_names"):   # DINOv2's backbone fields follow the layer count
+        vision_config.pop(key, None)
+    if "vision_use_head" in vision_config:
+        vision_config["vision_use_head"] = False
+    drop_first = model.vision_tower.has_cls[0] or model.args.legacy_patch_drop
+    strategy = "default" if model.args.vision_feature_select_strategy == "patch" and drop_first else "full"
+    os.makedirs(out_dir, exist_ok=True)
+    LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=image_id,
+                image_seq_length=model.num_image_tokens, projector_hidden_act="gelu", vision_feature_layer=-1,
+                vision_feature_select_strategy=strategy, multimodal_projector_bias=True,
+                architectures=["LlavaForConditionalGeneration"]).save_pretrained(out_dir)
+    gen = copy.deepcopy(lm.generation_config)
+    if image_id >= rows:
+        gen.suppress_tokens = [image_id]
+    gen.save_pretrained(out_dir)
+    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+
+    # the chat template: "<image>" alone, or "<image> " where that reproduces the ids training saw (see top)
+    conv = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A cat."},
+            {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "It is."}]
+    want = encode(conv, t, tokenizer, 2)["input_ids"].tolist()
+    for image in (IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER + " "):
+        text = render(conv, ChatTemplate(**{**t.__dict__, "image": t.image.replace(IMAGE_PLACEHOLDER, image)}))[0]
+        if tok(text.replace(IMAGE_PLACEHOLDER, "<image><image>")).input_ids == [image_id if i < 0 else i for i in want]:
+            break
+    else:
+        print("warning: LlavaProcessor's one-pass tokenization differs from training's around the image "
+              "for this tokenizer; logits for the same ids are unaffected")
+        image = IMAGE_PLACEHOLDER
+    LlavaProcessor(image_processor=processor, tokenizer=tok, patch_size=tower.config.patch_size,
+                   vision_feature_select_strategy=strategy, chat_template=llava_chat_template(t, image),
+                   num_additional_image_tokens=int(model.vision_tower.has_cls[0])).save_pretrained(out_dir)
+    if verify:   # the files as transformers reads them vs our model, on the same prompt and a random image
+        p = next(lm.parameters())
+        llava = LlavaForConditionalGeneration.from_pretrained(out_dir, dtype=p.dtype).to(p.device).eval()
+        ids = encode(conv[:1], t, tokenizer, model.num_image_tokens, for_generation=True)["input_ids"][None]
+        ids = ids.to(p.device)
+        pixels = torch.randn(1, 3, *image_size(processor), generator=torch.Generator().manual_seed(0)).to(p.device)
+        with torch.no_grad():
+            ours = model(ids, images=pixels)["logits"].float()
+            theirs = llava(input_ids=ids.masked_fill(ids < 0, image_id), pixel_values=pixels).logits.float()
+        err = (ours - theirs[..., :ours.shape[-1]]).abs().max().item()
+        if err > (1e-3 if p.dtype == torch.float32 else 3e-2) * max(1.0, ours.abs().max().item()):
+            raise RuntimeError(f"exported Llava's logits differ from ours by {err:.3g}: please report this")
+        print(f"verified: Llava logits match ours (max abs diff {err:.2g})")
+    print(f"wrote LlavaForConditionalGeneration + LlavaProcessor to {out_dir} ({strategy} features, image token "
+          f"{image_id}, {model.num_image_tokens} per image, chat template {template!r})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("from-tinyllava", "to-tinyllava", "to-llava"):
+        s = sub.add_parser(name)
+        s.add_argument("src")
+        s.add_argument("dst")
+        s.add_argument("--template", default=None, help="chat template (default: the model's own)")
+        if name == "to-tinyllava":
+            s.add_argument("--max-length", type=int, default=None, help="tokenizer_model_max_length to record")
+        if name == "to-llava":
+            s.add_argument("--no-verify", action="store_true", help="skip the logits check against the export")
+    a = p.parse_args(argv)
+    model, tokenizer, processor = load_pretrained(a.src)
+    try:
+        template = model_template(a.src, model, a.template)
+    except ValueError as e:
+        p.error(str(e))
+    if a.command == "from-tinyllava":
+        if not is_tinyllava_factory(a.src):
+            p.error(f"{a.src} is not a TinyLLaVA Factory checkpoint")
+        save_pretrained(model, tokenizer, processor, a.dst)
+        with open(os.path.join(a.dst, "train_config.json"), "w") as f:   # what evaluate.py / chat.py read
+            json.dump({"template": template, "converted_from": os.path.abspath(a.src)}, f, indent=1)
+        print(f"wrote {a.dst} (template {template!r})")
+    elif a.command == "to-tinyllava":
+        trained = os.path.join(a.src, "train_config.json")
+        max_length = a.max_length or (read_json(trained).get("max_length") if os.path.isfile(trained) else None)
+        save_tinyllava(model, tokenizer, processor, a.dst, template, max_length or 2048)
+    else:
+        export_llava(model, tokenizer, processor, a.dst, template, verify=not a.no_verify)
+
+
+if __name__ == "__main__":
+    main()
