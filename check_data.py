@@ -60,16 +60,17 @@ def settings_from_config(path, stage_name, data_path):
     cfg = train.load_config(["--config", path])
     stages = train.stage_configs(cfg)
     if stage_name:
-        matches = [s for s in stages if s["name"] == stage_name]
+        matches = [s for s in stages if s["stage"] == stage_name]
         if not matches:
-            raise SystemExit(f"{path}: no stage {stage_name!r}; stages: {', '.join(s['name'] for s in stages)}")
+            raise SystemExit(f"{path}: no stage {stage_name!r}; stages: {', '.join(s['stage'] for s in stages)}")
         stage = matches[0]
     else:
-        same = [s for s in stages if s["data"] and os.path.abspath(s["data"]) == os.path.abspath(data_path)]
+        file_of = lambda s: s.get(f"data_{s['data']}") or ""  # noqa: E731
+        same = [s for s in stages if file_of(s) and os.path.abspath(file_of(s)) == os.path.abspath(data_path)]
         stage = (same or stages)[-1]
     args = ModelArgs(**{k: stage[k] for k in ModelArgs.__dataclass_fields__ if k in stage})
     return (load_tokenizer(stage["tokenizer"] or stage["llm"], stage["trust_remote_code"]), stage["template"],
-            stage["max_length"], count_image_tokens(args), stage["name"])
+            stage["max_length"], count_image_tokens(args), stage["stage"])
 
 
 def main(argv=None):

@@ -71,6 +71,28 @@ def tower_kind(model_type):
     return TOWERS[model_type]
 
 
+def tower_tokens(patch_size, has_cls, image_size, strategy, legacy_patch_drop):
+    tokens = (image_size[0] // patch_size) * (image_size[1] // patch_size) + int(has_cls)
+    return tokens - int(strategy == "patch" and (has_cls or legacy_patch_drop))
+
+
+def count_image_tokens(args):
+    """model.num_image_tokens for ModelArgs from configs and the image processor alone: no weights are loaded
+    (check_data.py uses it on a training config)."""
+    widths, counts = [], []
+    size = image_size(AutoImageProcessor.from_pretrained(args.vision_tower))
+    for path in [args.vision_tower] + ([args.vision_tower2] if args.vision_tower2 else []):
+        _, config_cls, has_cls = tower_kind(AutoConfig.from_pretrained(path).model_type)
+        config = config_cls.from_pretrained(path)   # a CLIP/SigLIP checkpoint's vision_config
+        widths.append(config.hidden_size)
+        counts.append(tower_tokens(config.patch_size, has_cls, size, args.vision_feature_select_strategy,
+                                   args.legacy_patch_drop))
+    with torch.device("meta"):   # shapes only
+        connector = build_connector(args.connector, widths[0], widths[0], vision_dim2=widths[-1],
+                                    num_queries=args.num_queries, num_layers=args.num_resampler_layers)
+    return connector.num_tokens(counts[0] if len(counts) == 1 else tuple(counts))
+
+
 def truncate_tower(hf_tower, feature_layer):
     """Drop every encoder layer after `feature_layer` and the final norm / pooling head, so they never run.
     hidden_states[k] of an L-layer encoder is the output of its k-th layer (0 = embeddings; -2 = L-1)."""
@@ -119,11 +141,8 @@ class VisionTower(nn.Module):
     def num_tokens(self, image_size):
         """Tokens per image after selection: one per patch (+ CLS). Counted, not run, so it also works on
         ZeRO-3-partitioned weights."""
-        n = []
-        for t, has_cls in zip(self.towers, self.has_cls):
-            p = t.config.patch_size
-            tokens = (image_size[0] // p) * (image_size[1] // p) + int(has_cls)
-            n.append(tokens - int(self.strategy == "patch" and (has_cls or self.legacy_patch_drop)))
+        n = [tower_tokens(t.config.patch_size, c, image_size, self.strategy, self.legacy_patch_drop)
+             for t, c in zip(self.towers, self.has_cls)]
         return n[0] if len(n) == 1 else tuple(n)
 
     @property

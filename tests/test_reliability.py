@@ -101,3 +101,26 @@ def test_skip_policy_leaves_out_exactly_the_bad_records_and_reports_them(tok, tm
     assert batch["input_ids"].shape[0] == len(ds) == 13 - 6
     # replacements keep the modality: every image row still has its picture
     assert batch["images"].shape[0] == int((batch["input_ids"] == -200).any(1).sum()) == 4
+
+
+@pytest.mark.parametrize("tower,connector,extra", [("siglip", "mlp2x_gelu", {}), ("clip", "qformer", {}),
+                                                   ("siglip", "pixel_shuffle2_mlp2x_gelu", {}), ("siglip", "linear", {"legacy_patch_drop": True}),
+                                                   ("clip", "mof_mlp", {"vision_tower2": "dinov2"})])
+def test_image_tokens_counted_from_configs_equal_the_built_model(tiny_llms, tiny_towers, tower, connector, extra):
+    from model import ModelArgs, build_model, count_image_tokens
+    if "vision_tower2" in extra:
+        extra = {"vision_tower2": tiny_towers[extra["vision_tower2"]]}
+    args = ModelArgs(llm=tiny_llms["llama"], vision_tower=tiny_towers[tower], connector=connector, num_queries=8,
+                     **extra)
+    assert count_image_tokens(args) == build_model(args)[0].num_image_tokens
+
+
+def test_the_check_reads_a_training_config(tiny_llms, tiny_towers, tmp_path, capsys):
+    path, images, expected = broken_dataset(tmp_path)
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(f"llm = {tiny_llms['llama']!r}\nvision_tower = {tiny_towers['siglip']!r}\ntemplate = 'llama'\n"
+                   f"max_length = 64\ndata_finetune = {path!r}\nimages_finetune = {images!r}\n")
+    assert check_data.main([path, "--image-folder", images, "--config", str(cfg)]) == 1
+    out = capsys.readouterr().out
+    assert f"(stage finetune of {cfg})" in out and "incl. 16 per image (llama template)" in out
+    assert "answer truncated away at max_length=64" in out
