@@ -363,7 +363,7 @@ class VLMDataset(torch.utils.data.Dataset):
     training loop can count and log it: nothing is dropped silently."""
 
     def __init__(self, records, tokenizer, image_processor, template, num_image_tokens, max_length,
-                 image_folder=None, image_aspect_ratio="square", bad_samples="error"):
+                 image_folder=None, image_aspect_ratio="square", bad_samples="error", feature_cache=None):
         if bad_samples not in ("error", "skip"):
             raise ValueError(f"unknown bad_samples policy {bad_samples!r}; valid: error, skip")
         self.source = str(records) if isinstance(records, (str, os.PathLike)) else "<records>"
@@ -382,7 +382,7 @@ class VLMDataset(torch.utils.data.Dataset):
             self.origin.append(i)   # index in the source file, for messages
         if not self.records:
             raise DataError(f"{self.source}: no usable records ({len(self.skipped)} skipped)")
-        self.bad_samples = bad_samples
+        self.bad_samples, self.feature_cache = bad_samples, feature_cache   # model.FeatureCache: no pixels
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template = get_template(template)
         self.num_image_tokens, self.max_length = num_image_tokens, max_length
@@ -416,14 +416,19 @@ class VLMDataset(torch.utils.data.Dataset):
         try:
             out = encode(record["conversations"], self.template, self.tokenizer, self.num_image_tokens,
                          self.max_length)
-            pixel_values = None
+            pixel_values = feats = None
             # the image may have been cut away by truncation; then the sample carries no picture either
             if record.get("image") is not None and bool((out["input_ids"] == IMAGE_TOKEN_INDEX).any()):
-                image = load_image(os.path.join(self.image_folder, record["image"]))
-                pixel_values = preprocess_image(image, self.image_processor, self.image_aspect_ratio)
+                if self.feature_cache is not None:
+                    feats = self.feature_cache.load(self.image_folder, record["image"])
+                if feats is None:
+                    image = load_image(os.path.join(self.image_folder, record["image"]))
+                    if self.feature_cache is not None:
+                        raise DataError(f"image {record['image']} is not in the feature cache {self.feature_cache.dir}")
+                    pixel_values = preprocess_image(image, self.image_processor, self.image_aspect_ratio)
         except DataError as e:
             raise DataError(f"{_where(self.source, self.origin[i], record)}: {e}") from None
-        return {**out, "pixel_values": pixel_values, "id": record.get("id")}
+        return {**out, "pixel_values": pixel_values, "tower_features": feats, "id": record.get("id")}
 
     def __getitem__(self, i) -> dict:
         if self.bad_samples == "error":
@@ -463,5 +468,8 @@ def collate(batch, pad_token_id, padding_side="right") -> dict:
         attention_mask[row, cols] = 1
     pictures = [s["pixel_values"] for s in batch if s.get("pixel_values") is not None]
     images = torch.stack(pictures) if pictures else None
+    feats = [s["tower_features"] for s in batch if s.get("tower_features") is not None]
+    if feats:   # cached tower outputs instead of pictures (a pair per image for MoF)
+        feats = tuple(torch.stack(f) for f in zip(*feats)) if isinstance(feats[0], tuple) else torch.stack(feats)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images,
-            "skipped": [x for s in batch for x in s.get("skipped", ())]}
+            "tower_features": feats if len(feats) else None, "skipped": [x for s in batch for x in s.get("skipped", ())]}

@@ -163,22 +163,26 @@ class TinyLlava(nn.Module):
         self.args = args
         self.num_image_tokens = connector.num_tokens(vision_tower.num_tokens(image_size))
         self.supervised_only_loss = True   # False: the full-logits loss (same value, more memory)
+        self.tower_no_grad = True          # False: a frozen tower still records autograd (bench.py's baseline)
 
-    def encode_images(self, images):
-        """(N_img, 3, H, W) -> (N_img, num_image_tokens, llm_hidden). A frozen tower runs without autograd."""
-        if any(p.requires_grad for p in self.vision_tower.parameters()):
+    def encode_images(self, images=None, tower_features=None):
+        """(N_img, 3, H, W) -> (N_img, num_image_tokens, llm_hidden). A frozen tower runs without autograd;
+        `tower_features` (its outputs, e.g. from a FeatureCache; a pair for MoF) skip it altogether."""
+        if tower_features is not None:
+            feats = tower_features
+        elif any(p.requires_grad for p in self.vision_tower.parameters()) or not self.tower_no_grad:
             feats = self.vision_tower(images)
         else:
             with torch.no_grad():
                 feats = self.vision_tower(images)
         return self.connector(feats)
 
-    def embed(self, input_ids, images=None, image_features=None):
+    def embed(self, input_ids, images=None, image_features=None, tower_features=None):
         """Text embeddings with the image features written into the IMAGE_TOKEN_INDEX positions."""
         is_image = input_ids == IMAGE_TOKEN_INDEX
         embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
-        if image_features is None and images is not None:
-            image_features = self.encode_images(images)
+        if image_features is None and (images is not None or tower_features is not None):
+            image_features = self.encode_images(images, tower_features)
         n_slots = int(is_image.sum())
         n_feats = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
         if n_slots != n_feats:
@@ -189,10 +193,11 @@ class TinyLlava(nn.Module):
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats)   # row-major = batch order
         return embeds
 
-    def forward(self, input_ids, attention_mask=None, labels=None, images=None, image_features=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, images=None, image_features=None,
+                tower_features=None):
         """Without labels: {"logits"}. With labels: {"loss", "loss_sum", "num_tokens"}, the loss being a
         cross-entropy summed over supervised tokens only (train.py divides by the step's total count)."""
-        embeds = self.embed(input_ids, images, image_features)
+        embeds = self.embed(input_ids, images, image_features, tower_features)
         lm = self.language_model
         if labels is None:
             return {"logits": lm(inputs_embeds=embeds, attention_mask=attention_mask).logits}
@@ -210,7 +215,7 @@ class TinyLlava(nn.Module):
         else:
             logits = lm(inputs_embeds=embeds, attention_mask=attention_mask).logits[:, :-1][keep].float()
         loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
-        if images is None and image_features is None:
+        if images is None and image_features is None and tower_features is None:
             # A batch without pictures leaves the tower and connector out of the graph. Add them with weight 0
             # so every trainable parameter gets a (zero) gradient: DDP / ZeRO ranks stay in step, and a
             # text-only batch in a connector-only stage is a no-op instead of a "does not require grad" error.
@@ -376,3 +381,76 @@ def assemble(config, weights, tokenizer, processor, source, llm_kwargs=None, **o
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, processor
+
+
+class FeatureCache:
+    """A frozen tower's outputs per image on disk: computed once (fill), then read by the dataset in place of the
+    pixels, across epochs, stages and runs. The folder is named by a fingerprint of everything the features
+    depend on (the tower's weights, feature layer and selection, the image processor, aspect ratio and dtype), so
+    any change starts a fresh one; an entry is keyed by the image's path, size and mtime. One safetensors file per
+    image, written to a temp name and renamed: safe with several ranks writing and with a crash mid-write."""
+
+    def __init__(self, root, model, processor):
+        import hashlib
+        h = hashlib.sha256()
+        for k, v in sorted(model.vision_tower.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        a = model.args
+        h.update(json.dumps([a.vision_feature_layer, a.vision_feature_select_strategy, a.legacy_patch_drop,
+                             a.image_aspect_ratio, processor.to_dict(), str(model.vision_tower.dtype)],
+                            sort_keys=True, default=str).encode())
+        self.dir = os.path.join(root, h.hexdigest()[:20])
+        self.processor, self.aspect = processor, a.image_aspect_ratio
+
+    def path(self, image_folder, image):
+        import hashlib
+        st = os.stat(os.path.join(image_folder, image))
+        key = hashlib.sha1(f"{image}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+        return os.path.join(self.dir, key[:2], key + ".safetensors")
+
+    def load(self, image_folder, image):
+        """The cached tower outputs (a tensor, or a pair for MoF), or None when the image is not cached."""
+        try:
+            path = self.path(image_folder, image)
+        except OSError:
+            return None
+        if not os.path.isfile(path):
+            return None
+        feats = load_file(path)
+        return feats["0"] if len(feats) == 1 else (feats["0"], feats["1"])
+
+    @torch.no_grad()
+    def fill(self, model, images, image_folder, batch_size=32, rank=0, world=1, device=None):
+        """Compute and store the features of every image in `images` not cached yet (this rank's share).
+        Unreadable images are left out (the dataset's bad-sample policy meets them). Returns (computed, failed)."""
+        from data import DataError, load_image, preprocess_image
+        todo = []
+        for image in sorted(set(images))[rank::world]:
+            try:
+                if not os.path.isfile(self.path(image_folder, image)):
+                    todo.append(image)
+            except OSError:
+                pass   # missing image: the dataset reports it
+        done, failed, tower = 0, 0, model.vision_tower.eval()
+        for i in range(0, len(todo), batch_size):
+            names, pixels = [], []
+            for image in todo[i:i + batch_size]:
+                try:
+                    pixels.append(preprocess_image(load_image(os.path.join(image_folder, image)), self.processor,
+                                                   self.aspect))
+                    names.append(image)
+                except DataError:
+                    failed += 1
+            if not names:
+                continue
+            feats = tower(torch.stack(pixels).to(device or next(tower.parameters()).device))
+            feats = feats if isinstance(feats, tuple) else (feats,)
+            for j, image in enumerate(names):
+                path = self.path(image_folder, image)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.{os.getpid()}.tmp"
+                save_file({str(k): f[j].cpu().contiguous() for k, f in enumerate(feats)}, tmp)
+                os.replace(tmp, path)
+                done += 1
+        return done, failed

@@ -1,0 +1,305 @@
+"""
+Speed, measured: training-step and evaluation throughput of a ~20M-parameter model, each optimisation switched
+on alone and all together, as ratios to the unoptimised loop, in one run (this machine is noisy).
+
+    python bench.py                          # CPU, fp32: Llama 384 x 6 (32k vocab) + SigLIP 256 x 4 at 224 px
+    python bench.py --device cuda --dtype bfloat16 --micro-batch 16 --steps 20
+    python bench.py --only pretrain --steps 3          # one stage; also: finetune, eval
+
+Reports samples/s, tokens/s (non-padding tokens), MFU, padding fraction and peak memory (RSS on CPU, allocated on
+GPU; each variant runs in its own process, so peaks do not leak between them). MFU = model FLOPs / time / peak,
+the peak measured here by timing large matmuls in the run's dtype (the bf16 peak is measured and printed too).
+Model FLOPs (train_flops, the same accounting train.py logs): 2 per multiply-add of every Linear and 4*T^2*d per
+attention layer (nanoGPT/PaLM, no causal halving), LM head only where the loss needs it, padding excluded; the
+tower and connector counted exactly once per image by torch's FlopCounterMode; frozen parts forward only, plus
+the activation gradients that flow through them to a trainable part below.
+
+The unoptimised loop is the original's: the frozen tower runs all its layers with autograd recording, text-only
+rows get a zero image through the tower, logits over the whole vocabulary, random batches. Optimisations:
+  tower     frozen tower truncated at the feature layer, without autograd     (model.truncate_tower, tower_no_grad)
+  no_zero   text-only rows never see the tower                                   (what model.py always does)
+  loss      LM head only at supervised positions                                 (model.supervised_only_loss)
+  group     length- and modality-grouped batches                                 (train.grouped_batches)
+  cache     frozen tower outputs computed once, read from disk                   (model.FeatureCache)
+  compile   torch.compile of the LLM                                             (train.py --compile)
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+OPTS = ["tower", "no_zero", "loss", "group", "cache", "compile"]
+STAGES = {  # the demo's data (real digits, shipped), a recipe stage each
+    "pretrain": dict(data="demo/pretrain.json", template="pretrain", tune=("connector",)),
+    "finetune": dict(data="demo/finetune.json", template="phi", tune=("llm", "connector")),
+}
+
+
+# ------------------------------------------------------------------------------------ FLOPs and the peak
+def linear_params(module, trainable=None):
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear)
+               and (trainable is None or m.weight.requires_grad == trainable))
+
+
+@torch.no_grad()
+def image_flops(model, image_size):
+    """Forward FLOPs per image of the tower (as it runs: truncated or not) and of the connector."""
+    from torch.utils.flop_counter import FlopCounterMode
+    p = next(model.vision_tower.parameters())
+    with FlopCounterMode(display=False) as tower_count:
+        feats = model.vision_tower(torch.zeros(1, 3, *image_size, device=p.device, dtype=p.dtype))
+    with FlopCounterMode(display=False) as conn_count:
+        model.connector(feats)
+    return tower_count.get_total_flops(), conn_count.get_total_flops()
+
+
+def train_flops(model, attention_mask, labels, n_images, per_image, tower_runs=True):
+    """Model FLOPs of one forward + backward on a batch (see the module docstring). per_image: image_flops()."""
+    lm, cfg = model.language_model, model.language_model.config
+    trains = lambda m: any(p.requires_grad for p in m.parameters())  # noqa: E731
+    tower_trains, conn_trains, llm_trains = trains(model.vision_tower), trains(model.connector), trains(lm)
+    lens = attention_mask.sum(1).double()
+    T = float(lens.sum())
+    heads = cfg.num_attention_heads
+    d_attn = heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    head = lm.get_output_embeddings()
+    head_params = head.weight.numel() if head is not None else 0
+    n_head = float((labels[:, 1:] != -100).sum()) if model.supervised_only_loss else T
+    dec = linear_params(lm) - head_params
+    attn = 4.0 * cfg.num_hidden_layers * d_attn * float((lens ** 2).sum())
+    fwd = 2.0 * dec * T + attn + 2.0 * head_params * n_head
+    bwd = (2.0 * dec * T + 2 * attn + 2.0 * head_params * n_head) if (tower_trains or conn_trains or llm_trains) else 0
+    if llm_trains:   # weight gradients (LoRA: of the adapters); the head's only where it ran
+        head_trains = head is not None and head.weight.requires_grad
+        bwd += 2.0 * (linear_params(lm, trainable=True) - head_params * head_trains) * T
+        bwd += 2.0 * head_params * n_head * head_trains
+    tower_f, conn_f = per_image
+    img = n_images * (conn_f * (1 + int(conn_trains) + int(tower_trains)) +
+                      (tower_f * (3 if tower_trains else 1) if tower_runs else 0))
+    return fwd + bwd + img
+
+
+def matmul_peak(dtype=torch.float32, device="cpu", n=None, seconds=1.0):
+    """FLOP/s of large square matmuls in `dtype` on this machine, the best of a few timed runs."""
+    n = n or (8192 if device != "cpu" else 1536)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    a @ b
+    sync()
+    best, t_end = 0.0, time.time() + seconds
+    while time.time() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_memory(device):
+    if device != "cpu":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux -> MiB
+
+
+# --------------------------------------------------------------------------------------- the bench model
+def make_base(root, vocab=32000, seed=0):
+    """The ~20M bench model's parts, random init, saved like Hub checkpoints (built once, reused)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipImageProcessor, SiglipVisionConfig, \
+        SiglipVisionModel
+    if os.path.isfile(f"{root}/siglip/config.json"):
+        return
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "demo/tokenizer"))  # 525 real tokens; logits over 32k
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                                 num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(f"{root}/llm")
+    tok.save_pretrained(f"{root}/llm")
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                         num_attention_heads=4, image_size=224, patch_size=16)
+                      ).save_pretrained(f"{root}/siglip")
+    SiglipImageProcessor(size={"height": 224, "width": 224}).save_pretrained(f"{root}/siglip")
+
+
+def build(root, opts, dtype):
+    from model import ModelArgs, build_model
+    # the original runs every tower layer (and the post-norm): as costly as keeping all layers here
+    layer = -2 if "tower" in opts else -1
+    model, tok, proc = build_model(ModelArgs(llm=f"{root}/llm", vision_tower=f"{root}/siglip", dtype=dtype,
+                                             vision_feature_layer=layer))
+    model.tower_no_grad = "tower" in opts
+    model.supervised_only_loss = "loss" in opts
+    return model, tok, proc
+
+
+# ---------------------------------------------------------------------------------------- one variant
+def run_train(a, stage, opts):
+    """One variant in this process: returns its measurements."""
+    from data import VLMDataset, collate
+    from model import FeatureCache, image_size
+    from train import grouped_batches
+    torch.manual_seed(0)
+    spec = STAGES[stage]
+    model, tok, proc = build(a.root, opts, a.dtype)
+    model.to(a.device)
+    for name, part in [("llm", model.language_model), ("vision_tower", model.vision_tower),
+                       ("connector", model.connector)]:
+        part.requires_grad_(name in spec["tune"])
+    # model FLOPs count the useful work only: the truncated tower, real images (not the zero ones)
+    per_image = image_flops(model if "tower" in opts else build(a.root, ["tower"], a.dtype)[0].to(a.device),
+                            image_size(proc))
+    ds = VLMDataset(os.path.join(ROOT, spec["data"]), tok, proc, spec["template"], model.num_image_tokens, 2048,
+                    os.path.join(ROOT, "demo/images"))
+    batches = grouped_batches(ds.lengths, a.micro_batch, seed=0, group_by_length="group" in opts)
+    batches = batches[:a.warmup + a.steps]
+    cache = None
+    if "cache" in opts:   # filled before timing, as train.py does before a stage (its cost is reported apart)
+        cache = ds.feature_cache = FeatureCache(os.path.join(a.root, "cache"), model, proc)
+        t0 = time.time()
+        cache.fill(model, [ds.records[i]["image"] for b in batches for i in b if ds.records[i].get("image")],
+                   os.path.join(ROOT, "demo/images"))
+        fill_s = time.time() - t0
+    data = [collate([ds[i] for i in b], tok.pad_token_id) for b in batches]
+    if "compile" in opts:
+        model.language_model = torch.compile(model.language_model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=False)
+    sync = torch.cuda.synchronize if a.device != "cpu" else (lambda: None)
+    t0 = samples = tokens = flops = padded = 0
+    for step, b in enumerate(data):
+        if step == a.warmup:
+            sync()
+            t0 = time.perf_counter()
+        b = {k: v.to(a.device) if torch.is_tensor(v) else v for k, v in b.items()}
+        feats, images, n_img = None, b["images"], 0 if b["images"] is None else b["images"].shape[0]
+        if b["tower_features"] is not None:
+            n_img = b["tower_features"].shape[0]
+        if "no_zero" not in opts and cache is None:   # the original: every row through the tower, zeros if no image
+            has = (b["input_ids"] == -200).any(1)
+            full = torch.zeros(len(has), 3, *image_size(proc), device=a.device)
+            if images is not None:
+                full[has] = images
+            feats, images = model.encode_images(full)[has], None
+        out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=images, image_features=feats,
+                    tower_features=b["tower_features"])
+        (out["loss_sum"] / out["num_tokens"].clamp(min=1)).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= a.warmup:
+            samples += b["input_ids"].shape[0]
+            tokens += int(b["attention_mask"].sum())
+            padded += b["attention_mask"].numel()
+            flops += train_flops(model, b["attention_mask"], b["labels"], n_img, per_image,
+                                 tower_runs=cache is None)
+    sync()
+    dt = time.perf_counter() - t0
+    result = {"samples_s": samples / dt, "tokens_s": tokens / dt, "flops_s": flops / dt,
+              "padding": 1 - tokens / padded, "peak_mib": peak_memory(a.device), "seconds": dt}
+    if cache is not None:
+        result["cache_fill_s"] = fill_s
+    return result
+
+
+def run_eval(a, batch_size):
+    """Batched greedy answers to demo VQA questions through evaluate.answer (the real code path)."""
+    import evaluate
+    torch.manual_seed(0)
+    model, tok, proc = build(a.root, OPTS, a.dtype)
+    model.to(a.device)
+    for p in model.connector.parameters():   # a random connector makes every answer alike; vary it a little
+        p.data.normal_(0, 0.5)
+    items = evaluate.load_questions("vqav2", os.path.join(ROOT, "demo/eval/vqav2/llava_vqav2_demo_val.jsonl"))
+    items = items[:a.eval_questions]
+    with tempfile.TemporaryDirectory() as tmp:
+        evaluate.answer(model, tok, proc, items[:batch_size], os.path.join(ROOT, "demo/images"), "phi",
+                        os.path.join(tmp, "warm.jsonl"), batch_size, a.new_tokens, min_new_tokens=a.new_tokens)
+        t0 = time.perf_counter()
+        rows = evaluate.answer(model, tok, proc, items, os.path.join(ROOT, "demo/images"), "phi",
+                               os.path.join(tmp, "a.jsonl"), batch_size, a.new_tokens, min_new_tokens=a.new_tokens)
+        dt = time.perf_counter() - t0
+    return {"samples_s": len(rows) / dt, "tokens_s": len(rows) * a.new_tokens / dt, "peak_mib": peak_memory(a.device),
+            "seconds": dt, "answers": [r["text"] for r in rows]}
+
+
+# ------------------------------------------------------------------------------------------ the driver
+def variant(a, kind, arg):
+    """Run one variant in a fresh process (clean peak memory); returns its JSON."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--_variant", json.dumps([kind, arg])] + a.passthrough
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(f"variant {kind} {arg} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=os.path.join(ROOT, "out/bench"), help="bench model and feature cache")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--only", default="pretrain,finetune,eval")
+    p.add_argument("--variants", default="", help="comma-separated optimisation sets to run, e.g. 'none,all,loss'")
+    p.add_argument("--eval-questions", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
+    a, _ = p.parse_known_args(argv)
+    a.dtype = a.dtype or ("bfloat16" if a.device != "cpu" else "float32")
+    a.passthrough = [x for x in (argv if argv is not None else sys.argv[1:]) if not x.startswith("--_variant")]
+    if a._variant:   # a child: one measurement, JSON on the last stdout line
+        kind, arg = json.loads(a._variant)
+        print(json.dumps(run_eval(a, arg) if kind == "eval" else run_train(a, kind, arg)))
+        return None
+    os.makedirs(a.root, exist_ok=True)
+    make_base(a.root)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
+    peak = matmul_peak(dtype, a.device)
+    peak_bf16 = peak if dtype == torch.bfloat16 else matmul_peak(torch.bfloat16, a.device, n=512)
+    print(f"{a.device} {a.dtype}: measured matmul peak {peak / 1e9:.1f} GFLOP/s ({a.dtype}), "
+          f"bf16 {peak_bf16 / 1e9:.1f} GFLOP/s; {torch.get_num_threads()} threads")
+    sets = {"none": [], **{f"+{o}": [o] for o in OPTS}, "all": [o for o in OPTS if o != "compile"],
+            "all+compile": OPTS}
+    if a.variants:
+        sets = {k: v for k, v in sets.items() if k in a.variants.split(",")}
+    report = {"device": a.device, "dtype": a.dtype, "peak_flops": peak, "peak_flops_bf16": peak_bf16}
+    for stage in [s for s in ("pretrain", "finetune") if s in a.only.split(",")]:
+        rows = {}
+        for name, opts in sets.items():
+            rows[name] = r = variant(a, stage, opts)
+            r["mfu"] = r["flops_s"] / peak
+        base = rows.get("none")
+        print(f"\n{stage} (micro-batch {a.micro_batch}, {a.steps} timed steps)\n"
+              f"{'variant':<13}{'samples/s':>10}{'tokens/s':>10}{'MFU':>7}{'padding':>9}{'peak MiB':>10}"
+              f"{'x samples/s':>12}{'x memory':>10}")
+        for name, r in rows.items():
+            print(f"{name:<13}{r['samples_s']:>10.2f}{r['tokens_s']:>10.0f}{100 * r['mfu']:>6.1f}%"
+                  f"{100 * r['padding']:>8.1f}%{r['peak_mib']:>10.0f}" +
+                  (f"{r['samples_s'] / base['samples_s']:>12.2f}{r['peak_mib'] / base['peak_mib']:>10.2f}"
+                   if base else ""))
+        report[stage] = rows
+    if "eval" in a.only.split(","):
+        one, batched = variant(a, "eval", 1), variant(a, "eval", 16)
+        same = one.pop("answers") == batched.pop("answers")
+        print(f"\neval ({a.eval_questions} questions, {a.new_tokens} new tokens each)\n"
+              f"batch 1: {one['samples_s']:.2f} samples/s | batch 16: {batched['samples_s']:.2f} samples/s | "
+              f"x{batched['samples_s'] / one['samples_s']:.2f} | identical answers: {same}")
+        report["eval"] = {"batch1": one, "batch16": batched, "identical_answers": same}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
