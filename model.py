@@ -161,6 +161,7 @@ class TinyLlava(nn.Module):
         self.vision_tower = vision_tower
         self.connector = connector
         self.args = args
+        self.image_size = image_size
         self.num_image_tokens = connector.num_tokens(vision_tower.num_tokens(image_size))
         self.supervised_only_loss = True   # False: the full-logits loss (same value, more memory)
         self.tower_no_grad = True          # False: a frozen tower still records autograd (bench.py's baseline)
@@ -216,13 +217,28 @@ class TinyLlava(nn.Module):
             logits = lm(inputs_embeds=embeds, attention_mask=attention_mask).logits[:, :-1][keep].float()
         loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
         if images is None and image_features is None and tower_features is None:
-            # A batch without pictures leaves the tower and connector out of the graph. Add them with weight 0
-            # so every trainable parameter gets a (zero) gradient: DDP / ZeRO ranks stay in step, and a
-            # text-only batch in a connector-only stage is a no-op instead of a "does not require grad" error.
-            extra = [p.sum() for m in (self.vision_tower, self.connector) for p in m.parameters() if p.requires_grad]
-            loss_sum = loss_sum + 0.0 * sum(extra) if extra else loss_sum
+            loss_sum = loss_sum + 0.0 * self.idle_images()
         n = keep.sum()
         return {"loss": loss_sum / n.clamp(min=1), "loss_sum": loss_sum, "num_tokens": n}
+
+    def idle_images(self):
+        """A batch without pictures leaves the tower and connector out of the graph; this term (times 0 in the
+        loss) gives every trainable parameter of theirs a zero gradient: DDP / ZeRO / FSDP ranks stay in step, and
+        a text-only batch in a connector-only stage is a no-op instead of a "does not require grad" error. Plain
+        weights are summed. Sharded ones (ZeRO-3, FSDP) exist only inside their module's forward, so there the
+        modules run on a zero input (the connector on a zero tower output; a trainable tower on a zero image)."""
+        params = [p for m in (self.vision_tower, self.connector) for p in m.parameters() if p.requires_grad]
+        if not params:
+            return 0.0
+        if not any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in params):
+            return sum(p.sum() for p in params)
+        device, dtype = self.language_model.get_input_embeddings().weight.device, self.vision_tower.dtype
+        if any(p.requires_grad for p in self.vision_tower.parameters()):
+            return self.encode_images(torch.zeros(1, 3, *self.image_size, dtype=dtype, device=device)).sum()
+        n = self.vision_tower.num_tokens(self.image_size)
+        feats = [torch.zeros(1, k, d, dtype=dtype, device=device)
+                 for k, d in zip(n if isinstance(n, tuple) else (n,), self.vision_tower.hidden_size)]
+        return self.connector(feats[0] if len(feats) == 1 else tuple(feats)).sum()
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, images=None, **kwargs):

@@ -133,8 +133,9 @@ def apply_recipe(model, cfg, verbose=True):
             module.requires_grad_(kind == "full")
     rows = []
     for comp, module in components(model).items():
-        total = sum(p.numel() for p in module.parameters())
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 partitions: numel() is 0)
+        total = sum(numel(p) for p in module.parameters())
+        trainable = sum(numel(p) for p in module.parameters() if p.requires_grad)
         rows.append((comp, tunes[comp], trainable, total))
     if verbose:
         print(f"{'component':<14}{'tune':<12}{'trainable':>15}{'total':>15}")

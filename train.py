@@ -263,6 +263,7 @@ def save_checkpoint(accelerator, stage_dir, step, cfg, scheduler):
 
 # ----------------------------------------------------------------------------- one stage
 def train_stage(cfg, accelerator, init, stage_dir):
+    from accelerate.utils import DistributedType
     from torch.utils.data import DataLoader
     from data import VLMDataset, collate
     from model import ModelArgs, build_model, load_pretrained
@@ -270,6 +271,12 @@ def train_stage(cfg, accelerator, init, stage_dir):
 
     torch.manual_seed(cfg["seed"])
     main = accelerator.is_main_process
+    ds = accelerator.state.deepspeed_plugin
+    lora = any(cfg[f"tune_{c}"] in ("lora", "qlora") for c in ("llm", "vision_tower", "connector"))
+    if lora and (accelerator.distributed_type == DistributedType.FSDP or ds is not None and ds.zero_stage == 3):
+        # final_save merges the adapters on the main process, whose model holds only its shard there
+        raise ValueError(f"stage {cfg['stage']!r}: LoRA / QLoRA stages run under DDP or ZeRO-2 "
+                         "(configs/accelerate/zero2.yaml, the original's setting), not ZeRO-3 or FSDP")
     margs = ModelArgs(**{k: cfg[k] for k in ModelArgs.__dataclass_fields__})
     llm_kwargs = quantization_kwargs(cfg)
     if init:
@@ -308,7 +315,6 @@ def train_stage(cfg, accelerator, init, stage_dir):
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.999), fused=False)
     warmup = math.ceil(cfg["warmup_ratio"] * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(cosine_with_warmup, warmup=warmup, total=total))
-    ds = accelerator.state.deepspeed_plugin
     if ds is not None:   # DeepSpeed owns accumulation and clipping: give it this stage's numbers, not "auto"
         ds.deepspeed_config.update(train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=accum,
                                    train_batch_size=mb * accum * world, gradient_clipping=cfg["grad_clip"])
@@ -434,7 +440,10 @@ def final_save(model, tokenizer, processor, stage_dir, cfg, state, init):
                     vt[k] = unwrap_peft(vt[k])
             else:
                 model.vision_tower._vision_tower = unwrap_peft(vt)
-        state = None
+        # a copy (tied weights stay one tensor): under ZeRO-2 the parameters are views into DeepSpeed's flat
+        # buffers, which safetensors refuses to write
+        copies = {}
+        state = {k: copies.setdefault(v.data_ptr(), v.detach().clone()) for k, v in model.state_dict().items()}
     save_pretrained(model, tokenizer, processor, stage_dir, state_dict=state)
     with open(os.path.join(stage_dir, "train_config.json"), "w") as f:
         json.dump(cfg, f, indent=1, default=str)
@@ -448,7 +457,7 @@ def unwrap_peft(m):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
     from transformers.utils import logging as hf_logging
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     if cfg["fp16"] and not torch.cuda.is_available():
@@ -459,6 +468,14 @@ def main(argv=None):
     gloo = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=precision, log_with=cfg["tracker"] or None, project_dir=cfg["out_dir"],
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if gloo else [])
+    # Launches whose processes would each train alone, without a word (cpu_feasibility.md §1, §3): --multi_gpu with
+    # no GPU and no ACCELERATE_USE_CPU=1 (DistributedType.NO), and FSDP, which Accelerate enables on GPUs only
+    kind, several = accelerator.distributed_type, int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several and kind == DistributedType.NO:
+        raise RuntimeError("several processes were launched but Accelerate set up no distributed training: each would "
+                           "train alone. Without GPUs: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...")
+    if several and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != DistributedType.FSDP:
+        raise RuntimeError(f"an FSDP launch, but Accelerate set up {kind}: FSDP runs on GPUs only")
     if accelerator.is_main_process:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
