@@ -45,8 +45,8 @@ STAGES = {  # the demo's data (real digits, shipped), a recipe stage each
 
 # ------------------------------------------------------------------------------------ FLOPs and the peak
 def linear_params(module, trainable=None):
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear)
-               and (trainable is None or m.weight.requires_grad == trainable))
+    return sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in module.modules() if isinstance(m, nn.Linear)
+               and (trainable is None or m.weight.requires_grad == trainable))   # ds_numel: ZeRO-3 partitions
 
 
 @torch.no_grad()
@@ -71,7 +71,7 @@ def train_flops(model, attention_mask, labels, n_images, per_image, tower_runs=T
     heads = cfg.num_attention_heads
     d_attn = heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     head = lm.get_output_embeddings()
-    head_params = head.weight.numel() if head is not None else 0
+    head_params = getattr(head.weight, "ds_numel", head.weight.numel()) if head is not None else 0
     n_head = float((labels[:, 1:] != -100).sum()) if model.supervised_only_loss else T
     dec = linear_params(lm) - head_params
     attn = 4.0 * cfg.num_hidden_layers * d_attn * float((lens ** 2).sum())
@@ -168,8 +168,8 @@ def run_train(a, stage, opts):
                    os.path.join(ROOT, "demo/images"))
         fill_s = time.time() - t0
     data = [collate([ds[i] for i in b], tok.pad_token_id) for b in batches]
-    if "compile" in opts:
-        model.language_model = torch.compile(model.language_model)
+    if "compile" in opts:   # as train.py --compile
+        model.language_model.get_decoder().compile()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=False)
     sync = torch.cuda.synchronize if a.device != "cpu" else (lambda: None)

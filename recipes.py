@@ -14,6 +14,7 @@ Tune types, per component:
     model, tok, proc = build_model(args, llm_kwargs=quantization_kwargs(cfg))   # only qlora needs this
     apply_recipe(model, cfg)     # freezes / wraps in place and prints the component table
 """
+import os
 import re
 
 import torch
@@ -142,3 +143,44 @@ def apply_recipe(model, cfg, verbose=True):
         for comp, tune, trainable, total in rows:
             print(f"{comp:<14}{tune:<12}{trainable:>15,}{total:>15,}")
     return rows
+
+
+def merge_adapters(model, stage_dir, cfg, init):
+    """For the final save of a stage: every LoRA component gets a standard PEFT adapter folder
+    (adapter_<component>/) and is merged into its base (QLoRA: onto the full-precision base of the previous
+    stage, `init`; merging into a 4-bit base is lossy). Returns (model to save, its state dict), (model, None)
+    when nothing is LoRA (the caller's state dict stands), or (None, None) when a QLoRA stage has no base."""
+    from peft import PeftModel
+    wrapped = {"llm": model.language_model, "connector": model.connector._connector}
+    vt = model.vision_tower._vision_tower
+    wrapped.update({f"vision_tower_{k}": v for k, v in vt.items()} if isinstance(vt, nn.ModuleDict)
+                   else {"vision_tower": vt})
+    if not any(isinstance(m, PeftModel) for m in wrapped.values()):
+        return model, None
+    for name, m in wrapped.items():
+        if isinstance(m, PeftModel):
+            m.save_pretrained(os.path.join(stage_dir, f"adapter_{name}"))
+    if cfg["tune_llm"] == "qlora":
+        from model import load_pretrained
+        if not init:
+            print("qlora without a previous stage: adapters saved, no merged model written")
+            return None, None
+        base = load_pretrained(init)[0]
+        base.language_model = PeftModel.from_pretrained(base.language_model,
+                                                        os.path.join(stage_dir, "adapter_llm")).merge_and_unload()
+        base.connector.load_state_dict(model.connector.state_dict())
+        base.vision_tower.load_state_dict(model.vision_tower.state_dict())
+        model = base
+    else:
+        unwrap = lambda m: m.merge_and_unload() if isinstance(m, PeftModel) else m  # noqa: E731
+        model.language_model = unwrap(model.language_model)
+        model.connector._connector = unwrap(model.connector._connector)
+        if isinstance(vt, nn.ModuleDict):
+            for k in list(vt.keys()):
+                vt[k] = unwrap(vt[k])
+        else:
+            model.vision_tower._vision_tower = unwrap(vt)
+    # a copy (tied weights stay one tensor): under ZeRO-2 the parameters are views into DeepSpeed's flat buffers,
+    # which safetensors refuses to write
+    copies = {}
+    return model, {k: copies.setdefault(v.data_ptr(), v.detach().clone()) for k, v in model.state_dict().items()}

@@ -16,6 +16,7 @@ Each stage writes out_dir/<n>_<stage>/ (a self-contained model, see model.save_p
 checkpoints in out_dir/<n>_<stage>/checkpoints/step_N (model, optimizer, scheduler, RNG, step, data position).
 """
 import ast
+import contextlib
 import difflib
 import json
 import math
@@ -53,6 +54,8 @@ DEFAULTS = dict(
     data_share_finetune="", images_share_finetune="",
     data_val="", images_val="",       # optional validation set (finetune-style template)
     group_by_length=True,             # batches of similar length, image and text-only samples apart
+    bad_samples="error",              # error: stop at the first bad record | skip: leave it out, count and report it
+    feature_cache="",                 # a folder: a frozen tower's outputs computed once, reused (model.FeatureCache)
     num_workers=2,
     # --- recipe (recipes.py)
     recipe="base",                    # base | share | lora | qlora
@@ -76,6 +79,9 @@ DEFAULTS = dict(
     bf16=True,                        # bf16 autocast (CPU and GPU)
     fp16=False,                       # fp16 autocast, GPU only
     gradient_checkpointing=False,
+    compile=False,                    # torch.compile the LLM
+    max_nonfinite_steps=3,            # a non-finite loss or gradient norm skips the step; this many in a row stop
+    peak_flops=0.0,                   # FLOP/s for the MFU in the log; 0 = measure this machine's matmul peak
     seed=42,
     # --- output
     out_dir="out/run",
@@ -240,9 +246,17 @@ def latest_checkpoint(stage_dir):
     return os.path.join(d, done[-1]) if done else None
 
 
-def save_checkpoint(accelerator, stage_dir, step, cfg, scheduler):
+def check_finite(accelerator, params, what):
+    """Raise (on every rank) if any rank holds a non-finite weight: such weights are never saved."""
+    ok = torch.tensor(float(all(bool(torch.isfinite(p).all()) for p in params)), device=accelerator.device)
+    if float(accelerator.reduce(ok, "sum")) < accelerator.num_processes:
+        raise RuntimeError(f"non-finite weights before {what}: not saved")
+
+
+def save_checkpoint(accelerator, stage_dir, step, cfg, scheduler, params=()):
     """accelerator.save_state into step_N.tmp, then an atomic rename: a crash mid-save leaves the previous
     checkpoint as the latest complete one. Keeps the newest cfg['keep_checkpoints']."""
+    check_finite(accelerator, params, f"the checkpoint of step {step}")
     d = os.path.join(stage_dir, "checkpoints")
     final, tmp = os.path.join(d, f"step_{step:08d}"), os.path.join(d, f"step_{step:08d}.tmp")
     if accelerator.is_main_process:
@@ -261,11 +275,38 @@ def save_checkpoint(accelerator, stage_dir, step, cfg, scheduler):
     accelerator.wait_for_everyone()
 
 
+def report_skipped(dataset, skipped, stage_dir, main):
+    """bad_samples="skip": every record left out, from every rank, counted and written to skipped.json."""
+    from accelerate.utils import gather_object
+    at_read = set(gather_object(sorted(skipped)))
+    rows = [{"index": i, "id": rid, "when": "load", "problem": why} for i, rid, why in dataset.skipped]
+    rows += [{"index": i, "id": rid, "when": "read"} for i, rid in sorted(at_read, key=lambda x: x[0])]
+    if main and rows:
+        os.makedirs(stage_dir, exist_ok=True)
+        with open(os.path.join(stage_dir, "skipped.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"{len(rows)} records of {dataset.source} skipped ({len(dataset.skipped)} when loading, "
+              f"{len(at_read)} when read: unreadable images, answers truncated away); see {stage_dir}/skipped.json")
+
+
+@contextlib.contextmanager
+def gathered(module):
+    """ZeRO-3 partitions weights at load: whole for the duration of the block (a no-op otherwise)."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(params):
+        yield
+
+
 # ----------------------------------------------------------------------------- one stage
 def train_stage(cfg, accelerator, init, stage_dir):
     from accelerate.utils import DistributedType
     from torch.utils.data import DataLoader
-    from data import VLMDataset, collate
+    from bench import image_flops, train_flops
+    from data import IMAGE_TOKEN_INDEX, VLMDataset, collate
     from model import ModelArgs, build_model, load_pretrained
     from recipes import apply_recipe, quantization_kwargs
 
@@ -294,8 +335,21 @@ def train_stage(cfg, accelerator, init, stage_dir):
     if not data:
         raise ValueError(f"stage {cfg['stage']!r} reads data_{cfg['data']}, which is not set")
     dataset = VLMDataset(data, tokenizer, processor, cfg["template"], model.num_image_tokens, cfg["max_length"],
-                         images or None, cfg["image_aspect_ratio"])
+                         images or None, cfg["image_aspect_ratio"], cfg["bad_samples"])
     world, mb = accelerator.num_processes, cfg["micro_batch_size"]
+    with gathered(model.vision_tower), gathered(model.connector):   # ZeRO-3 may have partitioned them at load
+        model.vision_tower.to(accelerator.device), model.connector.to(accelerator.device)
+        per_image = image_flops(model, model.image_size)   # for the MFU in the log
+        if cfg["feature_cache"] and not any(p.requires_grad for p in model.vision_tower.parameters()):
+            from model import FeatureCache
+            dataset.feature_cache = FeatureCache(cfg["feature_cache"], model, processor)
+            done, failed = dataset.feature_cache.fill(model, [r["image"] for r in dataset.records if r.get("image")],
+                                                      images, 4 * mb, accelerator.process_index, world)
+            if main:
+                print(f"feature cache {dataset.feature_cache.dir}: {done} images computed here ({failed} unreadable)")
+    accelerator.wait_for_everyone()
+    if cfg["compile"]:   # in place: the state-dict keys stay as they are
+        model.language_model.get_decoder().compile()
     accum = cfg["global_batch_size"] // (mb * world)
     if accum < 1 or accum * mb * world != cfg["global_batch_size"]:
         raise ValueError(f"global_batch_size {cfg['global_batch_size']} is not micro_batch_size {mb} x "
@@ -341,7 +395,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
                              cfg["max_length"], cfg["images_val"] or None, cfg["image_aspect_ratio"])
         val_loader = accelerator.prepare_data_loader(DataLoader(val_set, batch_size=mb, collate_fn=collate_fn))
 
-    losses, t0, seen, tokens = [], time.time(), 0, 0
+    losses, t0, seen, tokens, flops, bad_in_row, skipped = [], time.time(), 0, 0, 0.0, 0, set()
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         it = iter(accelerator.skip_first_batches(loader(epoch), done_in_epoch * accum))
@@ -354,23 +408,39 @@ def train_stage(cfg, accelerator, init, stage_dir):
             step_loss = 0.0
             for b in micro:
                 with accelerator.accumulate(model), accelerator.autocast():
-                    out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"])
+                    out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"],
+                                tower_features=b["tower_features"])
                     accelerator.backward(out["loss_sum"] * accum * world / max(n_step, 1))
                 step_loss += float(out["loss_sum"].detach())
                 seen += b["input_ids"].shape[0]
                 tokens += int(b["attention_mask"].sum())
-            grad_norm = accelerator.clip_grad_norm_(trainable, cfg["grad_clip"]) if cfg["grad_clip"] else None
-            optimizer.step()
+                n_img = int((b["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum())
+                flops += train_flops(raw, b["attention_mask"], b["labels"], n_img, per_image,
+                                     tower_runs=dataset.feature_cache is None)
+                skipped.update((i, rid) for i, rid, _ in b["skipped"])
+            # the norm is measured even without clipping (max_norm inf): a non-finite one skips the step
+            grad_norm = accelerator.clip_grad_norm_(trainable, cfg["grad_clip"] or math.inf)
+            grad_norm = float(grad_norm) if grad_norm is not None else 0.0   # DeepSpeed may not report one
+            loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(n_step, 1)
+            bad_in_row = bad_in_row + 1 if not (math.isfinite(loss) and math.isfinite(grad_norm)) else 0
+            if not bad_in_row:
+                optimizer.step()   # (DeepSpeed has already stepped inside backward: see the README)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(n_step, 1)
             losses.append(loss)
+            if bad_in_row and main:
+                print(f"step {step}: loss {loss} / gradient norm {grad_norm} not finite: step skipped ({bad_in_row} in a "
+                      f"row, the limit is {cfg['max_nonfinite_steps']})", flush=True)
+            if bad_in_row >= cfg["max_nonfinite_steps"]:
+                raise RuntimeError(f"stage {cfg['stage']}: {bad_in_row} steps in a row with a non-finite loss or "
+                                   f"gradient norm (last at step {step}); stopping. Latest complete checkpoint: "
+                                   f"{latest_checkpoint(stage_dir)} (lower lr, check the data, or --bf16=false)")
             if main and (step % cfg["log_every"] == 0 or step == total):
                 dt = time.time() - t0
-                gn = f" | grad {float(grad_norm):.3f}" if grad_norm is not None else ""
-                print(f"step {step}/{total} | loss {loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e}{gn} | "
-                      f"{seen * world / dt:.1f} samples/s | {tokens * world / dt:.0f} tok/s", flush=True)
+                print(f"step {step}/{total} | loss {loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | grad "
+                      f"{grad_norm:.3f} | {seen * world / dt:.1f} samples/s | {tokens * world / dt:.0f} tok/s | MFU "
+                      f"{100 * flops * world / dt / cfg['peak_flops']:.1f}%", flush=True)
                 accelerator.log({"loss": loss, "lr": scheduler.get_last_lr()[0]}, step=step)
             if val_loader is not None and step % cfg["val_every"] == 0:
                 val = validate(model, val_loader, accelerator, cfg["val_batches"])
@@ -378,11 +448,13 @@ def train_stage(cfg, accelerator, init, stage_dir):
                     print(f"step {step} | val loss {val:.4f}")
                 accelerator.log({"val_loss": val}, step=step)
             if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total:
-                save_checkpoint(accelerator, stage_dir, step, cfg, scheduler)
+                save_checkpoint(accelerator, stage_dir, step, cfg, scheduler, trainable)
             if step >= total:
                 break
 
     accelerator.wait_for_everyone()
+    report_skipped(dataset, skipped, stage_dir, main)
+    check_finite(accelerator, trainable, f"the final save of stage {cfg['stage']}")
     state = accelerator.get_state_dict(model)   # a collective: gathers ZeRO-3 shards
     if main:
         final_save(raw, tokenizer, processor, stage_dir, cfg, state, init)
@@ -409,49 +481,15 @@ def validate(model, val_loader, accelerator, max_batches):
 
 
 def final_save(model, tokenizer, processor, stage_dir, cfg, state, init):
-    """The stage's model, self-contained. LoRA components also get standard PEFT adapter dirs
-    (adapter_<component>/), and the model itself is written with the adapters merged."""
-    from peft import PeftModel
+    """The stage's model, self-contained; LoRA stages also write PEFT adapter folders and save merged."""
     from model import save_pretrained
-    wrapped = {"llm": model.language_model, "connector": model.connector._connector}
-    vt = model.vision_tower._vision_tower
-    wrapped.update({f"vision_tower_{k}": v for k, v in vt.items()} if isinstance(vt, torch.nn.ModuleDict)
-                   else {"vision_tower": vt})
-    for name, m in wrapped.items():
-        if isinstance(m, PeftModel):
-            m.save_pretrained(os.path.join(stage_dir, f"adapter_{name}"))
-    if any(isinstance(m, PeftModel) for m in wrapped.values()):
-        if cfg["tune_llm"] == "qlora":   # merging into a 4-bit base is lossy: merge onto the full-precision base
-            from model import load_pretrained
-            base, _, _ = load_pretrained(init) if init else (None, None, None)
-            if base is None:
-                print("qlora without a previous stage: adapters saved, no merged model written")
-                return
-            merged = PeftModel.from_pretrained(base.language_model, os.path.join(stage_dir, "adapter_llm")).merge_and_unload()
-            base.language_model = merged
-            base.connector.load_state_dict(model.connector.state_dict())
-            base.vision_tower.load_state_dict(model.vision_tower.state_dict())
-            model = base
-        else:
-            model.language_model = unwrap_peft(model.language_model)
-            model.connector._connector = unwrap_peft(model.connector._connector)
-            if isinstance(vt, torch.nn.ModuleDict):
-                for k in list(vt.keys()):
-                    vt[k] = unwrap_peft(vt[k])
-            else:
-                model.vision_tower._vision_tower = unwrap_peft(vt)
-        # a copy (tied weights stay one tensor): under ZeRO-2 the parameters are views into DeepSpeed's flat
-        # buffers, which safetensors refuses to write
-        copies = {}
-        state = {k: copies.setdefault(v.data_ptr(), v.detach().clone()) for k, v in model.state_dict().items()}
-    save_pretrained(model, tokenizer, processor, stage_dir, state_dict=state)
+    from recipes import merge_adapters
+    merged, merged_state = merge_adapters(model, stage_dir, cfg, init)
+    if merged is None:
+        return
+    save_pretrained(merged, tokenizer, processor, stage_dir, state_dict=state if merged_state is None else merged_state)
     with open(os.path.join(stage_dir, "train_config.json"), "w") as f:
         json.dump(cfg, f, indent=1, default=str)
-
-
-def unwrap_peft(m):
-    from peft import PeftModel
-    return m.merge_and_unload() if isinstance(m, PeftModel) else m
 
 
 # ----------------------------------------------------------------------------- main
@@ -482,6 +520,10 @@ def main(argv=None):
             json.dump(cfg, f, indent=1, default=str)
     if cfg["tracker"]:
         accelerator.init_trackers("tinyllava-nano", config={k: str(v) for k, v in cfg.items()})
+    if not cfg["peak_flops"]:   # the MFU's denominator: this machine's matmul peak in the training dtype
+        from bench import matmul_peak
+        dtype = torch.bfloat16 if cfg["bf16"] else torch.float16 if cfg["fp16"] else torch.float32
+        cfg["peak_flops"] = matmul_peak(dtype, accelerator.device.type, seconds=0.25)
     init, results = cfg["init_from"], {}
     for i, scfg in enumerate(stage_configs(cfg)):
         stage_dir = os.path.join(cfg["out_dir"], f"{i + 1}_{scfg['stage']}")

@@ -124,3 +124,141 @@ def test_the_check_reads_a_training_config(tiny_llms, tiny_towers, tmp_path, cap
     out = capsys.readouterr().out
     assert f"(stage finetune of {cfg})" in out and "incl. 16 per image (llama template)" in out
     assert "answer truncated away at max_length=64" in out
+
+
+# ----------------------------------------------------------------------------- training: skip, NaN, SIGKILL
+import random  # noqa: E402
+import torch  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from accelerate.state import AcceleratorState  # noqa: E402
+
+import train  # noqa: E402
+from conftest import write_dataset  # noqa: E402
+from model import load_pretrained  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_args(tiny_llms, tiny_towers, data, images, out, *extra):
+    return [f"--llm={tiny_llms['llama']}", f"--vision_tower={tiny_towers['siglip']}", "--template=llama",
+            f"--data_finetune={data}", f"--images_finetune={images}", f"--out_dir={out}", "--bf16=false",
+            "--num_workers=0", "--warmup_ratio=0", "--lr=1e-3", "--max_length=256", "--peak_flops=1e10",
+            "--stages=[{'name': 'finetune', 'tune_llm': 'full'}]", *extra]
+
+
+def run_main(args):
+    AcceleratorState._reset_state(True)
+    try:
+        return train.main(args)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_training_skips_and_reports_every_bad_record(tiny_llms, tiny_towers, tmp_path, capsys):
+    path, images, expected = broken_dataset(tmp_path)
+    args = train_args(tiny_llms, tiny_towers, path, images, tmp_path / "run", "--global_batch_size=2",
+                      "--micro_batch_size=2", "--epochs=1", "--max_length=64")   # record 12's answer is cut away
+    with pytest.raises(DataError, match=r"record 3 \(id='no-tag'\)"):
+        run_main(args)                                   # bad_samples="error" (the default) stops
+    final, losses = run_main(args + ["--bad_samples=skip"])
+    out = capsys.readouterr().out
+    assert f"9 records of {path} skipped (6 when loading, 3 when read" in out
+    rows = json.load(open(os.path.join(final, "skipped.json")))
+    assert {r["index"] for r in rows} == set(expected)
+    assert {r["id"] for r in rows if r["when"] == "read"} == {"missing", "corrupt", "too-long"}
+    assert all(torch.isfinite(torch.tensor(x)) for x in losses["finetune"])
+
+
+def poison_loss(monkeypatch, from_call, to_call=10 ** 9):
+    """TinyLlava.forward returns a NaN loss on training calls from_call..to_call (1-based)."""
+    from model import TinyLlava
+    real, calls = TinyLlava.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if kwargs.get("labels") is not None and self.training:
+            calls[0] += 1
+            if from_call <= calls[0] <= to_call:
+                out = {**out, "loss_sum": out["loss_sum"] * float("nan")}
+        return out
+    monkeypatch.setattr(TinyLlava, "forward", forward)
+
+
+def test_a_nonfinite_step_is_skipped_and_counted(tiny_llms, tiny_towers, tmp_path, monkeypatch, capsys):
+    data, images = write_dataset(str(tmp_path / "d"), n=12, text_only=0)
+    common = ["--global_batch_size=4", "--micro_batch_size=2", "--max_steps=4", "--save_every=1"]
+    _, clean = run_main(train_args(tiny_llms, tiny_towers, data, images, tmp_path / "clean", *common))
+    poison_loss(monkeypatch, 3, 4)                      # both micro-batches of step 2
+    final, losses = run_main(train_args(tiny_llms, tiny_towers, data, images, tmp_path / "nan", *common))
+    losses = losses["finetune"]
+    assert losses[0] == pytest.approx(clean["finetune"][0]) and losses[1] != losses[1]   # NaN
+    assert "step 2: loss nan / gradient norm nan not finite: step skipped (1 in a row" in capsys.readouterr().out
+    assert all(x == x for x in losses[2:])
+    model = load_pretrained(final)[0]
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    # the skipped step left the weights alone: step 2's checkpoint holds step 1's weights
+    ckpt = sorted(os.listdir(os.path.join(final, "checkpoints")))
+    assert ckpt == ["step_00000002", "step_00000003"]
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_and_nothing_nonfinite_is_saved(tiny_llms, tiny_towers, tmp_path,
+                                                                             monkeypatch):
+    data, images = write_dataset(str(tmp_path / "d"), n=12, text_only=0)
+    poison_loss(monkeypatch, 3)                         # every step from step 2 on
+    args = train_args(tiny_llms, tiny_towers, data, images, tmp_path / "run", "--global_batch_size=4",
+                      "--micro_batch_size=2", "--max_steps=6", "--save_every=1", "--max_nonfinite_steps=2",
+                      "--keep_checkpoints=5")
+    with pytest.raises(RuntimeError, match=r"2 steps in a row with a non-finite loss.*last at step 3.*step_00000002"):
+        run_main(args)
+    monkeypatch.undo()
+    # weights poisoned by an optimizer step: the checkpoint refuses to save them, the last good one stays
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        out = real_step(self, *a, **k)
+        if self.state[self.param_groups[0]["params"][0]]["step"] >= 2:
+            self.param_groups[0]["params"][0].data.fill_(float("nan"))
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(RuntimeError, match="non-finite weights before the checkpoint of step 2: not saved"):
+        run_main(args[:-3] + ["--out_dir=" + str(tmp_path / "run2"), "--save_every=1"])
+    assert sorted(os.listdir(tmp_path / "run2" / "1_finetune" / "checkpoints")) == ["step_00000001"]
+
+
+def kill_args(tiny_llms, tiny_towers, tmp_path):
+    data, images = write_dataset(str(tmp_path / "d"), n=16, text_only=4)
+    return lambda out: train_args(tiny_llms, tiny_towers, data, images, out, "--global_batch_size=4",
+                                  "--micro_batch_size=2", "--max_steps=8", "--save_every=2", "--keep_checkpoints=2")
+
+
+def test_sigkill_during_a_save_and_at_a_random_step_then_resume(tiny_llms, tiny_towers, tmp_path):
+    args = kill_args(tiny_llms, tiny_towers, tmp_path)
+    final, full = run_main(args(tmp_path / "full"))
+    env = {**os.environ, "KILL_SAVE_STEP": "4", "DS_ACCELERATOR": "cpu"}
+    # 1. killed while writing step 4's checkpoint: step 2's stays the latest complete one
+    p = subprocess.run([sys.executable, "tests/kill_worker.py", *args(tmp_path / "a")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL and "SIGKILL while writing" in p.stdout, p.stderr[-2000:]
+    ckpts = sorted(os.listdir(tmp_path / "a" / "1_finetune" / "checkpoints"))
+    assert ckpts == ["step_00000002", "step_00000004.tmp"]     # the half-written one is never picked up
+    assert train.latest_checkpoint(str(tmp_path / "a" / "1_finetune")).endswith("step_00000002")
+    # 2. plain train.py killed at a random step (seeded), whatever it was doing
+    k = random.Random(0).randint(3, 7)
+    proc = subprocess.Popen([sys.executable, "train.py", *args(tmp_path / "b")], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    for line in proc.stdout:
+        if line.startswith(f"step {k}/8 "):
+            proc.send_signal(signal.SIGKILL)
+            break
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    # "step k" is logged before step k's checkpoint is written: the latest complete one is the last even step < k
+    for out, first in ((tmp_path / "a", 2), (tmp_path / "b", 2 * ((k - 1) // 2))):
+        assert train.latest_checkpoint(str(out / "1_finetune")).endswith(f"step_{first:08d}")
+        _, resumed = run_main(args(out) + ["--resume"])
+        assert resumed["finetune"] == pytest.approx(full["finetune"][first:], rel=1e-5)
+        a, b = load_pretrained(final)[0].state_dict(), load_pretrained(str(out / "1_finetune"))[0].state_dict()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -173,8 +173,8 @@ def test_loss_falls_and_resume_matches(tiny_llms, tiny_towers, dataset, tmp_path
 
     real_save = train.save_checkpoint
 
-    def crash_after_second_save(accelerator, stage_dir, step, cfg, scheduler):
-        real_save(accelerator, stage_dir, step, cfg, scheduler)
+    def crash_after_second_save(accelerator, stage_dir, step, cfg, scheduler, params=()):
+        real_save(accelerator, stage_dir, step, cfg, scheduler, params)
         if step == 4:
             raise KeyboardInterrupt("simulated crash")
     monkeypatch.setattr(train, "save_checkpoint", crash_after_second_save)
@@ -232,8 +232,8 @@ def test_resume_inside_a_later_stage(tiny_llms, tiny_towers, dataset, tmp_path, 
     _, full = train.main(run_args(tiny_llms, tiny_towers, dataset, tmp_path / "full", *common))
     real_save = train.save_checkpoint
 
-    def crash_in_finetune(accelerator, stage_dir, step, cfg, scheduler):
-        real_save(accelerator, stage_dir, step, cfg, scheduler)
+    def crash_in_finetune(accelerator, stage_dir, step, cfg, scheduler, params=()):
+        real_save(accelerator, stage_dir, step, cfg, scheduler, params)
         if cfg["stage"] == "finetune":
             raise KeyboardInterrupt("simulated crash")
     monkeypatch.setattr(train, "save_checkpoint", crash_in_finetune)
