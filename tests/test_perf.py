@@ -100,3 +100,37 @@ def test_flop_accounting_matches_torch_flop_counter(tiny_llms, tiny_towers, tmp_
 def test_matmul_peak_is_measured():
     peak = bench.matmul_peak(torch.float32, n=256, seconds=0.2)
     assert 1e8 < peak < 1e14
+
+
+def test_cached_feature_training_equals_uncached_step_for_step(tiny_llms, tiny_towers, tmp_path, monkeypatch):
+    """train.py with --feature_cache: the same losses and weights as running the frozen tower every step; a second
+    run (next stage, next run) computes nothing new."""
+    from accelerate.state import AcceleratorState
+    import train
+    from model import load_pretrained
+    data, images = write_dataset(str(tmp_path / "d"), n=12, text_only=4)
+
+    def run(out, *extra):
+        AcceleratorState._reset_state(True)
+        return train.main([f"--llm={tiny_llms['llama']}", f"--vision_tower={tiny_towers['siglip']}",
+                           "--template=llama", f"--data_finetune={data}", f"--images_finetune={images}",
+                           f"--out_dir={out}", "--bf16=false", "--num_workers=0", "--max_length=256",
+                           "--global_batch_size=4", "--micro_batch_size=2", "--max_steps=4", "--peak_flops=1e10",
+                           "--stages=[{'name': 'finetune', 'tune_llm': 'full', 'tune_vision_tower': 'frozen'}]",
+                           *extra])
+    plain, plain_losses = run(tmp_path / "plain")
+    cached, cached_losses = run(tmp_path / "cached", f"--feature_cache={tmp_path / 'cache'}")
+    assert cached_losses["finetune"] == pytest.approx(plain_losses["finetune"], rel=1e-5)
+    a, b = load_pretrained(plain)[0].state_dict(), load_pretrained(cached)[0].state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    entries = lambda: sorted(f for _, _, fs in os.walk(tmp_path / "cache") for f in fs)  # noqa: E731
+    assert len(entries()) == 12
+    before = {f: os.stat(os.path.join(r, f)).st_mtime_ns for r, _, fs in os.walk(tmp_path / "cache") for f in fs}
+    import model as model_py
+    real, calls = model_py.VisionTower.forward, []
+    monkeypatch.setattr(model_py.VisionTower, "forward", lambda self, x: calls.append(len(x)) or real(self, x))
+    run(tmp_path / "again", f"--feature_cache={tmp_path / 'cache'}")
+    assert calls == [1]   # only the one-image FLOP count: training read every feature from the cache
+    after = {f: os.stat(os.path.join(r, f)).st_mtime_ns for r, _, fs in os.walk(tmp_path / "cache") for f in fs}
+    assert after == before   # reused, not rewritten
