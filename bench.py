@@ -21,7 +21,10 @@ rows get a zero image through the tower, logits over the whole vocabulary, rando
   loss      LM head only at supervised positions                                 (model.supervised_only_loss)
   group     length- and modality-grouped batches                                 (train.grouped_batches)
   cache     frozen tower outputs computed once, read from disk                   (model.FeatureCache)
-  compile   torch.compile of the LLM                                             (train.py --compile)
+  compile   torch.compile of the LLM's decoder                                   (train.py --compile)
+  ckpt      gradient checkpointing: memory for time, so not in "all"             (train.py --gradient_checkpointing)
+Peak memory on CPU is the process's peak RSS; "step MiB" subtracts the RSS before the model was built (the
+interpreter and libraries), and the memory ratio is of that.
 """
 import argparse
 import json
@@ -36,7 +39,7 @@ import torch
 import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-OPTS = ["tower", "no_zero", "loss", "group", "cache", "compile"]
+OPTS = ["tower", "no_zero", "loss", "group", "cache", "compile", "ckpt"]
 STAGES = {  # the demo's data (real digits, shipped), a recipe stage each
     "pretrain": dict(data="demo/pretrain.json", template="pretrain", tune=("connector",)),
     "finetune": dict(data="demo/finetune.json", template="phi", tune=("llm", "connector")),
@@ -103,6 +106,11 @@ def matmul_peak(dtype=torch.float32, device="cpu", n=None, seconds=1.0):
     return best
 
 
+def rss_now():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
 def peak_memory(device):
     if device != "cpu":
         return torch.cuda.max_memory_allocated() / 2 ** 20
@@ -148,6 +156,7 @@ def run_train(a, stage, opts):
     from train import grouped_batches
     torch.manual_seed(0)
     spec = STAGES[stage]
+    before = rss_now()
     model, tok, proc = build(a.root, opts, a.dtype)
     model.to(a.device)
     for name, part in [("llm", model.language_model), ("vision_tower", model.vision_tower),
@@ -170,6 +179,9 @@ def run_train(a, stage, opts):
     data = [collate([ds[i] for i in b], tok.pad_token_id) for b in batches]
     if "compile" in opts:   # as train.py --compile
         model.language_model.get_decoder().compile()
+    if "ckpt" in opts:      # as train.py --gradient_checkpointing
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.language_model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=False)
     sync = torch.cuda.synchronize if a.device != "cpu" else (lambda: None)
@@ -203,13 +215,14 @@ def run_train(a, stage, opts):
     sync()
     dt = time.perf_counter() - t0
     result = {"samples_s": samples / dt, "tokens_s": tokens / dt, "flops_s": flops / dt,
-              "padding": 1 - tokens / padded, "peak_mib": peak_memory(a.device), "seconds": dt}
+              "padding": 1 - tokens / padded, "peak_mib": peak_memory(a.device), "seconds": dt,
+              "step_mib": peak_memory(a.device) - (before if a.device == "cpu" else 0)}
     if cache is not None:
         result["cache_fill_s"] = fill_s
     return result
 
 
-def run_eval(a, batch_size):
+def run_eval(a, batch_size, new_tokens):
     """Batched greedy answers to demo VQA questions through evaluate.answer (the real code path)."""
     import evaluate
     torch.manual_seed(0)
@@ -221,12 +234,12 @@ def run_eval(a, batch_size):
     items = items[:a.eval_questions]
     with tempfile.TemporaryDirectory() as tmp:
         evaluate.answer(model, tok, proc, items[:batch_size], os.path.join(ROOT, "demo/images"), "phi",
-                        os.path.join(tmp, "warm.jsonl"), batch_size, a.new_tokens, min_new_tokens=a.new_tokens)
+                        os.path.join(tmp, "warm.jsonl"), batch_size, new_tokens, min_new_tokens=new_tokens)
         t0 = time.perf_counter()
         rows = evaluate.answer(model, tok, proc, items, os.path.join(ROOT, "demo/images"), "phi",
-                               os.path.join(tmp, "a.jsonl"), batch_size, a.new_tokens, min_new_tokens=a.new_tokens)
+                               os.path.join(tmp, "a.jsonl"), batch_size, new_tokens, min_new_tokens=new_tokens)
         dt = time.perf_counter() - t0
-    return {"samples_s": len(rows) / dt, "tokens_s": len(rows) * a.new_tokens / dt, "peak_mib": peak_memory(a.device),
+    return {"samples_s": len(rows) / dt, "tokens_s": len(rows) * new_tokens / dt, "peak_mib": peak_memory(a.device),
             "seconds": dt, "answers": [r["text"] for r in rows]}
 
 
@@ -251,7 +264,7 @@ def main(argv=None):
     p.add_argument("--only", default="pretrain,finetune,eval")
     p.add_argument("--variants", default="", help="comma-separated optimisation sets to run, e.g. 'none,all,loss'")
     p.add_argument("--eval-questions", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--new-tokens", default="8,64", help="answer lengths to time (forced: min = max new tokens)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     a, _ = p.parse_known_args(argv)
@@ -259,7 +272,7 @@ def main(argv=None):
     a.passthrough = [x for x in (argv if argv is not None else sys.argv[1:]) if not x.startswith("--_variant")]
     if a._variant:   # a child: one measurement, JSON on the last stdout line
         kind, arg = json.loads(a._variant)
-        print(json.dumps(run_eval(a, arg) if kind == "eval" else run_train(a, kind, arg)))
+        print(json.dumps(run_eval(a, *arg) if kind == "eval" else run_train(a, kind, arg)))
         return None
     os.makedirs(a.root, exist_ok=True)
     make_base(a.root)
@@ -268,8 +281,9 @@ def main(argv=None):
     peak_bf16 = peak if dtype == torch.bfloat16 else matmul_peak(torch.bfloat16, a.device, n=512)
     print(f"{a.device} {a.dtype}: measured matmul peak {peak / 1e9:.1f} GFLOP/s ({a.dtype}), "
           f"bf16 {peak_bf16 / 1e9:.1f} GFLOP/s; {torch.get_num_threads()} threads")
-    sets = {"none": [], **{f"+{o}": [o] for o in OPTS}, "all": [o for o in OPTS if o != "compile"],
-            "all+compile": OPTS}
+    best = [o for o in OPTS if o not in ("compile", "ckpt")]
+    sets = {"none": [], **{f"+{o}": [o] for o in OPTS}, "all": best, "all+compile": best + ["compile"],
+            "all+ckpt": best + ["ckpt"]}
     if a.variants:
         sets = {k: v for k, v in sets.items() if k in a.variants.split(",")}
     report = {"device": a.device, "dtype": a.dtype, "peak_flops": peak, "peak_flops_bf16": peak_bf16}
@@ -281,20 +295,20 @@ def main(argv=None):
         base = rows.get("none")
         print(f"\n{stage} (micro-batch {a.micro_batch}, {a.steps} timed steps)\n"
               f"{'variant':<13}{'samples/s':>10}{'tokens/s':>10}{'MFU':>7}{'padding':>9}{'peak MiB':>10}"
-              f"{'x samples/s':>12}{'x memory':>10}")
+              f"{'step MiB':>10}{'x samples/s':>12}{'x memory':>10}")
         for name, r in rows.items():
             print(f"{name:<13}{r['samples_s']:>10.2f}{r['tokens_s']:>10.0f}{100 * r['mfu']:>6.1f}%"
-                  f"{100 * r['padding']:>8.1f}%{r['peak_mib']:>10.0f}" +
-                  (f"{r['samples_s'] / base['samples_s']:>12.2f}{r['peak_mib'] / base['peak_mib']:>10.2f}"
+                  f"{100 * r['padding']:>8.1f}%{r['peak_mib']:>10.0f}{r['step_mib']:>10.0f}" +
+                  (f"{r['samples_s'] / base['samples_s']:>12.2f}{r['step_mib'] / base['step_mib']:>10.2f}"
                    if base else ""))
         report[stage] = rows
-    if "eval" in a.only.split(","):
-        one, batched = variant(a, "eval", 1), variant(a, "eval", 16)
+    for n in [int(x) for x in a.new_tokens.split(",")] if "eval" in a.only.split(",") else []:
+        one, batched = variant(a, "eval", [1, n]), variant(a, "eval", [16, n])
         same = one.pop("answers") == batched.pop("answers")
-        print(f"\neval ({a.eval_questions} questions, {a.new_tokens} new tokens each)\n"
-              f"batch 1: {one['samples_s']:.2f} samples/s | batch 16: {batched['samples_s']:.2f} samples/s | "
-              f"x{batched['samples_s'] / one['samples_s']:.2f} | identical answers: {same}")
-        report["eval"] = {"batch1": one, "batch16": batched, "identical_answers": same}
+        print(f"\neval ({a.eval_questions} questions, {n} new tokens each): batch 1 {one['samples_s']:.2f} "
+              f"samples/s | batch 16 {batched['samples_s']:.2f} samples/s | x{batched['samples_s'] / one['samples_s']:.2f}"
+              f" | identical answers: {same}")
+        report[f"eval_{n}"] = {"batch1": one, "batch16": batched, "identical_answers": same}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)
