@@ -64,29 +64,36 @@ def image_flops(model, image_size):
     return tower_count.get_total_flops(), conn_count.get_total_flops()
 
 
-def train_flops(model, attention_mask, labels, n_images, per_image, tower_runs=True):
-    """Model FLOPs of one forward + backward on a batch (see the module docstring). per_image: image_flops()."""
+def flop_profile(model, image_size):
+    """What train_flops needs of a model, counted once (outside the training loop): which parts train, the LLM's
+    Linear and head sizes and attention width, the per-image FLOPs of the tower and connector."""
     lm, cfg = model.language_model, model.language_model.config
     trains = lambda m: any(p.requires_grad for p in m.parameters())  # noqa: E731
-    tower_trains, conn_trains, llm_trains = trains(model.vision_tower), trains(model.connector), trains(lm)
+    head = lm.get_output_embeddings()
+    heads = cfg.num_attention_heads
+    head_params = getattr(head.weight, "ds_numel", head.weight.numel()) if head is not None else 0
+    head_trains = head is not None and head.weight.requires_grad
+    return dict(tower_trains=trains(model.vision_tower), conn_trains=trains(model.connector), llm_trains=trains(lm),
+                dec=linear_params(lm) - head_params, head=head_params, layers=cfg.num_hidden_layers,
+                dec_trainable=linear_params(lm, trainable=True) - head_params * head_trains, head_trains=head_trains,
+                d_attn=heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
+                supervised_only=model.supervised_only_loss, per_image=image_flops(model, image_size))
+
+
+def train_flops(f, attention_mask, labels, n_images, tower_runs=True):
+    """Model FLOPs of one forward + backward on a batch (see the module docstring); f = flop_profile(model)."""
     lens = attention_mask.sum(1).double()
     T = float(lens.sum())
-    heads = cfg.num_attention_heads
-    d_attn = heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    head = lm.get_output_embeddings()
-    head_params = getattr(head.weight, "ds_numel", head.weight.numel()) if head is not None else 0
-    n_head = float((labels[:, 1:] != -100).sum()) if model.supervised_only_loss else T
-    dec = linear_params(lm) - head_params
-    attn = 4.0 * cfg.num_hidden_layers * d_attn * float((lens ** 2).sum())
-    fwd = 2.0 * dec * T + attn + 2.0 * head_params * n_head
-    bwd = (2.0 * dec * T + 2 * attn + 2.0 * head_params * n_head) if (tower_trains or conn_trains or llm_trains) else 0
-    if llm_trains:   # weight gradients (LoRA: of the adapters); the head's only where it ran
-        head_trains = head is not None and head.weight.requires_grad
-        bwd += 2.0 * (linear_params(lm, trainable=True) - head_params * head_trains) * T
-        bwd += 2.0 * head_params * n_head * head_trains
-    tower_f, conn_f = per_image
-    img = n_images * (conn_f * (1 + int(conn_trains) + int(tower_trains)) +
-                      (tower_f * (3 if tower_trains else 1) if tower_runs else 0))
+    n_head = float((labels[:, 1:] != -100).sum()) if f["supervised_only"] else T
+    attn = 4.0 * f["layers"] * f["d_attn"] * float((lens ** 2).sum())
+    fwd = 2.0 * f["dec"] * T + attn + 2.0 * f["head"] * n_head
+    grads_flow = f["tower_trains"] or f["conn_trains"] or f["llm_trains"]
+    bwd = (2.0 * f["dec"] * T + 2 * attn + 2.0 * f["head"] * n_head) if grads_flow else 0.0
+    if f["llm_trains"]:   # weight gradients (LoRA: of the adapters); the head's only where it ran
+        bwd += 2.0 * f["dec_trainable"] * T + 2.0 * f["head"] * n_head * f["head_trains"]
+    tower_f, conn_f = f["per_image"]
+    img = n_images * (conn_f * (1 + int(f["conn_trains"]) + int(f["tower_trains"])) +
+                      (tower_f * (3 if f["tower_trains"] else 1) if tower_runs else 0))
     return fwd + bwd + img
 
 
@@ -163,8 +170,9 @@ def run_train(a, stage, opts):
                        ("connector", model.connector)]:
         part.requires_grad_(name in spec["tune"])
     # model FLOPs count the useful work only: the truncated tower, real images (not the zero ones)
-    per_image = image_flops(model if "tower" in opts else build(a.root, ["tower"], a.dtype)[0].to(a.device),
-                            image_size(proc))
+    profile = flop_profile(model, image_size(proc))
+    if "tower" not in opts:
+        profile["per_image"] = image_flops(build(a.root, ["tower"], a.dtype)[0].to(a.device), image_size(proc))
     ds = VLMDataset(os.path.join(ROOT, spec["data"]), tok, proc, spec["template"], model.num_image_tokens, 2048,
                     os.path.join(ROOT, "demo/images"))
     batches = grouped_batches(ds.lengths, a.micro_batch, seed=0, group_by_length="group" in opts)
@@ -210,8 +218,7 @@ def run_train(a, stage, opts):
             samples += b["input_ids"].shape[0]
             tokens += int(b["attention_mask"].sum())
             padded += b["attention_mask"].numel()
-            flops += train_flops(model, b["attention_mask"], b["labels"], n_img, per_image,
-                                 tower_runs=cache is None)
+            flops += train_flops(profile, b["attention_mask"], b["labels"], n_img, tower_runs=cache is None)
     sync()
     dt = time.perf_counter() - t0
     result = {"samples_s": samples / dt, "tokens_s": tokens / dt, "flops_s": flops / dt,

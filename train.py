@@ -305,7 +305,7 @@ def gathered(module):
 def train_stage(cfg, accelerator, init, stage_dir):
     from accelerate.utils import DistributedType
     from torch.utils.data import DataLoader
-    from bench import image_flops, train_flops
+    from bench import flop_profile, train_flops
     from data import IMAGE_TOKEN_INDEX, VLMDataset, collate
     from model import ModelArgs, build_model, load_pretrained
     from recipes import apply_recipe, quantization_kwargs
@@ -339,7 +339,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     world, mb = accelerator.num_processes, cfg["micro_batch_size"]
     with gathered(model.vision_tower), gathered(model.connector):   # ZeRO-3 may have partitioned them at load
         model.vision_tower.to(accelerator.device), model.connector.to(accelerator.device)
-        per_image = image_flops(model, model.image_size)   # for the MFU in the log
+        flops_of = flop_profile(model, model.image_size)   # for the MFU in the log
         if cfg["feature_cache"] and not any(p.requires_grad for p in model.vision_tower.parameters()):
             from model import FeatureCache
             dataset.feature_cache = FeatureCache(cfg["feature_cache"], model, processor)
@@ -415,8 +415,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
                 seen += b["input_ids"].shape[0]
                 tokens += int(b["attention_mask"].sum())
                 n_img = int((b["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum())
-                flops += train_flops(raw, b["attention_mask"], b["labels"], n_img, per_image,
-                                     tower_runs=dataset.feature_cache is None)
+                flops += train_flops(flops_of, b["attention_mask"], b["labels"], n_img, dataset.feature_cache is None)
                 skipped.update((i, rid) for i, rid, _ in b["skipped"])
             # the norm is measured even without clipping (max_norm inf): a non-finite one skips the step
             grad_norm = accelerator.clip_grad_norm_(trainable, cfg["grad_clip"] or math.inf)

@@ -89,11 +89,11 @@ def test_flop_accounting_matches_torch_flop_counter(tiny_llms, tiny_towers, tmp_
     same = [i for i in range(len(ds)) if len(ds[i]["input_ids"]) == len(ds[1]["input_ids"])][:2]
     batch = collate([ds[i] for i in same], tok.unk_token_id)
     assert bool(batch["attention_mask"].all())   # no padding: every counted token is real
-    per_image = bench.image_flops(model, image_size(proc))
+    profile = bench.flop_profile(model, image_size(proc))
     with FlopCounterMode(display=False) as counter:
         model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
               images=batch["images"])["loss_sum"].backward()
-    ours = bench.train_flops(model, batch["attention_mask"], batch["labels"], len(same), per_image)
+    ours = bench.train_flops(profile, batch["attention_mask"], batch["labels"], len(same))
     assert ours == pytest.approx(counter.get_total_flops(), rel=0.05)
 
 
