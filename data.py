@@ -11,16 +11,19 @@
 
 Public API
     IGNORE_INDEX = -100, IMAGE_TOKEN_INDEX = -200, IMAGE_PLACEHOLDER = "<image>", DataError(ValueError)
-    load_records(path) -> list[dict]                    check_record(record, source, index)
+    read_records(path) -> list (parsed only)            load_records(path) -> list[dict] (read + checked)
+    record_problems(record, image_folder=None) -> [str]  check_record(record, source, index): DataError with them
     TEMPLATES: name -> ChatTemplate | HFChatTemplate     get_template(name_or_template)
     render(conversations, template, tokenizer=None, for_generation=False) -> (text, supervised char spans)
     encode(conversations, template, tokenizer, num_image_tokens, max_length=None, for_generation=False)
         -> {"input_ids": LongTensor[T], "labels": LongTensor[T]}
     load_image(path) -> PIL.Image (RGB);  preprocess_image(image, processor, aspect="square"|"pad") -> Tensor[3, H, W]
     VLMDataset(records_or_path, tokenizer, image_processor, template, num_image_tokens, max_length,
-               image_folder=None, image_aspect_ratio="square")
-        [i] -> {"input_ids", "labels", "pixel_values": Tensor[3, H, W] | None, "id"};  .lengths -> list[int]
-    collate(batch, pad_token_id, padding_side="right") -> {"input_ids", "attention_mask", "labels", "images"}
+               image_folder=None, image_aspect_ratio="square", bad_samples="error"|"skip", feature_cache=None)
+        [i] -> {"input_ids", "labels", "pixel_values": Tensor[3, H, W] | None, "tower_features", "id", ...}
+        .lengths -> list[int];  .skipped -> [(index, id, problem)] left out at load ("skip")
+    collate(batch, pad_token_id, padding_side="right") -> {"input_ids", "attention_mask", "labels", "images",
+                                                           "tower_features", "skipped"}
 
 Text format (TinyLLaVA Factory, = LLaVA-1.5 vicuna_v1 with the LLM's own EOS; LLaVA "plain" for pretraining):
     SYSTEM USER: <image>\\n{q1} ASSISTANT: {a1}<eos>USER: {q2} ASSISTANT: {a2}<eos>

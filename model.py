@@ -13,7 +13,8 @@ joined by a connector from connectors.py. The transformer blocks are Hugging Fac
 How images get in: data.py expands each `<image>` into `model.num_image_tokens` copies of the sentinel id
 IMAGE_TOKEN_INDEX (-200); `embed()` looks up the text embeddings and drops the connector's output into the
 sentinel positions with one masked_scatter. `images` holds only the pictures of the rows that have one, in
-batch order: text-only rows never run the tower (TinyLLaVA Factory feeds them a zero image).
+batch order: text-only rows never run the tower (TinyLLaVA Factory feeds them a zero image; the one exception
+is a trainable tower under ZeRO-3 / FSDP on a batch without pictures, see idle_images).
 
 State-dict keys follow TinyLLaVA Factory (`language_model.*`, `vision_tower._vision_tower.*`,
 `connector._connector.*`) so its checkpoints map onto ours (transformers 5 dropped the `vision_model.` level
@@ -448,7 +449,8 @@ class FeatureCache:
                     todo.append(image)
             except OSError:
                 pass   # missing image: the dataset reports it
-        done, failed, tower = 0, 0, model.vision_tower.eval()
+        done, failed, tower, was_training = 0, 0, model.vision_tower, model.vision_tower.training
+        tower.eval()
         for i in range(0, len(todo), batch_size):
             names, pixels = [], []
             for image in todo[i:i + batch_size]:
@@ -469,4 +471,5 @@ class FeatureCache:
                 save_file({str(k): f[j].cpu().contiguous() for k, f in enumerate(feats)}, tmp)
                 os.replace(tmp, path)
                 done += 1
+        tower.train(was_training)
         return done, failed

@@ -338,7 +338,8 @@ def train_stage(cfg, accelerator, init, stage_dir):
                          images or None, cfg["image_aspect_ratio"], cfg["bad_samples"])
     world, mb = accelerator.num_processes, cfg["micro_batch_size"]
     with gathered(model.vision_tower), gathered(model.connector):   # ZeRO-3 may have partitioned them at load
-        model.vision_tower.to(accelerator.device), model.connector.to(accelerator.device)
+        model.vision_tower.to(accelerator.device)
+        model.connector.to(accelerator.device)
         flops_of = flop_profile(model, model.image_size)   # for the MFU in the log
         if cfg["feature_cache"] and not any(p.requires_grad for p in model.vision_tower.parameters()):
             from model import FeatureCache

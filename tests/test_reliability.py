@@ -1,15 +1,24 @@
-"""Bad data gets a clear answer: a deliberately broken data set with one record of each kind of problem. The
-data check reports each (index and id), and the bad_samples="skip" policy leaves out exactly those records and
-reports them, while "error" stops at the first."""
+"""Bad data gets a clear answer, crashes lose nothing: a deliberately broken data set with one record of each kind
+of problem (the data check reports each with index and id; bad_samples="skip" leaves out exactly those records and
+reports them, "error" stops at the first); NaN injection; SIGKILL mid-save and at a random step, then resume."""
 import json
 import os
+import random
+import signal
+import subprocess
+import sys
 
 import pytest
+import torch
+from accelerate.state import AcceleratorState
 from PIL import Image
 from transformers import SiglipImageProcessor
 
 import check_data
+import train
+from conftest import write_dataset
 from data import DataError, VLMDataset, collate
+from model import load_pretrained
 from tiny_tokenizers import make_tokenizer
 
 N_IMG = 4
@@ -127,18 +136,6 @@ def test_the_check_reads_a_training_config(tiny_llms, tiny_towers, tmp_path, cap
 
 
 # ----------------------------------------------------------------------------- training: skip, NaN, SIGKILL
-import random  # noqa: E402
-import torch  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-from accelerate.state import AcceleratorState  # noqa: E402
-
-import train  # noqa: E402
-from conftest import write_dataset  # noqa: E402
-from model import load_pretrained  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
