@@ -396,6 +396,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
                              cfg["max_length"], cfg["images_val"] or None, cfg["image_aspect_ratio"])
         val_loader = accelerator.prepare_data_loader(DataLoader(val_set, batch_size=mb, collate_fn=collate_fn))
 
+    model.train()   # from_pretrained leaves the LLM in eval mode: no dropout, and HF checkpointing stays off
     losses, t0, seen, tokens, flops, bad_in_row, skipped = [], time.time(), 0, 0, 0.0, 0, set()
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)

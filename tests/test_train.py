@@ -266,6 +266,25 @@ def test_grouped_batches_cover_every_sample_and_align_modalities(world, group):
         assert pad(batches) < pad(shuffled)                                   # length grouping cuts padding
 
 
+def test_training_mode_dropout_and_checkpointing_are_live(tiny_llms, tiny_towers, dataset, tmp_path, monkeypatch):
+    """from_pretrained returns the LLM in eval mode: the loop must switch it to train mode, or dropout is off and
+    HF's gradient checkpointing (gated on .training) silently never recomputes. With checkpointing each decoder
+    layer runs twice per micro-batch (forward, then again in backward)."""
+    from transformers.models.llama.modeling_llama import LlamaMLP   # inside the checkpointed decoder layer
+    calls, forward = [], LlamaMLP.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(self.training)
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(LlamaMLP, "forward", spy)
+    for ckpt, runs in [("false", 1), ("true", 2)]:
+        calls.clear()
+        finetune(tiny_llms, tiny_towers, dataset, tmp_path / ckpt, "--global_batch_size=2", "--micro_batch_size=2",
+                 "--max_steps=1", f"--gradient_checkpointing={ckpt}")
+        layers = len(calls) // runs
+        assert calls and all(calls) and layers * runs == len(calls) and layers == 2, (ckpt, calls)
+
+
 def test_validation_loss_and_gradient_checkpointing(tiny_llms, tiny_towers, dataset, tmp_path, capsys):
     data, images = dataset
     _, res = finetune(tiny_llms, tiny_towers, dataset, tmp_path / "v", "--global_batch_size=4", "--micro_batch_size=2",
