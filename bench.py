@@ -140,23 +140,31 @@ def peak_memory(device):
 
 
 # --------------------------------------------------------------------------------------- the bench model
-def make_base(root, vocab=32000, seed=0):
-    """The ~20M bench model's parts, random init, saved like Hub checkpoints (built once, reused)."""
+SIZES = {  # hidden, layers, heads, FFN of the LLM; the same of the tower; image px; vocabulary
+    "bench": dict(llm=(384, 6, 6, 1024), tower=(256, 4, 4, 1024), px=224, vocab=32000),
+    "tiny": dict(llm=(64, 2, 2, 128), tower=(32, 1, 2, 64), px=64, vocab=1024),   # tests/test_perf.py: seconds
+}
+
+
+def make_base(root, size="bench", seed=0):
+    """The bench model's parts, random init, saved like Hub checkpoints (built once per root, reused)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipImageProcessor, SiglipVisionConfig, \
         SiglipVisionModel
     if os.path.isfile(f"{root}/siglip/config.json"):
         return
     torch.manual_seed(seed)
+    (h, n, heads, ffn), (vh, vn, vheads, vffn), px = SIZES[size]["llm"], SIZES[size]["tower"], SIZES[size]["px"]
     tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "demo/tokenizer"))  # 525 real tokens; logits over 32k
-    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                                 num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024,
-                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)).save_pretrained(f"{root}/llm")
+    LlamaForCausalLM(LlamaConfig(vocab_size=SIZES[size]["vocab"], hidden_size=h, intermediate_size=ffn,
+                                 num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=heads,
+                                 max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                     ).save_pretrained(f"{root}/llm")
     tok.save_pretrained(f"{root}/llm")
-    SiglipVisionModel(SiglipVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                         num_attention_heads=4, image_size=224, patch_size=16)
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=vh, intermediate_size=vffn, num_hidden_layers=vn,
+                                         num_attention_heads=vheads, image_size=px, patch_size=16)
                       ).save_pretrained(f"{root}/siglip")
-    SiglipImageProcessor(size={"height": 224, "width": 224}).save_pretrained(f"{root}/siglip")
+    SiglipImageProcessor(size={"height": px, "width": px}).save_pretrained(f"{root}/siglip")
 
 
 def build(root, opts, dtype):
@@ -287,7 +295,8 @@ def variant(a, kind, arg):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=os.path.join(ROOT, "out/bench"), help="bench model and feature cache")
+    p.add_argument("--root", default=None, help="bench model and feature cache (default: out/bench[-tiny])")
+    p.add_argument("--size", default="bench", choices=list(SIZES), help="tiny: a seconds-long smoke run (tests)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on GPU; on CPU the one with the higher matmul peak)")
     p.add_argument("--micro-batch", type=int, default=8)
@@ -301,12 +310,13 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     a, _ = p.parse_known_args(argv)
+    a.root = a.root or os.path.join(ROOT, "out", "bench" if a.size == "bench" else f"bench-{a.size}")
     if a._variant:   # a child (its dtype set by the parent): one measurement, JSON on the last stdout line
         kind, arg = json.loads(a._variant)
         print(json.dumps(run_eval(a, *arg) if kind == "eval" else run_train(a, kind, arg)))
         return None
     os.makedirs(a.root, exist_ok=True)
-    make_base(a.root)
+    make_base(a.root, a.size)
     peaks = {"bfloat16": matmul_peak(torch.bfloat16, a.device, n=None if a.device != "cpu" else 512)}
     if a.device == "cpu":
         peaks["float32"] = matmul_peak(torch.float32, a.device)

@@ -1,6 +1,7 @@
 """The optimisations leave results unchanged, and the speed accounting is right: cached tower features give the
 same loss and gradients as running the tower; the cache is keyed by everything the features depend on; the
-analytic FLOP count matches torch's FlopCounterMode; an interrupted cache fill leaves no partial entries."""
+analytic FLOP count matches torch's FlopCounterMode; an interrupted cache fill leaves no partial entries; the bench
+driver runs end to end."""
 import os
 
 import pytest
@@ -134,3 +135,21 @@ def test_cached_feature_training_equals_uncached_step_for_step(tiny_llms, tiny_t
     assert calls == [1]   # only the one-image FLOP count: training read every feature from the cache
     after = {f: os.stat(os.path.join(r, f)).st_mtime_ns for r, _, fs in os.walk(tmp_path / "cache") for f in fs}
     assert after == before   # reused, not rewritten
+
+
+def test_bench_driver_end_to_end_on_the_tiny_model(tmp_path):
+    """`python bench.py` as a user runs it (each variant in its own process), shrunk to seconds: every row has
+    its measurements, grouping removes the padding, and batched answers equal one-by-one answers."""
+    r = bench.main(["--size", "tiny", "--root", str(tmp_path), "--only", "pretrain,finetune,eval",
+                    "--variants", "none,all", "--steps", "1", "--warmup", "1", "--rounds", "2",
+                    "--micro-batch", "2", "--new-tokens", "2", "--eval-questions", "4", "--out", str(tmp_path / "r.json")])
+    assert r["dtype"] in ("float32", "bfloat16") and r["peak_flops"] > 1e9
+    for stage in ("pretrain", "finetune"):
+        assert set(r[stage]) == {"none", "all"}
+        for row in r[stage].values():
+            assert row["samples_s"] > 0 and row["tokens_s"] > row["samples_s"] and 0 < row["mfu"] < 1.5
+            assert 0 <= row["padding"] < 1 and row["step_mib"] > 0 and row["peak_mib"] > row["step_mib"]
+        assert "cache_fill_s" in r[stage]["all"] and "cache_fill_s" not in r[stage]["none"]
+    assert r["finetune"]["all"]["padding"] < r["finetune"]["none"]["padding"]
+    assert r["eval_2"]["identical_answers"] and r["eval_2"]["batch16"]["samples_s"] > 0
+    assert os.path.isfile(tmp_path / "r.json")
