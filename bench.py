@@ -298,7 +298,8 @@ def main(argv=None):
     p.add_argument("--root", default=None, help="bench model and feature cache (default: out/bench[-tiny])")
     p.add_argument("--size", default="bench", choices=list(SIZES), help="tiny: a seconds-long smoke run (tests)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on GPU; on CPU the one with the higher matmul peak)")
+    p.add_argument("--dtype", default=None,
+                   help="float32 | bfloat16 (default: bfloat16 on GPU; on CPU the one with the higher matmul peak)")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)

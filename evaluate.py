@@ -103,9 +103,10 @@ def key(row):
 # ---------------------------------------------------------------------------- answering (batched generation)
 def answer(model, tokenizer, processor, items, image_folder, template, answers_file, batch_size=16,
            max_new_tokens=128, model_id="tinyllava-nano", **generate_kwargs):
-    """Answers in LLaVA's answer-file format, appended (and flushed) batch by batch; items already in answers_file
-    are skipped, so an interrupted run resumes. Batched: left padding, KV cache; greedy unless generate_kwargs
-    say otherwise. Returns the rows in item order."""
+    """Answers in LLaVA's answer-file format, in question order (POPE's and MME's official scorers read it in
+    order), appended and flushed every 8 batches; items already in answers_file are skipped, so an interrupted run
+    resumes. Batched: left padding, KV cache, and inside each 8-batch window the questions are grouped by prompt
+    length so a batch pads little; greedy unless generate_kwargs say otherwise. Returns the rows in item order."""
     import torch
     from data import collate, encode, load_image, preprocess_image
     done = set()
@@ -124,25 +125,30 @@ def answer(model, tokenizer, processor, items, image_folder, template, answers_f
                 "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
 
     with open(answers_file, "a") as out:
-        for it in [it for it in todo if "answer" in it]:
-            out.write(json.dumps(row(it, it["answer"])) + "\n")
-        todo = [it for it in todo if "answer" not in it]
-        for i in range(0, len(todo), batch_size):
-            chunk, samples = todo[i:i + batch_size], []
-            for it in chunk:
-                text = ("<image>\n" + it["text"]) if it["image"] else it["text"]
-                s = encode([{"from": "human", "value": text}], template, tokenizer, model.num_image_tokens,
-                           for_generation=True)
-                s["pixel_values"] = None if not it["image"] else preprocess_image(
-                    load_image(os.path.join(image_folder, it["image"])), processor, model.args.image_aspect_ratio)
-                samples.append(s)
-            batch = collate(samples, tokenizer.pad_token_id, padding_side="left")
-            with torch.no_grad():
-                new = model.generate(batch["input_ids"], batch["attention_mask"], images=batch["images"],
-                                     max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                     **generate_kwargs)
-            for it, ids in zip(chunk, new):
-                out.write(json.dumps(row(it, tokenizer.decode(ids, skip_special_tokens=True).strip())) + "\n")
+        window = batch_size * 8   # sorted by prompt length inside a window (less left padding), written in order
+        for w in range(0, len(todo), window):
+            part = todo[w:w + window]
+            texts = {j: it["answer"] for j, it in enumerate(part) if "answer" in it}   # fixed by the benchmark
+            prompts = {j: ("<image>\n" if it["image"] else "") + it["text"]
+                       for j, it in enumerate(part) if j not in texts}
+            encoded = {j: encode([{"from": "human", "value": text}], template, tokenizer, model.num_image_tokens,
+                                 for_generation=True) for j, text in prompts.items()}
+            order = sorted(encoded, key=lambda j: len(encoded[j]["input_ids"]))
+            for i in range(0, len(order), batch_size):
+                chunk = order[i:i + batch_size]
+                for j in chunk:
+                    encoded[j]["pixel_values"] = None if not part[j]["image"] else preprocess_image(
+                        load_image(os.path.join(image_folder, part[j]["image"])), processor,
+                        model.args.image_aspect_ratio)
+                batch = collate([encoded[j] for j in chunk], tokenizer.pad_token_id, padding_side="left")
+                with torch.no_grad():
+                    new = model.generate(batch["input_ids"], batch["attention_mask"], images=batch["images"],
+                                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                         **generate_kwargs)
+                for j, ids in zip(chunk, new):
+                    texts[j] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    encoded[j]["pixel_values"] = None   # a window holds its images only while they are in use
+            out.write("".join(json.dumps(row(it, texts[j])) + "\n" for j, it in enumerate(part)))
             out.flush()
     rows = {key(r): r for r in read_json(answers_file)}
     return [rows[key(it)] for it in items if key(it) in rows]

@@ -161,6 +161,10 @@ def test_every_benchmark_batched_equals_one_by_one(setup, tmp_path, capsys):
         b4 = evaluate.read_json(str(tmp_path / "b4" / f"{bench}_answers.jsonl"))
         b1 = evaluate.read_json(str(tmp_path / "b1" / f"{bench}_answers.jsonl"))
         assert [(x["question_id"], x["text"]) for x in b4] == [(x["question_id"], x["text"]) for x in b1]
+        # generated grouped by prompt length, written in question order (POPE's and MME's scorers read it in order)
+        spec = evaluate.BENCHES[bench]
+        qfile = os.path.join(data, spec["dir"], spec["questions"])
+        assert [x["question_id"] for x in b4] == [q["question_id"] for q in evaluate.load_questions(bench, qfile)]
         assert set(b4[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
     generated = [x["text"] for b in evaluate.BENCHES if b != "mmmu"
                  for x in evaluate.read_json(str(tmp_path / "b4" / f"{b}_answers.jsonl"))]
