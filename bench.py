@@ -211,7 +211,7 @@ def run_train(a, stage, opts):
     if "compile" in opts:   # as train.py --compile
         model.language_model.get_decoder().compile()
     if "ckpt" in opts:      # as train.py --gradient_checkpointing
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.language_model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=False)

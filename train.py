@@ -328,7 +328,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
         print(f"\n=== stage {cfg['stage']}: from {init or 'pretrained parts'} -> {stage_dir}")
     apply_recipe(model, cfg, verbose=main)
     if cfg["gradient_checkpointing"]:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.language_model.enable_input_require_grads()   # checkpointing through a frozen embedding
 
     data, images = cfg[f"data_{cfg['data']}"], cfg[f"images_{cfg['data']}"]

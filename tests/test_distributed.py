@@ -210,11 +210,12 @@ def reference(base, tmp_path_factory):
 
 
 def run_mode(mode, base, out):
-    """Launch A: the full run; the first stage again with rank 1's gradient sync off; (ZeRO-3) a LoRA stage, which
+    """Launch A: the full run, with gradient checkpointing as in every real config (the reference runs without:
+    recomputing must not change a number); the first stage again with rank 1's gradient sync off; (ZeRO-3) a LoRA stage, which
     must be refused; (DDP, ZeRO-3) a run SIGKILLed right after its finetune step-1 checkpoint.
     Launch B (DDP, ZeRO-3), a new set of processes: resume the killed run. ZeRO-3's launch B is two_nodes.yaml:
     two launchers of one process each, as on two machines."""
-    jobs = [dict(name="main", argv=argv(base, f"{out}/main", STAGES[mode])),
+    jobs = [dict(name="main", argv=argv(base, f"{out}/main", STAGES[mode], "--gradient_checkpointing=true")),
             dict(name="desync", argv=argv(base, f"{out}/desync", [PRETRAIN]), desync_rank=1)]
     if mode == "zero3":
         jobs.append(dict(name="lora", argv=argv(base, f"{out}/lora", [LORA]), expect_error=True))
