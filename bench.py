@@ -4,7 +4,7 @@ on alone and all together, as ratios to the unoptimised loop, in one run (this m
 
     python bench.py                          # CPU: Llama 384 x 6 (32k vocab) + SigLIP 256 x 4 at 224 px
     python bench.py --device cuda --dtype bfloat16 --micro-batch 16 --steps 20
-    python bench.py --only pretrain --steps 3          # one stage; also: finetune, eval
+    python bench.py --only pretrain --steps 3          # one stage; also: finetune, eval, loss
 
 Reports samples/s, tokens/s (non-padding tokens), MFU, padding fraction and peak memory (RSS on CPU, allocated on
 GPU; each variant runs in its own process, so peaks do not leak between them). MFU = model FLOPs / time / peak,
@@ -19,11 +19,13 @@ The unoptimised loop is the original's: the frozen tower runs all its layers wit
 rows get a zero image through the tower, logits over the whole vocabulary, random batches. Optimisations:
   tower     frozen tower truncated at the feature layer, without autograd     (model.truncate_tower, tower_no_grad)
   no_zero   text-only rows never see the tower                                   (what model.py always does)
-  loss      LM head only at supervised positions                                 (model.supervised_only_loss)
+  loss      LM head only at supervised positions, chunked there                  (model.supervised_only_loss)
   group     length- and modality-grouped batches                                 (train.grouped_batches)
   cache     frozen tower outputs computed once, read from disk                   (model.FeatureCache)
   compile   torch.compile of the LLM's decoder                                   (train.py --compile)
   ckpt      gradient checkpointing: memory for time, so not in "all"             (train.py --gradient_checkpointing)
+`--only loss` times the LM-head loss alone at Gemma's 256k vocabulary: the supervised positions' logits at once
+against LinearCrossEntropy's chunks (model.chunked_loss), where the bench model's few-token answers cannot show it.
 Peak memory on CPU is the peak RSS (VmHWM) from the first training step on, so the model build's transients are
 left out; "step MiB" subtracts the RSS before the model was built (the interpreter and libraries), and the memory
 ratio is of that. The dtype is bf16 on a GPU; on a CPU, whichever of fp32 and bf16 has the higher measured matmul
@@ -283,6 +285,28 @@ def run_eval(a, batch_size, new_tokens):
             "seconds": dt, "answers": [r["text"] for r in rows]}
 
 
+def run_loss(a, chunked, rows=1024, dim=256, vocab=256000):
+    """The LM-head loss alone at Gemma's vocabulary, forward + backward: the supervised positions' logits at once
+    (model.chunked_loss = False) or LinearCrossEntropy's chunks (the default)."""
+    import torch.nn.functional as F
+    from model import LOSS_CHUNK, LinearCrossEntropy
+    torch.manual_seed(0)
+    weight = torch.randn(vocab, dim, device=a.device, requires_grad=True)
+    hidden = torch.randn(rows, dim, device=a.device, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,), device=a.device)
+    before = rss_now() if a.device == "cpu" else torch.cuda.memory_allocated() / 2 ** 20
+    reset_peak(a.device)
+    t0 = time.perf_counter()
+    if chunked:
+        loss = LinearCrossEntropy.apply(hidden, weight, None, targets, None, LOSS_CHUNK // vocab, True)
+    else:
+        loss = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+    loss.backward()
+    if a.device != "cpu":
+        torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - t0, "step_mib": peak_memory(a.device) - before, "loss": float(loss)}
+
+
 # ------------------------------------------------------------------------------------------ the driver
 def variant(a, kind, arg):
     """Run one variant in a fresh process (clean peak memory); returns its JSON."""
@@ -304,7 +328,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="times the timed steps run; the fastest round counts")
-    p.add_argument("--only", default="pretrain,finetune,eval")
+    p.add_argument("--only", default="pretrain,finetune,eval,loss")
     p.add_argument("--variants", default="", help="comma-separated optimisation sets to run, e.g. 'none,all,loss'")
     p.add_argument("--eval-questions", type=int, default=32)
     p.add_argument("--new-tokens", default="1,8,64", help="answer lengths to time (forced: min = max new tokens)")
@@ -314,7 +338,9 @@ def main(argv=None):
     a.root = a.root or os.path.join(ROOT, "out", "bench" if a.size == "bench" else f"bench-{a.size}")
     if a._variant:   # a child (its dtype set by the parent): one measurement, JSON on the last stdout line
         kind, arg = json.loads(a._variant)
-        print(json.dumps(run_eval(a, *arg) if kind == "eval" else run_train(a, kind, arg)))
+        result = (run_eval(a, *arg) if kind == "eval" else run_loss(a, arg) if kind == "loss" else
+                  run_train(a, kind, arg))
+        print(json.dumps(result))
         return None
     os.makedirs(a.root, exist_ok=True)
     make_base(a.root, a.size)
@@ -357,6 +383,13 @@ def main(argv=None):
               f"samples/s | batch 16 {batched['samples_s']:.2f} samples/s | x{batched['samples_s'] / one['samples_s']:.2f}"
               f" | identical answers: {same}")
         report[f"eval_{n}"] = {"batch1": one, "batch16": batched, "identical_answers": same}
+    if "loss" in a.only.split(","):
+        whole, chunked = variant(a, "loss", False), variant(a, "loss", True)
+        print(f"\nLM-head loss, 1024 supervised tokens x 256k vocabulary (forward + backward): logits at once "
+              f"{whole['step_mib']:.0f} MiB {whole['seconds']:.2f} s | chunked {chunked['step_mib']:.0f} MiB "
+              f"{chunked['seconds']:.2f} s | x memory {chunked['step_mib'] / whole['step_mib']:.2f}, "
+              f"x time {chunked['seconds'] / whole['seconds']:.2f}")
+        report["loss"] = {"logits_at_once": whole, "chunked": chunked}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -165,6 +165,7 @@ class TinyLlava(nn.Module):
         self.image_size = image_size
         self.num_image_tokens = connector.num_tokens(vision_tower.num_tokens(image_size))
         self.supervised_only_loss = True   # False: the full-logits loss (same value, more memory)
+        self.chunked_loss = True           # False: the supervised positions' logits at once (same value, more memory)
         self.tower_no_grad = True          # False: a frozen tower still records autograd (bench.py's baseline)
 
     def encode_images(self, images=None, tower_features=None):
@@ -206,17 +207,22 @@ class TinyLlava(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         head = lm.get_output_embeddings()   # None for remote-code models that tie by hand (OpenELM)
+        cap = getattr(lm.config, "final_logit_softcapping", None)   # Gemma-2 style heads
         if self.supervised_only_loss and head is not None:
             # Run the decoder, then the LM head only at the supervised positions: never builds the
             # [batch, length, vocab] logits (2048 x 256k floats per sample for Gemma).
             hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-            logits = head(hidden[:, :-1][keep]).float()
-            cap = getattr(lm.config, "final_logit_softcapping", None)   # Gemma-2 style heads
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
+            hidden = hidden[:, :-1][keep]
+            if self.chunked_loss and plain_linear(head):   # nor the [supervised tokens, vocab] ones
+                loss_sum = LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets[keep], cap,
+                                                    max(1, LOSS_CHUNK // head.out_features), torch.is_grad_enabled())
+            else:
+                logits = head(hidden).float()
+                logits = torch.tanh(logits / cap) * cap if cap else logits
+                loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
         else:
             logits = lm(inputs_embeds=embeds, attention_mask=attention_mask).logits[:, :-1][keep].float()
-        loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
+            loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
         if images is None and image_features is None and tower_features is None:
             loss_sum = loss_sum + 0.0 * self.idle_images()
         n = keep.sum()
@@ -250,6 +256,62 @@ class TinyLlava(nn.Module):
         embeds = self.embed(input_ids, images)
         kwargs.setdefault("pad_token_id", self.language_model.generation_config.pad_token_id)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+
+LOSS_CHUNK = 2 ** 25   # logits computed at once by LinearCrossEntropy: 128 MiB of float32 (rows = this / vocab)
+
+
+def plain_linear(head):
+    """A head whose weight is an ordinary whole tensor: not LoRA-wrapped, quantised, ZeRO-3-partitioned (an empty
+    placeholder outside the module's forward) or an FSDP DTensor, and with no hooks that a direct use would skip."""
+    w = head.weight
+    return (type(head) is nn.Linear and type(w.data) is torch.Tensor and w.numel() > 0
+            and not head._forward_pre_hooks and not head._forward_hooks)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(softcap(hidden_i @ W.T + b), target_i), `chunk` rows at a time, so the [rows, vocab]
+    logits never exist at once; each chunk's gradients (hidden, W, b) are computed in the forward and the backward
+    only scales them (Liger-Kernel's fused linear cross-entropy, in plain torch). Equals head + F.cross_entropy up to
+    float summation order (tests/test_perf.py)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, cap, chunk, grads):
+        need_h, need_w, need_b = (grads and n for n in ctx.needs_input_grad[:3])
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            h, y = hidden[s:s + chunk], targets[s:s + chunk]
+            z = F.linear(h, weight, bias).float()
+            if cap:
+                t = torch.tanh(z / cap)
+                z = t * cap
+            lse = torch.logsumexp(z, -1)
+            loss += (lse - z.gather(1, y[:, None])[:, 0]).sum()
+            if need_h or need_w or need_b:
+                g = z.sub_(lse[:, None]).exp_()          # softmax, in place of the logits
+                g[torch.arange(len(y), device=g.device), y] -= 1
+                if cap:
+                    g *= 1 - t * t
+                if need_h:
+                    grad_h[s:s + chunk] = g.to(weight.dtype) @ weight
+                if need_w:
+                    grad_w.addmm_(g.T, h.float())           # accumulated in place, float32
+                if need_b:
+                    grad_b += g.sum(0)
+        ctx.grads = grad_h, grad_w, grad_b   # not saved tensors: the backward hands them on, then they are gone
+        ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):   # scales in place (no second vocabulary-sized buffer), so it runs once
+        if ctx.grads is None:
+            raise RuntimeError("LinearCrossEntropy's backward runs once (retain_graph is not supported)")
+        (grad_h, grad_w, grad_b), ctx.grads = ctx.grads, None
+        scale = lambda g, dtype=None: None if g is None else g.mul_(grad_loss).to(dtype or g.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w, ctx.dtypes[0]), scale(grad_b, ctx.dtypes[1]), None, None, None, None
 
 
 def image_size(processor):

@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import bench
 from data import VLMDataset, collate
@@ -153,3 +155,50 @@ def test_bench_driver_end_to_end_on_the_tiny_model(tmp_path):
     assert r["finetune"]["all"]["padding"] < r["finetune"]["none"]["padding"]
     assert r["eval_2"]["identical_answers"] and r["eval_2"]["batch16"]["samples_s"] > 0
     assert os.path.isfile(tmp_path / "r.json")
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_linear_cross_entropy_equals_head_plus_cross_entropy(cap):
+    """The chunked loss with its gradients formed in the forward, against logits + F.cross_entropy: Gemma-2's
+    logit soft-capping, a bias, an uneven last chunk, a scaled backward, and no gradient work under no_grad."""
+    from model import LinearCrossEntropy
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(7, 5), torch.randn(11, 5), torch.randn(11)
+    targets = torch.randint(0, 11, (7,))
+
+    def run(fused):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        if fused:
+            loss = LinearCrossEntropy.apply(h, w, b, targets, cap, 3, True)
+        else:
+            z = F.linear(h, w, b)
+            loss = F.cross_entropy(torch.tanh(z / cap) * cap if cap else z, targets, reduction="sum")
+        (0.7 * loss).backward()
+        return loss.detach(), h.grad, w.grad, b.grad
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    w = weight.clone().requires_grad_()
+    loss = LinearCrossEntropy.apply(hidden, w, None, targets, cap, 3, True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):   # its gradients were scaled in place and handed on
+        loss.backward()
+    with torch.no_grad():   # validation: the loss alone, no bias
+        loss = LinearCrossEntropy.apply(hidden, weight.clone().requires_grad_(), None, targets, cap, 3, False)
+        z = F.linear(hidden, weight)
+        want = F.cross_entropy(torch.tanh(z / cap) * cap if cap else z, targets, reduction="sum")
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_only_plain_heads_take_the_chunked_loss():
+    """A wrapped, quantised, ZeRO-3-partitioned or hooked head goes through its own forward (logits at once)."""
+    from model import plain_linear
+    assert plain_linear(nn.Linear(4, 8))
+
+    class Quantised(nn.Linear):
+        pass
+    empty = nn.Linear(4, 8)
+    empty.weight = nn.Parameter(torch.empty(0))          # what ZeRO-3 leaves outside the module's forward
+    hooked = nn.Linear(4, 8)
+    hooked.register_forward_pre_hook(lambda m, a: None)  # e.g. a gather before the forward
+    assert not any(plain_linear(m) for m in (Quantised(4, 8), empty, hooked))
