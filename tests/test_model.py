@@ -102,8 +102,10 @@ def test_supervised_only_loss_equals_full_logits_loss(tiny_llms, tiny_towers, fa
     for loss, grads in runs[:2]:
         torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-5)
         assert grads.keys() == full_grads.keys()
-        for name, g in grads.items():
-            torch.testing.assert_close(g, full_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        for name, g in grads.items():   # float noise through the LLM: ~2e-6 of a tensor's max, more on some runs;
+            # a lost bias gradient or backward scale is of the order of the max (the +1e-7: grads that are 0)
+            ref = full_grads[name]
+            assert (g - ref).abs().max() <= 1e-2 * ref.abs().max() + 1e-7, name
 
 
 @pytest.mark.parametrize("tower", ["clip", "siglip", "dinov2"])

@@ -202,3 +202,24 @@ def test_only_plain_heads_take_the_chunked_loss():
     hooked = nn.Linear(4, 8)
     hooked.register_forward_pre_hook(lambda m, a: None)  # e.g. a gather before the forward
     assert not any(plain_linear(m) for m in (Quantised(4, 8), empty, hooked))
+
+
+def test_linear_cross_entropy_under_bf16_autocast_is_closer_to_float32():
+    """train.py's default (bf16 autocast): the chunked loss runs and its gradients are at least as close to the
+    float32 ones as the logits-at-once path's (it accumulates the head's weight gradient in float32)."""
+    from model import LinearCrossEntropy
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(70, 64), torch.randn(1000, 64) * 0.1, torch.randn(1000) * 0.1
+    targets = torch.randint(0, 1000, (70,))
+
+    def grads(fused, autocast):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = (LinearCrossEntropy.apply(h, w, b, targets, None, 16, True) if fused else
+                    F.cross_entropy(F.linear(h, w, b).float(), targets, reduction="sum"))
+            loss.backward()
+        return h.grad, w.grad, b.grad
+    exact = grads(False, False)
+    for ours, theirs, want in zip(grads(True, True), grads(False, True), exact):
+        assert ours.dtype == want.dtype
+        assert (ours - want).abs().max() <= (theirs - want).abs().max() * 1.01 + 1e-6
