@@ -207,11 +207,11 @@ class TinyLlava(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         head = lm.get_output_embeddings()   # None for remote-code models that tie by hand (OpenELM)
-        cap = getattr(lm.config, "final_logit_softcapping", None)   # Gemma-2 style heads
         if self.supervised_only_loss and head is not None:
             # Run the decoder, then the LM head only at the supervised positions: never builds the
             # [batch, length, vocab] logits (2048 x 256k floats per sample for Gemma).
             hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+            cap = getattr(lm.config, "final_logit_softcapping", None)   # Gemma-2 style heads
             hidden = hidden[:, :-1][keep]
             if self.chunked_loss and plain_linear(head):   # nor the [supervised tokens, vocab] ones
                 loss_sum = LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets[keep], cap,

@@ -211,8 +211,8 @@ def reference(base, tmp_path_factory):
 
 def run_mode(mode, base, out):
     """Launch A: the full run, with gradient checkpointing as in every real config (the reference runs without:
-    recomputing must not change a number); the first stage again with rank 1's gradient sync off; (ZeRO-3) a LoRA stage, which
-    must be refused; (DDP, ZeRO-3) a run SIGKILLed right after its finetune step-1 checkpoint.
+    recomputing must not change a number); the first stage again with rank 1's gradient sync off; (ZeRO-3) a LoRA
+    stage, which must be refused; (DDP, ZeRO-3) a run SIGKILLed right after its finetune step-1 checkpoint.
     Launch B (DDP, ZeRO-3), a new set of processes: resume the killed run. ZeRO-3's launch B is two_nodes.yaml:
     two launchers of one process each, as on two machines."""
     jobs = [dict(name="main", argv=argv(base, f"{out}/main", STAGES[mode], "--gradient_checkpointing=true")),

@@ -144,7 +144,8 @@ def test_bench_driver_end_to_end_on_the_tiny_model(tmp_path):
     its measurements, grouping removes the padding, and batched answers equal one-by-one answers."""
     r = bench.main(["--size", "tiny", "--root", str(tmp_path), "--only", "pretrain,finetune,eval",
                     "--variants", "none,all", "--steps", "1", "--warmup", "1", "--rounds", "2",
-                    "--micro-batch", "2", "--new-tokens", "2", "--eval-questions", "4", "--out", str(tmp_path / "r.json")])
+                    "--micro-batch", "2", "--new-tokens", "2", "--eval-questions", "4",
+                    "--out", str(tmp_path / "r.json")])
     assert r["dtype"] in ("float32", "bfloat16") and r["peak_flops"] > 1e9
     for stage in ("pretrain", "finetune"):
         assert set(r[stage]) == {"none", "all"}
