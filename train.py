@@ -12,8 +12,10 @@ CPU processes (gloo): ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_p
 Config: DEFAULTS below, then the --config file (a Python file assigning some of these names), then --key=value.
 A recipe (recipes.py) is a list of stages; each stage overrides a few keys (tune types, lr, batch, template,
 data) and starts from the previous stage's saved model; `--<stage>.<key>=value` overrides one stage's value.
-Each stage writes out_dir/<n>_<stage>/ (a self-contained model, see model.save_pretrained) and keeps resumable
-checkpoints in out_dir/<n>_<stage>/checkpoints/step_N (model, optimizer, scheduler, RNG, step, data position).
+A stage trains in out_dir/<n>_<stage>.partial/, keeping resumable checkpoints in its checkpoints/step_N (model,
+optimizer, scheduler, RNG, step, data position, losses); at the end the model is written there (a self-contained
+folder, see model.save_pretrained) and the folder is renamed to out_dir/<n>_<stage>/ in one step: a stage folder
+exists only when complete. An out_dir that holds a run is resumed (--resume), replaced (--overwrite) or refused.
 """
 import ast
 import contextlib
@@ -40,7 +42,7 @@ DEFAULTS = dict(
     legacy_patch_drop=False,          # True reproduces the original's SigLIP first-patch drop (729 -> 728)
     num_queries=128,                  # qformer / resampler
     num_resampler_layers=3,
-    trust_remote_code=False,          # OpenELM only: runs code from the Hub
+    trust_remote_code=False,          # OpenELM only: runs code from the Hub (never taken from a checkpoint)
     attn_implementation="",           # "" (sdpa) | eager | flash_attention_2
     dtype="float32",                  # weights: float32 | bfloat16 (bf16 autocast is separate, below)
     init_from="",                     # a saved model dir to start the first stage from
@@ -92,10 +94,17 @@ DEFAULTS = dict(
     keep_checkpoints=2,
     tracker="",                       # "" | tensorboard | wandb
     resume=False,                     # continue each stage from its latest checkpoint
+    resume_allow="",                  # comma-separated settings whose change --resume accepts (e.g. "lr,max_steps");
+                                      # "rng": resume without a saved RNG state (not exact)
+    overwrite=False,                  # delete this run's stage folders in out_dir and start over
 )
 
 
 # ----------------------------------------------------------------------------- config
+class ConfigError(ValueError):
+    """A mistake in the command or config: train.py prints it as one line and exits with status 2."""
+
+
 def coerce(key, value, default):
     """A command-line string (or config-file value) as the type of the default."""
     if isinstance(default, bool):
@@ -105,15 +114,15 @@ def coerce(key, value, default):
             return True
         if str(value).lower() in ("false", "0", "no"):
             return False
-        raise ValueError(f"--{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"--{key}: expected true/false, got {value!r}")
     if isinstance(default, (int, float)) and not isinstance(value, bool):
         try:
             v = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"--{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"--{key}: expected a number, got {value!r}") from None
         if isinstance(default, int):
             if v != int(v):
-                raise ValueError(f"--{key}: expected an integer, got {value!r}")
+                raise ConfigError(f"--{key}: expected an integer, got {value!r}")
             return int(v)
         return v
     if isinstance(default, str):
@@ -122,15 +131,15 @@ def coerce(key, value, default):
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise ValueError(f"--{key}: expected a Python literal like {default!r}, got {value!r}") from None
+            raise ConfigError(f"--{key}: expected a Python literal like {default!r}, got {value!r}") from None
     if not isinstance(value, type(default)):
-        raise ValueError(f"--{key}: expected {type(default).__name__}, got {value!r}")
+        raise ConfigError(f"--{key}: expected {type(default).__name__}, got {value!r}")
     return value
 
 
 def unknown(key):
     close = difflib.get_close_matches(key, DEFAULTS, n=3)
-    return ValueError(f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return ConfigError(f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
 def load_config(argv):
@@ -147,11 +156,11 @@ def load_config(argv):
             if k.startswith("_") or type(v).__name__ == "module":
                 continue
             if k not in DEFAULTS:
-                raise ValueError(f"{path}: {unknown(k)}")
+                raise ConfigError(f"{path}: {unknown(k)}")
             cfg[k] = coerce(k, v, DEFAULTS[k])
     for arg in argv:
         if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; use --key=value")
+            raise ConfigError(f"unexpected argument {arg!r}; use --key=value")
         key, eq, value = arg[2:].partition("=")
         value = value if eq else "true"   # a bare flag: --resume
         stage, dot, name = key.rpartition(".")
@@ -174,15 +183,46 @@ def stage_configs(cfg):
     for stage in plan:
         for k in stage:
             if k not in DEFAULTS and k not in ("name", "data"):
-                raise ValueError(f"stage {stage['name']!r}: {unknown(k)}")
+                raise ConfigError(f"stage {stage['name']!r}: {unknown(k)}")
         scfg = {**cfg, **{k: v for k, v in stage.items() if k in DEFAULTS}}
         scfg.update(cfg["stage_overrides"].get(stage["name"], {}))
         scfg["stage"], scfg["data"] = stage["name"], stage.get("data", stage["name"])
         out.append(scfg)
     for name in cfg["stage_overrides"]:
         if name not in names:
-            raise ValueError(f"--{name}.*: no stage named {name!r}; stages: {names}")
+            raise ConfigError(f"--{name}.*: no stage named {name!r}; stages: {names}")
     return out
+
+
+# the lowest sensible value of each number (NaN fails too)
+MINIMA = dict(max_steps=0, epochs=1, micro_batch_size=1, global_batch_size=1, log_every=1, max_nonfinite_steps=1,
+              save_every=0, keep_checkpoints=1, val_every=0, val_batches=1, num_workers=0, max_length=1, lr=0.0,
+              lr_llm=0.0, lr_vision_tower=0.0, lr_connector=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=0.0,
+              lora_r=1, seed=0)
+
+
+def check_settings(stage_cfgs):
+    """Every stage's numbers and the run options, before anything is built: all problems in one error."""
+    problems = {}   # problem -> the stages that have it
+    for c in stage_cfgs:
+        bad = [f"{k}={c[k]} (must be >= {low})" for k, low in MINIMA.items() if not c[k] >= low]
+        bad += [f"warmup_ratio={c['warmup_ratio']} (must be <= 1)"] * (c["warmup_ratio"] > 1)
+        for p in bad:
+            problems.setdefault(p, []).append(c["stage"])
+    c = stage_cfgs[0]
+    if not c["init_from"] and not (c["llm"] and c["vision_tower"]):
+        problems["no model: give --config, or --llm and --vision_tower (or --init_from)"] = []
+    if c["resume"] and c["overwrite"]:
+        problems["--resume and --overwrite contradict each other"] = []
+    for name in resume_allowed(c) - set(DEFAULTS) - {"rng", "processes"}:
+        problems[f"--resume_allow: {unknown(name)}"] = []
+    msgs = [p if len(st) in (0, len(stage_cfgs)) else f"stage {'/'.join(st)}: {p}" for p, st in problems.items()]
+    if msgs:
+        raise ConfigError("; ".join(msgs))
+
+
+def resume_allowed(cfg):
+    return {k.strip() for k in cfg["resume_allow"].split(",") if k.strip()}
 
 
 # ----------------------------------------------------------------------------- data order
@@ -239,11 +279,93 @@ def cosine_with_warmup(step, warmup, total):
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(stage_dir):
-    d = os.path.join(stage_dir, "checkpoints")
+# ----------------------------------------------------------------------------- checkpoints and resume
+# settings that do not change what a run computes: --resume takes them as they are now
+RESUME_FREE = {"resume", "resume_allow", "overwrite", "out_dir", "log_every", "val_every", "val_batches", "save_every",
+               "keep_checkpoints", "tracker", "num_workers", "peak_flops", "feature_cache", "data_val", "images_val",
+               "stage_overrides"}
+
+
+def latest_checkpoint(work_dir, before=None):
+    """The newest complete checkpoint in a stage's working folder (of a step < `before` if given), or None."""
+    d = os.path.join(work_dir, "checkpoints")
     done = sorted(n for n in os.listdir(d) if n.startswith("step_") and not n.endswith(".tmp")) if os.path.isdir(d) else []
+    done = [n for n in done if before is None or int(n[5:]) < before]
     return os.path.join(d, done[-1]) if done else None
+
+
+def finished(stage_dir):
+    return os.path.isfile(os.path.join(stage_dir, "train_config.json"))   # written last, before the rename
+
+
+def read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e}") from None
+
+
+def read_trainer_state(ckpt):
+    state = read_json(os.path.join(ckpt, "trainer.json"), "the checkpoint's step and settings")
+    step = state.get("step") if isinstance(state, dict) else None
+    if type(step) is not int or step < 0 or not isinstance(state.get("config"), dict):
+        raise ConfigError(f"{ckpt}/trainer.json: not a valid checkpoint record (step {step!r}); delete that checkpoint")
+    return state
+
+
+def check_resume(saved, cfg, source, processes=None, world=None):
+    """The settings `source` was made with against today's. A change that would make the run differ from an
+    uninterrupted one is refused with the list, unless named in --resume_allow; returns the accepted changes."""
+    now = json.loads(json.dumps(cfg, default=str))
+    diffs = {k: (saved[k], now[k]) for k in saved if k in now and k not in RESUME_FREE and saved[k] != now[k]}
+    if processes is not None and processes != world:
+        diffs["processes"] = (processes, world)
+    refused = sorted(set(diffs) - resume_allowed(cfg))
+    if refused:
+        raise ConfigError(f"--resume: {source} was made with other settings, so the run would not continue exactly: "
+                          + "; ".join(f"{k} {diffs[k][0]!r} -> {diffs[k][1]!r}" for k in refused)
+                          + f". Restore them, or accept the change with --resume_allow={','.join(refused)}")
+    return diffs
+
+
+def plan_output(cfg, scfgs, stage_dirs, accelerator):
+    """Before anything is built: an out_dir that holds this run's stage folders or checkpoints is resumed (and
+    every saved setting checked against today's), replaced (--overwrite) or refused. A working folder without a
+    checkpoint holds nothing to resume: it is started afresh."""
+    found = [d for d in stage_dirs if os.path.lexists(d)] + [d + ".partial" for d in stage_dirs
+                                                            if latest_checkpoint(d + ".partial")]
+    if cfg["overwrite"]:
+        if accelerator.is_main_process:
+            for d in found:
+                print(f"--overwrite: deleting {d}")
+                shutil.rmtree(d) if os.path.isdir(d) and not os.path.islink(d) else os.remove(d)
+        accelerator.wait_for_everyone()
+        return
+    if found and not cfg["resume"]:
+        raise ConfigError(f"{cfg['out_dir']} already holds a run ({', '.join(map(os.path.basename, found))}): "
+                          "--resume continues it, --overwrite deletes it and starts over")
+    if cfg["resume"] and not found and accelerator.is_main_process:
+        print(f"--resume: nothing to resume in {cfg['out_dir']}; starting from the beginning")
+    for scfg, d in zip(scfgs, stage_dirs):
+        if os.path.isdir(d):
+            if not finished(d):
+                raise ConfigError(f"{d} is not a complete stage folder (no train_config.json): move it away, "
+                                  "or --overwrite")
+            check_resume(read_json(os.path.join(d, "train_config.json"), "its settings"), scfg, f"finished stage {d}")
+        elif latest_checkpoint(d + ".partial"):
+            ckpt = latest_checkpoint(d + ".partial")
+            state = read_trainer_state(ckpt)
+            check_resume(state["config"], scfg, ckpt, state.get("processes"), accelerator.num_processes)
+            rng = os.path.join(ckpt, f"random_states_{accelerator.process_index}.pkl")
+            try:
+                from accelerate.utils import load
+                load(rng)["torch_manual_seed"]
+            except Exception as e:   # noqa: BLE001 -- missing, truncated, not a state: all mean "not exact"
+                if "rng" not in resume_allowed(cfg):
+                    raise ConfigError(f"--resume: {rng} is missing or unreadable ({type(e).__name__}), so dropout "
+                                      "would not repeat the uninterrupted run; --resume_allow=rng continues anyway")
+                print(f"--resume_allow=rng: {rng} unreadable; continuing with this process's current RNG state")
 
 
 def check_finite(accelerator, params, what):
@@ -253,21 +375,30 @@ def check_finite(accelerator, params, what):
         raise RuntimeError(f"non-finite weights before {what}: not saved")
 
 
-def save_checkpoint(accelerator, stage_dir, step, cfg, scheduler, params=()):
+def save_checkpoint(accelerator, work_dir, step, cfg, scheduler, params=(), losses=()):
     """accelerator.save_state into step_N.tmp, then an atomic rename: a crash mid-save leaves the previous
     checkpoint as the latest complete one. Keeps the newest cfg['keep_checkpoints']."""
     check_finite(accelerator, params, f"the checkpoint of step {step}")
-    d = os.path.join(stage_dir, "checkpoints")
+    d = os.path.join(work_dir, "checkpoints")
     final, tmp = os.path.join(d, f"step_{step:08d}"), os.path.join(d, f"step_{step:08d}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()   # every rank has written its shard / RNG state before the rename
+    try:
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()   # every rank has written its shard / RNG state before the rename
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            with open(os.path.join(tmp, "trainer.json"), "w") as f:
+                json.dump({"step": step, "processes": accelerator.num_processes, "losses": list(losses),
+                           "config": cfg}, f, indent=1, default=str)
+    except (OSError, RuntimeError) as e:   # disk full reads "unexpected pos N vs M" from torch.save alone
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(d).free / 2 ** 20 if os.path.isdir(d) else float("nan")
+        raise RuntimeError(f"could not write the checkpoint of step {step} to {tmp} ({free:.0f} MiB free there): "
+                           f"{e}") from e
     if accelerator.is_main_process:
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump({"step": step, "config": cfg}, f, indent=1, default=str)
+        shutil.rmtree(final, ignore_errors=True)   # a stale one of the same step, from a resumed run
         os.replace(tmp, final)
         done = sorted(n for n in os.listdir(d) if n.startswith("step_") and not n.endswith(".tmp"))
         for old in done[:-cfg["keep_checkpoints"]]:
@@ -303,6 +434,7 @@ def gathered(module):
 
 # ----------------------------------------------------------------------------- one stage
 def train_stage(cfg, accelerator, init, stage_dir):
+    """Train one stage in stage_dir + ".partial" and rename that to stage_dir when the model is saved."""
     from accelerate.utils import DistributedType
     from torch.utils.data import DataLoader
     from bench import flop_profile, train_flops
@@ -321,9 +453,13 @@ def train_stage(cfg, accelerator, init, stage_dir):
     margs = ModelArgs(**{k: cfg[k] for k in ModelArgs.__dataclass_fields__})
     llm_kwargs = quantization_kwargs(cfg)
     if init:
-        model, tokenizer, processor = load_pretrained(init, llm_kwargs=llm_kwargs)
+        model, tokenizer, processor = load_pretrained(init, llm_kwargs=llm_kwargs,
+                                                      trust_remote_code=cfg["trust_remote_code"])
     else:
         model, tokenizer, processor = build_model(margs, llm_kwargs=llm_kwargs)
+    work_dir = stage_dir + ".partial"
+    if main and os.path.isdir(work_dir) and not latest_checkpoint(work_dir):
+        shutil.rmtree(work_dir)   # a run that stopped before its first checkpoint: nothing in it to keep
     if main:
         print(f"\n=== stage {cfg['stage']}: from {init or 'pretrained parts'} -> {stage_dir}")
     apply_recipe(model, cfg, verbose=main)
@@ -360,8 +496,11 @@ def train_stage(cfg, accelerator, init, stage_dir):
 
     def loader(epoch):   # each rank takes every world-th batch of the same seeded order
         batches = grouped_batches(dataset.lengths, mb, cfg["seed"] + epoch, cfg["group_by_length"], world)
+        # its own generator: starting an iterator draws a worker seed, which must not come from the global RNG
+        # that dropout uses (a resumed run restores that RNG, then starts an iterator the original run did not)
         return accelerator.prepare_data_loader(DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
-                                                          num_workers=cfg["num_workers"]))
+                                                          num_workers=cfg["num_workers"],
+                                                          generator=torch.Generator().manual_seed(cfg["seed"])))
 
     steps_per_epoch = len(loader(0)) // accum
     total = cfg["max_steps"] or steps_per_epoch * cfg["epochs"]
@@ -377,15 +516,28 @@ def train_stage(cfg, accelerator, init, stage_dir):
     raw = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    step = 0
-    ckpt = latest_checkpoint(stage_dir) if cfg["resume"] else None
-    if ckpt:
+    step, history = 0, []   # history: the losses before this run's first step (a resumed stage's)
+    ckpt = latest_checkpoint(work_dir) if cfg["resume"] else None
+    if ckpt:   # plan_output has checked its record, settings and RNG state
+        state = read_trainer_state(ckpt)
+        step, history = state["step"], state.get("losses", [])
+        if step > total:
+            raise ConfigError(f"{ckpt}: step {step} is beyond this stage's {total} steps")
+        new_lrs = list(scheduler.base_lrs)
         accelerator.load_state(ckpt)
         scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=True))
-        with open(os.path.join(ckpt, "trainer.json")) as f:
-            step = json.load(f)["step"]
+        changed = check_resume(state["config"], cfg, ckpt, state.get("processes"), world)
+        if changed and main:
+            print(f"--resume_allow: changed since {ckpt}: " + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        if scheduler.base_lrs != new_lrs:   # a new lr (allowed above) takes effect from the resumed step on
+            scheduler.base_lrs = new_lrs
+            for g, lr in zip(optimizer.param_groups, new_lrs):
+                g["initial_lr"], g["lr"] = lr, lr * cosine_with_warmup(step, warmup, total)
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         if main:
             print(f"resumed from {ckpt} at step {step}")
+    elif cfg["resume"] and main:
+        print(f"--resume: no checkpoint in {work_dir}; stage {cfg['stage']} starts at step 0")
     if main:
         print(f"{len(dataset)} samples, {steps_per_epoch} steps/epoch, {total} steps; global batch "
               f"{cfg['global_batch_size']} = {mb} x {world} processes x {accum} accumulation")
@@ -394,10 +546,12 @@ def train_stage(cfg, accelerator, init, stage_dir):
     if cfg["data_val"] and cfg["val_every"]:
         val_set = VLMDataset(cfg["data_val"], tokenizer, processor, cfg["template"], raw.num_image_tokens,
                              cfg["max_length"], cfg["images_val"] or None, cfg["image_aspect_ratio"])
-        val_loader = accelerator.prepare_data_loader(DataLoader(val_set, batch_size=mb, collate_fn=collate_fn))
+        val_loader = accelerator.prepare_data_loader(DataLoader(val_set, batch_size=mb, collate_fn=collate_fn,
+                                                                generator=torch.Generator()))
 
     model.train()   # from_pretrained leaves the LLM in eval mode: no dropout, and HF checkpointing stays off
     losses, t0, seen, tokens, flops, bad_in_row, skipped = [], time.time(), 0, 0, 0.0, 0, set()
+    first_bad = None   # the first step of the current run of non-finite steps
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         it = iter(accelerator.skip_first_batches(loader(epoch), done_in_epoch * accum))
@@ -424,6 +578,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
             grad_norm = float(grad_norm) if grad_norm is not None else 0.0   # DeepSpeed may not report one
             loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(n_step, 1)
             bad_in_row = bad_in_row + 1 if not (math.isfinite(loss) and math.isfinite(grad_norm)) else 0
+            first_bad = None if not bad_in_row else first_bad or step + 1
             if not bad_in_row:
                 optimizer.step()   # (DeepSpeed has already stepped inside backward: see the README)
             scheduler.step()
@@ -435,8 +590,9 @@ def train_stage(cfg, accelerator, init, stage_dir):
                       f"row, the limit is {cfg['max_nonfinite_steps']})", flush=True)
             if bad_in_row >= cfg["max_nonfinite_steps"]:
                 raise RuntimeError(f"stage {cfg['stage']}: {bad_in_row} steps in a row with a non-finite loss or "
-                                   f"gradient norm (last at step {step}); stopping. Latest complete checkpoint: "
-                                   f"{latest_checkpoint(stage_dir)} (lower lr, check the data, or --bf16=false)")
+                                   f"gradient norm (steps {first_bad}-{step}); stopping. The last checkpoint before "
+                                   f"step {first_bad}: {latest_checkpoint(work_dir, before=first_bad)} (lower lr, check "
+                                   "the data, or --bf16=false; then --resume --resume_allow=lr)")
             if main and (step % cfg["log_every"] == 0 or step == total):
                 dt = time.time() - t0
                 print(f"step {step}/{total} | loss {loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | grad "
@@ -448,19 +604,22 @@ def train_stage(cfg, accelerator, init, stage_dir):
                 if main:
                     print(f"step {step} | val loss {val:.4f}")
                 accelerator.log({"val_loss": val}, step=step)
-            if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total:
-                save_checkpoint(accelerator, stage_dir, step, cfg, scheduler, trainable)
+            # not inside a run of non-finite steps: its checkpoints would push out the last good one
+            if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total and not bad_in_row:
+                save_checkpoint(accelerator, work_dir, step, cfg, scheduler, trainable, history + losses)
             if step >= total:
                 break
 
     accelerator.wait_for_everyone()
-    report_skipped(dataset, skipped, stage_dir, main)
+    report_skipped(dataset, skipped, work_dir, main)
     check_finite(accelerator, trainable, f"the final save of stage {cfg['stage']}")
     state = accelerator.get_state_dict(model)   # a collective: gathers ZeRO-3 shards
-    if main:
-        final_save(raw, tokenizer, processor, stage_dir, cfg, state, init)
-        with open(os.path.join(stage_dir, "losses.json"), "w") as f:
-            json.dump(losses, f)
+    if main:   # everything into the working folder, train_config.json last, then one rename
+        os.makedirs(work_dir, exist_ok=True)
+        with open(os.path.join(work_dir, "losses.json"), "w") as f:
+            json.dump(history + losses, f)
+        final_save(raw, tokenizer, processor, work_dir, cfg, state, init)
+        os.replace(work_dir, stage_dir)
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return losses
@@ -489,7 +648,7 @@ def final_save(model, tokenizer, processor, stage_dir, cfg, state, init):
     if merged is None:
         return
     save_pretrained(merged, tokenizer, processor, stage_dir, state_dict=state if merged_state is None else merged_state)
-    with open(os.path.join(stage_dir, "train_config.json"), "w") as f:
+    with open(os.path.join(stage_dir, "train_config.json"), "w") as f:   # last: marks the folder complete
         json.dump(cfg, f, indent=1, default=str)
 
 
@@ -499,8 +658,11 @@ def main(argv=None):
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
     from transformers.utils import logging as hf_logging
     cfg = load_config(sys.argv[1:] if argv is None else argv)
+    scfgs = stage_configs(cfg)
+    check_settings(scfgs)   # every stage's settings, before anything is built
+    stage_dirs = [os.path.join(cfg["out_dir"], f"{i + 1}_{s['stage']}") for i, s in enumerate(scfgs)]
     if cfg["fp16"] and not torch.cuda.is_available():
-        raise ValueError("fp16 needs a GPU (fp16 matmul on CPU runs at ~1 GFLOP/s); use --bf16=true")
+        raise ConfigError("fp16 needs a GPU (fp16 matmul on CPU runs at ~1 GFLOP/s); use --bf16=true")
     hf_logging.set_verbosity_error()
     precision = "bf16" if cfg["bf16"] else "fp16" if cfg["fp16"] else "no"
     # CPU processes talk over gloo; without naming it, Accelerate+DeepSpeed see 1 process on every rank
@@ -515,6 +677,7 @@ def main(argv=None):
                            "train alone. Without GPUs: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...")
     if several and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != DistributedType.FSDP:
         raise RuntimeError(f"an FSDP launch, but Accelerate set up {kind}: FSDP runs on GPUs only")
+    plan_output(cfg, scfgs, stage_dirs, accelerator)
     if accelerator.is_main_process:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
@@ -526,9 +689,9 @@ def main(argv=None):
         dtype = torch.bfloat16 if cfg["bf16"] else torch.float16 if cfg["fp16"] else torch.float32
         cfg["peak_flops"] = matmul_peak(dtype, accelerator.device.type, seconds=0.25)
     init, results = cfg["init_from"], {}
-    for i, scfg in enumerate(stage_configs(cfg)):
-        stage_dir = os.path.join(cfg["out_dir"], f"{i + 1}_{scfg['stage']}")
-        if cfg["resume"] and os.path.isfile(os.path.join(stage_dir, "model.safetensors")):
+    for scfg, stage_dir in zip(scfgs, stage_dirs):
+        scfg["peak_flops"] = cfg["peak_flops"]
+        if finished(stage_dir):   # only with --resume: plan_output refused or deleted it otherwise
             if accelerator.is_main_process:
                 print(f"stage {scfg['stage']} already finished in {stage_dir}; skipping")
         else:
@@ -539,4 +702,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

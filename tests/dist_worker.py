@@ -193,8 +193,8 @@ def install_kill(stage, step):
     import train
     real = train.save_checkpoint
 
-    def save_checkpoint(accelerator, stage_dir, s, cfg, scheduler, params=()):
-        real(accelerator, stage_dir, s, cfg, scheduler, params)   # ends with wait_for_everyone: every rank's files are written
+    def save_checkpoint(accelerator, work_dir, s, cfg, *args):
+        real(accelerator, work_dir, s, cfg, *args)   # ends with wait_for_everyone: every rank's files are written
         if cfg["stage"] == stage and s == step:
             print(f"dist_worker: killing rank {accelerator.process_index} after the step-{s} checkpoint", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -173,14 +173,14 @@ def test_loss_falls_and_resume_matches(tiny_llms, tiny_towers, dataset, tmp_path
 
     real_save = train.save_checkpoint
 
-    def crash_after_second_save(accelerator, stage_dir, step, cfg, scheduler, params=()):
-        real_save(accelerator, stage_dir, step, cfg, scheduler, params)
+    def crash_after_second_save(accelerator, work_dir, step, *args):
+        real_save(accelerator, work_dir, step, *args)
         if step == 4:
             raise KeyboardInterrupt("simulated crash")
     monkeypatch.setattr(train, "save_checkpoint", crash_after_second_save)
     with pytest.raises(KeyboardInterrupt):
         finetune(tiny_llms, tiny_towers, dataset, tmp_path / "cut", *common)
-    ckpts = sorted(os.listdir(tmp_path / "cut" / "1_finetune" / "checkpoints"))
+    ckpts = sorted(os.listdir(tmp_path / "cut" / "1_finetune.partial" / "checkpoints"))
     assert ckpts == ["step_00000002", "step_00000004"]
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     _, resumed = finetune(tiny_llms, tiny_towers, dataset, tmp_path / "cut", *common, "--resume")
@@ -232,8 +232,8 @@ def test_resume_inside_a_later_stage(tiny_llms, tiny_towers, dataset, tmp_path, 
     _, full = train.main(run_args(tiny_llms, tiny_towers, dataset, tmp_path / "full", *common))
     real_save = train.save_checkpoint
 
-    def crash_in_finetune(accelerator, stage_dir, step, cfg, scheduler, params=()):
-        real_save(accelerator, stage_dir, step, cfg, scheduler, params)
+    def crash_in_finetune(accelerator, work_dir, step, cfg, *args):
+        real_save(accelerator, work_dir, step, cfg, *args)
         if cfg["stage"] == "finetune":
             raise KeyboardInterrupt("simulated crash")
     monkeypatch.setattr(train, "save_checkpoint", crash_in_finetune)
