@@ -1,6 +1,7 @@
 """
-Training recipes: what each component (LLM, vision tower, connector) does in a stage, and the paper's
-multi-stage recipes.
+The run's configuration: train.py's DEFAULTS (one flat, commented block), how a config file and --key=value
+override them (load_config), the paper's multi-stage recipes (stage_configs), the checks made before anything is
+built (check_settings), and what each component (LLM, vision tower, connector) does in a stage.
 
 Tune types, per component:
     frozen      no gradients
@@ -14,11 +15,82 @@ Tune types, per component:
     model, tok, proc = build_model(args, llm_kwargs=quantization_kwargs(cfg))   # only qlora needs this
     apply_recipe(model, cfg)     # freezes / wraps in place and prints the component table
 """
+import ast
+import difflib
 import os
 import re
 
 import torch
 import torch.nn as nn
+
+DEFAULTS = dict(
+    # --- model (see model.ModelArgs)
+    llm="",                           # Hub id or dir of any causal LM
+    tokenizer="",                     # "" = the llm's
+    vision_tower="",                  # Hub id or dir: CLIP | SigLIP | DINOv2
+    vision_tower2="",                 # DINOv2 for MoF (vision_tower is then CLIP)
+    connector="mlp2x_gelu",           # identity | linear | mlp{N}x_gelu | qformer | resampler | mof_mlp | pixel_shuffle{S}_mlp{N}x_gelu
+    vision_feature_layer=-2,
+    vision_feature_select_strategy="patch",  # patch | cls_patch
+    legacy_patch_drop=False,          # True reproduces the original's SigLIP first-patch drop (729 -> 728)
+    num_queries=128,                  # qformer / resampler
+    num_resampler_layers=3,
+    trust_remote_code=False,          # OpenELM only: runs code from the Hub (never taken from a checkpoint)
+    attn_implementation="",           # "" (sdpa) | eager | flash_attention_2
+    dtype="float32",                  # weights: float32 | bfloat16 (bf16 autocast is separate, below)
+    init_from="",                     # a saved model dir to start the first stage from
+    # --- data
+    template="phi",                   # phi | llama | gemma | qwen2_base | qwen2_instruct | auto (pretrain stages: pretrain)
+    image_aspect_ratio="square",      # square (processor default, as the original's scripts) | pad
+    max_length=2048,                  # tokens incl. image tokens (the original: 2048; 3072 for share/lora/3.1B)
+    data_pretrain="", images_pretrain="",      # LLaVA-format json/jsonl and its image folder, per recipe stage
+    data_finetune="", images_finetune="",
+    data_share="", images_share="",
+    data_share_finetune="", images_share_finetune="",
+    data_val="", images_val="",       # optional validation set (finetune-style template)
+    group_by_length=True,             # batches of similar length, image and text-only samples apart
+    bad_samples="error",              # error: stop at the first bad record | skip: leave it out, count and report it
+    feature_cache="",                 # a folder: a frozen tower's outputs computed once, reused (model.FeatureCache)
+    num_workers=2,
+    # --- recipe (recipes.py)
+    recipe="base",                    # base | share | lora | qlora
+    stages=[],                        # or your own: [dict(name=..., data=..., tune_llm=..., lr=...), ...]
+    tune_llm="frozen",                # frozen | full | partial:K | lora | qlora
+    tune_vision_tower="frozen",       # frozen | full | partial:K | lora
+    tune_connector="full",            # frozen | full | lora
+    lora_r=128, lora_alpha=256, lora_dropout=0.05,
+    lora_target_modules=[],           # [] = every Linear of the component except output heads
+    qlora_bits=4,                     # 4 (nf4, double quant) | 8
+    # --- optimisation
+    lr=2e-5,
+    lr_llm=0.0, lr_vision_tower=0.0, lr_connector=0.0,   # 0 = lr
+    weight_decay=0.0,                 # never on biases and norms
+    warmup_ratio=0.03,
+    grad_clip=1.0,
+    global_batch_size=128,            # = micro_batch_size x processes x accumulation steps
+    micro_batch_size=4,
+    epochs=1,
+    max_steps=0,                      # > 0: stop after this many optimizer steps (per stage)
+    bf16=True,                        # bf16 autocast (CPU and GPU)
+    fp16=False,                       # fp16 autocast, GPU only
+    gradient_checkpointing=False,
+    compile=False,                    # torch.compile the LLM
+    max_nonfinite_steps=3,            # a non-finite loss or gradient norm skips the step; this many in a row stop
+    peak_flops=0.0,                   # FLOP/s for the MFU in the log; 0 = measure this machine's matmul peak
+    seed=42,
+    # --- output
+    out_dir="out/run",
+    log_every=1,
+    val_every=0,                      # steps; 0 = never
+    val_batches=20,
+    save_every=0,                     # checkpoint every N steps (0: only the final save)
+    keep_checkpoints=2,
+    tracker="",                       # "" | tensorboard | wandb
+    resume=False,                     # continue each stage from its latest checkpoint
+    resume_allow="",                  # comma-separated settings whose change --resume accepts (e.g. "lr,max_steps");
+                                      # "rng": resume without a saved RNG state (not exact)
+    overwrite=False,                  # delete this run's stage folders in out_dir and start over
+)
 
 TUNE_TYPES = ("frozen", "full", "partial:K", "lora", "qlora")
 LORA_SKIP = ("lm_head", "output_layer", "head")   # as the original: never adapt an output head
@@ -47,6 +119,130 @@ def stages(cfg):
     if cfg["recipe"] not in RECIPES:
         raise ValueError(f"unknown recipe {cfg['recipe']!r}; valid: {sorted(RECIPES)} (or define stages=[...])")
     return [dict(s) for s in RECIPES[cfg["recipe"]]]
+
+
+# ----------------------------------------------------------------------------- config
+class ConfigError(ValueError):
+    """A mistake in the command or config: train.py prints it as one line and exits with status 2."""
+
+
+def coerce(key, value, default):
+    """A command-line string (or config-file value) as the type of the default."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--{key}: expected true/false, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(value, bool):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{key}: expected a number, got {value!r}") from None
+        if isinstance(default, int):
+            if v != int(v):
+                raise ConfigError(f"--{key}: expected an integer, got {value!r}")
+            return int(v)
+        return v
+    if isinstance(default, str):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"--{key}: expected a Python literal like {default!r}, got {value!r}") from None
+    if not isinstance(value, type(default)):
+        raise ConfigError(f"--{key}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def unknown(key):
+    close = difflib.get_close_matches(key, DEFAULTS, n=3)
+    return ConfigError(f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
+def load_config(argv):
+    """DEFAULTS <- the --config file <- --key=value. Stage overrides (--finetune.lr=...) go to cfg['stage_overrides']."""
+    cfg, overrides, argv = dict(DEFAULTS), {}, list(argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        path = argv[i + 1]
+        del argv[i:i + 2]
+        scope = {}
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), scope)
+        for k, v in scope.items():
+            if k.startswith("_") or type(v).__name__ == "module":
+                continue
+            if k not in DEFAULTS:
+                raise ConfigError(f"{path}: {unknown(k)}")
+            cfg[k] = coerce(k, v, DEFAULTS[k])
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; use --key=value")
+        key, eq, value = arg[2:].partition("=")
+        value = value if eq else "true"   # a bare flag: --resume
+        stage, dot, name = key.rpartition(".")
+        name = name if dot else key
+        if name not in DEFAULTS:
+            raise unknown(name)
+        if dot:
+            overrides.setdefault(stage, {})[name] = coerce(key, value, DEFAULTS[name])
+        else:
+            cfg[name] = coerce(name, value, DEFAULTS[name])
+    cfg["stage_overrides"] = overrides
+    return cfg
+
+
+def stage_configs(cfg):
+    out = []
+    plan = stages(cfg)
+    names = [s["name"] for s in plan]
+    for stage in plan:
+        for k in stage:
+            if k not in DEFAULTS and k not in ("name", "data"):
+                raise ConfigError(f"stage {stage['name']!r}: {unknown(k)}")
+        scfg = {**cfg, **{k: v for k, v in stage.items() if k in DEFAULTS}}
+        scfg.update(cfg["stage_overrides"].get(stage["name"], {}))
+        scfg["stage"], scfg["data"] = stage["name"], stage.get("data", stage["name"])
+        out.append(scfg)
+    for name in cfg["stage_overrides"]:
+        if name not in names:
+            raise ConfigError(f"--{name}.*: no stage named {name!r}; stages: {names}")
+    return out
+
+
+# the lowest sensible value of each number (NaN fails too)
+MINIMA = dict(max_steps=0, epochs=1, micro_batch_size=1, global_batch_size=1, log_every=1, max_nonfinite_steps=1,
+              save_every=0, keep_checkpoints=1, val_every=0, val_batches=1, num_workers=0, max_length=1, lr=0.0,
+              lr_llm=0.0, lr_vision_tower=0.0, lr_connector=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=0.0,
+              lora_r=1, seed=0)
+
+
+def check_settings(stage_cfgs):
+    """Every stage's numbers and the run options, before anything is built: all problems in one error."""
+    problems = {}   # problem -> the stages that have it
+    for c in stage_cfgs:
+        bad = [f"{k}={c[k]} (must be >= {low})" for k, low in MINIMA.items() if not c[k] >= low]
+        bad += [f"warmup_ratio={c['warmup_ratio']} (must be <= 1)"] * (c["warmup_ratio"] > 1)
+        for p in bad:
+            problems.setdefault(p, []).append(c["stage"])
+    c = stage_cfgs[0]
+    if not c["init_from"] and not (c["llm"] and c["vision_tower"]):
+        problems["no model: give --config, or --llm and --vision_tower (or --init_from)"] = []
+    if c["resume"] and c["overwrite"]:
+        problems["--resume and --overwrite contradict each other"] = []
+    for name in resume_allowed(c) - set(DEFAULTS) - {"rng", "processes"}:
+        problems[f"--resume_allow: {unknown(name)}"] = []
+    msgs = [p if len(st) in (0, len(stage_cfgs)) else f"stage {'/'.join(st)}: {p}" for p, st in problems.items()]
+    if msgs:
+        raise ConfigError("; ".join(msgs))
+
+
+def resume_allowed(cfg):
+    return {k.strip() for k in cfg["resume_allow"].split(",") if k.strip()}
 
 
 def components(model):
@@ -165,7 +361,7 @@ def merge_adapters(model, stage_dir, cfg, init):
         if not init:
             print("qlora without a previous stage: adapters saved, no merged model written")
             return None, None
-        base = load_pretrained(init)[0]
+        base = load_pretrained(init, trust_remote_code=cfg.get("trust_remote_code", False))[0]   # the user's flag
         base.language_model = PeftModel.from_pretrained(base.language_model,
                                                         os.path.join(stage_dir, "adapter_llm")).merge_and_unload()
         base.connector.load_state_dict(model.connector.state_dict())
