@@ -502,12 +502,24 @@ def mmvet_scores(grades, capability_map, decimals=1):
             "integrations": {"_".join(sorted(s)): mean(per_run(s, n)) for s, n in sets.most_common()}}
 
 
-def openai_compatible_ask(url, model, api_key=None, max_tokens=3, timeout=60):
+class JudgeError(RuntimeError):
+    """The judge endpoint cannot be used as given (redirect, HTTP error, unreachable); the message says why."""
+
+
+def openai_compatible_ask(url, model, api_key=None, max_tokens=3, timeout=60, allow_http=False):
     """ask() for an OpenAI-compatible chat-completions URL via urllib; max_tokens=3 and 30 s waits on HTTP 429 as
-    the official grader. Never called by the tests."""
+    the official grader. https:// only (allow_http: http:// too, e.g. a judge on 127.0.0.1). A redirect is an
+    error, never followed: urllib would re-send the key to the Location's host and take its reply as the grade."""
     import time
     import urllib.error
     import urllib.request
+    if not url.lower().startswith(("https://", "http://") if allow_http else "https://"):
+        raise ValueError(f"judge URL {url!r}: only https:// (http:// with --judge-allow-http: a local judge)")
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):   # instead of a request with the key
+            raise JudgeError(f"judge {url}: {code} redirect to {headers.get('Location')}; not followed, key not sent")
+    opener = urllib.request.build_opener(NoRedirect)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
 
     def ask(prompt, temperature):
@@ -515,12 +527,14 @@ def openai_compatible_ask(url, model, api_key=None, max_tokens=3, timeout=60):
                            "temperature": temperature, "max_tokens": max_tokens}).encode()
         while True:
             try:
-                with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as reply:
+                with opener.open(urllib.request.Request(url, body, headers), timeout=timeout) as reply:
                     return json.loads(reply.read())["choices"][0]["message"]["content"]
             except urllib.error.HTTPError as e:
                 if e.code != 429:
-                    raise
+                    raise JudgeError(f"judge {url} answered HTTP {e.code} {e.reason}") from None
                 time.sleep(30)
+            except urllib.error.URLError as e:
+                raise JudgeError(f"judge {url} not reachable: {e.reason}") from None
     return ask
 
 

@@ -4,6 +4,7 @@ results table and JSON are written; scores read from the native ground-truth fil
 an interrupted run resumes; an MM-Vet judge is reached through an OpenAI-compatible URL (a local server)."""
 import json
 import os
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -186,13 +187,14 @@ def prewrite(out, bench, questions, texts):
 
 
 def test_scores_from_the_native_files(setup, tmp_path):
-    """Answers pre-written (the resume path: nothing is generated), scored from each benchmark's native files."""
+    """Answers pre-written (as by another tool: --keep-answers, nothing is generated), scored from each
+    benchmark's native files."""
     model, data, prewritten = setup
     out = str(tmp_path)
     for bench, texts in prewritten.items():
         spec = evaluate.BENCHES[bench]
         prewrite(out, bench, evaluate.load_questions(bench, f"{data}/{spec['dir']}/{spec['questions']}"), texts)
-    res = {r["bench"]: r for r in run(model, data, out, "--bench", ",".join(prewritten))}
+    res = {r["bench"]: r for r in run(model, data, out, "--bench", ",".join(prewritten), "--keep-answers")}
     # VQAv2: "two" -> "2" (EvalAI processor) vs 10x "2": 100; "Yes." vs 3 yes: 0.9 (leave-one-out); "cat": 0
     assert res["vqav2"]["headline"]["accuracy"] == pytest.approx((100 + 90 + 0) / 3, abs=0.01)
     upload = evaluate.read_json(f"{out}/vqav2_upload.json")
@@ -231,7 +233,8 @@ def test_limit_scores_the_first_questions_against_their_own_ground_truth(setup, 
         spec = evaluate.BENCHES[bench]
         prewrite(out, bench, evaluate.load_questions(bench, f"{data}/{spec['dir']}/{spec['questions']}"),
                  prewritten[bench])
-    res = {r["bench"]: r for r in run(model, data, out, "--bench", "vqav2,pope,scienceqa", "--limit", "2")}
+    res = {r["bench"]: r for r in run(model, data, out, "--bench", "vqav2,pope,scienceqa", "--limit", "2",
+                                      "--keep-answers")}
     assert res["vqav2"]["headline"]["accuracy"] == pytest.approx(95.0) and res["vqav2"]["count"] == 2
     assert list(res["pope"]["metrics"]["splits"]) == ["adversarial"]
     assert res["scienceqa"]["headline"] == {"img_acc": 100.0, "acc": 100.0}
@@ -244,6 +247,7 @@ def test_an_interrupted_run_resumes(setup, tmp_path):
     os.makedirs(tmp_path / "cut")
     with open(tmp_path / "cut" / "pope_answers.jsonl", "w") as f:   # killed while writing the third row
         f.write("".join(json.dumps(r) + "\n" for r in rows[:2]) + json.dumps(rows[2])[:25])
+    shutil.copy(tmp_path / "full" / "pope_answers.settings.json", tmp_path / "cut")   # written before any answer
     resumed = run(model, data, str(tmp_path / "cut"), "--bench", "pope", "--batch-size", "2")[0]
     again = evaluate.read_json(str(tmp_path / "cut" / "pope_answers.jsonl"))
     assert [r["answer_id"] for r in again[:2]] == [r["answer_id"] for r in rows[:2]]   # kept, not regenerated
@@ -277,7 +281,7 @@ def test_mmvet_judge_through_an_openai_compatible_url(setup, tmp_path, monkeypat
     prewrite(out, "mmvet", evaluate.load_questions("mmvet", f"{data}/mm-vet/llava-mm-vet.jsonl"), prewritten["mmvet"])
     try:
         res = run(model, data, out, "--bench", "mmvet", "--judge-url", f"http://127.0.0.1:{server.server_port}/v1",
-                  "--judge-key-env", "MY_KEY")[0]
+                  "--judge-key-env", "MY_KEY", "--judge-allow-http", "--keep-answers")[0]
     finally:
         server.shutdown()
     assert res["headline"]["total"] == 75.0      # (0.5 + 1.0) / 2
