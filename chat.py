@@ -102,6 +102,8 @@ def main(argv=None):
     p.add_argument("--save", default=None, help="write the conversation to this JSON file (LLaVA format)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the LLM's own code (OpenELM); off: no code from the model folder or the Hub runs")
     a = p.parse_args(argv)
     from transformers.utils import logging as hf_logging
     from convert import model_template
@@ -109,7 +111,7 @@ def main(argv=None):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
-    model, tokenizer, processor = load_pretrained(a.model, dtype=dtype)
+    model, tokenizer, processor = load_pretrained(a.model, dtype=dtype, trust_remote_code=a.trust_remote_code)
     try:
         template = model_template(a.model, model, a.template)
     except ValueError as e:

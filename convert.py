@@ -13,6 +13,8 @@ adapters, merged on load). It computes what the original does: `patch` always dr
 Template: the config's conv_version, else "pretrain" for the pretrain layout, else the vicuna-style one with the
 tokenizer's EOS. Image processor: the directory's, else the Hub cache's, else the tower's stock one rebuilt from
 its config. from-tinyllava also writes train_config.json (the template) for train.py, evaluate.py and chat.py.
+A checkpoint is read inside its folder only (a shard or tokenizer / tower folder it names elsewhere is refused; Hub
+ids: the local cache only); its code runs only with --trust-remote-code. Outputs hold no code, nor half-written files.
 
 Export to LlavaForConditionalGeneration keeps the logits: the tower is saved cut after the feature layer (Llava reads
 the last one); Llava's "default" strategy drops the first token (our CLS drop or the legacy SigLIP drop), "full"
@@ -33,8 +35,11 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import CONFIG_MAPPING, AddedToken, AutoImageProcessor
 
@@ -47,6 +52,46 @@ PREFIX = {"language_model": "language_model.", "vision_tower": "vision_tower._vi
 ORIGINAL_CONNECTORS = ("identity", "linear", "mof_mlp", "resampler")   # + mlp{N}x_gelu; same key names as ours
 PREFERRED_TEMPLATE = {"phi": "phi", "stablelm": "phi", "llama": "llama", "gemma": "gemma", "openelm": "llama",
                       "qwen2": "qwen2_base"}   # text model_type -> name, among the templates whose EOS fits
+
+
+# -------------------- Files in and out ------------------------------------------------------------------------------
+
+def write_file(path, content):
+    """`content` (text; a dict of tensors: safetensors; a function: content(path)) to a temp name, renamed to `path`:
+    a crash or a full disk leaves no half-written file there, and a failure is one error naming the file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        if callable(content):
+            content(tmp)
+        elif isinstance(content, dict):
+            save_file(content, tmp, metadata={"format": "pt"})
+        else:
+            with open(tmp, "w") as f:
+                f.write(content)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"could not write {path}: {e}") from None
+
+
+def save_files(out_dir, *objs):
+    """objs.save_pretrained into out_dir by way of a temp folder: no half-written file gets a final name, nor does code
+    (the .py files copied for remote-code classes are dropped, `auto_map` is taken out of the configs)."""
+    tmp = tempfile.mkdtemp(prefix=".save-", dir=out_dir)
+    try:
+        for obj in objs:
+            obj.save_pretrained(tmp)
+        for name in sorted(os.listdir(tmp)):
+            f = os.path.join(tmp, name)
+            if name.endswith("config.json") and "auto_map" in (cfg := read_json(f)):
+                write_file(f, json.dumps({k: v for k, v in cfg.items() if k != "auto_map"}, indent=2))
+            if os.path.isfile(f) and not name.endswith(".py"):
+                os.replace(f, os.path.join(out_dir, name))
+    except Exception as e:   # a full disk: OSError, or a bare Exception from the tokenizers library
+        raise OSError(f"could not write {out_dir}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -------------------- Reading the original's files ------------------------------------------------------------------
@@ -66,6 +111,15 @@ def read_json(path):
         return json.load(f)
 
 
+def inside(root, name, source):
+    """root/name, refused unless it stays inside root: what a checkpoint's files name never leads the reader
+    elsewhere. Lexical (normpath), not realpath: a Hub-cache snapshot's files are symlinks into ../../blobs."""
+    path, root = os.path.abspath(os.path.join(root, name)), os.path.abspath(root)
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"{source} names {name!r}, which is outside {root}: refusing to read it")
+    return path
+
+
 def read_state_dict(d, names=("model.safetensors", "pytorch_model.bin")):
     """The tensors of a HF-style save in directory d: one file or the shards its index names. .bin files are read
     with weights_only=True: tensors only, no pickled code runs."""
@@ -74,7 +128,7 @@ def read_state_dict(d, names=("model.safetensors", "pytorch_model.bin")):
         index = os.path.join(d, name + ".index.json")
         if os.path.isfile(index):
             shards = sorted(set(read_json(index)["weight_map"].values()))
-            return {k: v for shard in shards for k, v in load(os.path.join(d, shard)).items()}
+            return {k: v for shard in shards for k, v in load(inside(d, shard, index)).items()}
         if os.path.isfile(os.path.join(d, name)):
             return load(os.path.join(d, name))
     raise FileNotFoundError(f"no weights in {d} (looked for {', '.join(names)} and their sharded indexes)")
@@ -177,10 +231,13 @@ def default_processor(vision_config):
                              image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 
 
-def _local(files, *places):
-    """The first of `places` (directories, or Hub ids looked up in the local cache only) holding one of `files`."""
+def _local(files, *places, root=None):
+    """The first of `places` (directories, inside `root` if given; or Hub ids looked up in the local cache only)
+    holding one of `files`."""
     from huggingface_hub import snapshot_download
     for place in places:
+        if place and root and os.path.isdir(place):
+            inside(root, os.path.abspath(place), os.path.join(root, "config.json"))
         if place and not os.path.isdir(place):
             try:
                 place = snapshot_download(place, local_files_only=True)   # never downloads
@@ -205,7 +262,7 @@ def infer_template(cfg, tokenizer, layout):
     raise ValueError(f"no chat template ends answers with {tokenizer.eos_token!r}: pass --template")
 
 
-def load_tinyllava(path, llm_kwargs=None, **overrides):
+def load_tinyllava(path, llm_kwargs=None, trust_remote_code=False, **overrides):
     """A TinyLLaVA Factory checkpoint as our model: (model, tokenizer, image processor). The chat template it
     implies is in model.template (train_config.json carries it after from-tinyllava)."""
     cfg, weights, layout = read_tinyllava(path)
@@ -219,8 +276,9 @@ def load_tinyllava(path, llm_kwargs=None, **overrides):
         raise ValueError(f"{path}: connector {connector!r} cannot be read (the original's qformer keys differ "
                          f"from ours); readable: {', '.join(ORIGINAL_CONNECTORS)}, mlp{{N}}x_gelu")
     text_type = cfg["text_config"].get("model_type")
-    if text_type not in CONFIG_MAPPING and not overrides.get("trust_remote_code"):
-        raise ValueError(f"{path}: LLM {text_type!r} is not in transformers: load with trust_remote_code=True")
+    if text_type not in CONFIG_MAPPING and not trust_remote_code:
+        raise ValueError(f"{path}: LLM {text_type!r} is not in transformers and runs code from the Hub: pass "
+                         "--trust-remote-code (trust_remote_code=True) if you trust it")
     hub = lambda p: re.sub(r"^(clip|siglip|dinov2|mof):", "", p or "")   # the original's "kind:hub_id" syntax
     args = dict(llm=cfg.get("llm_model_name_or_path", ""), tokenizer=cfg.get("tokenizer_name_or_path") or "",
                 vision_tower=hub(cfg.get("vision_model_name_or_path")),
@@ -232,14 +290,17 @@ def load_tinyllava(path, llm_kwargs=None, **overrides):
                 num_queries=cfg.get("num_queries") or 128, num_resampler_layers=cfg.get("num_resampler_layers") or 3)
     weights, dropped = _our_tower_keys(weights, vision_configs, args["vision_feature_layer"])
 
-    tok_dir = _local(("tokenizer_config.json", "tokenizer.json"), path, args["tokenizer"] or args["llm"])
+    tok_dir = _local(("tokenizer_config.json", "tokenizer.json"), path, args["tokenizer"] or args["llm"], root=path)
     if tok_dir is None:
         raise FileNotFoundError(f"{path} has no tokenizer, nor has the Hub cache {args['tokenizer'] or args['llm']!r}")
-    tokenizer = load_tokenizer(tok_dir)
-    proc_dir = _local(("preprocessor_config.json",), path, os.path.join(path, "vision_tower"), args["vision_tower"])
-    processor = AutoImageProcessor.from_pretrained(proc_dir) if proc_dir else default_processor(vision_configs[0])
+    tokenizer = load_tokenizer(tok_dir, trust_remote_code)
+    proc_dir = _local(("preprocessor_config.json",), path, os.path.join(path, "vision_tower"), args["vision_tower"],
+                      root=path)
+    processor = (AutoImageProcessor.from_pretrained(proc_dir, trust_remote_code=False) if proc_dir
+                 else default_processor(vision_configs[0]))
     config = dict(args, model_type="tinyllava_nano", text_config=cfg["text_config"], vision_configs=vision_configs)
-    model, tokenizer, processor = assemble(config, weights, tokenizer, processor, path, llm_kwargs, **overrides)
+    model, tokenizer, processor = assemble(config, weights, tokenizer, processor, path, llm_kwargs, trust_remote_code,
+                                           **overrides)
     model.template = infer_template(cfg, tokenizer, layout)
     print(f"loaded TinyLLaVA Factory {layout} layout from {path}: {connector}, {model.num_image_tokens} image tokens, "
           f"template {model.template!r}; {dropped} unused tower tensors dropped")
@@ -306,11 +367,9 @@ def save_tinyllava(model, tokenizer, processor, out_dir, template, max_length=20
     if len(towers) == 2:
         config["vision_config2"] = vconfigs[1]   # the original re-downloads it; ours reads it from here
     os.makedirs(out_dir, exist_ok=True)
-    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, default=str)
-    tokenizer.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    write_file(os.path.join(out_dir, "model.safetensors"), weights)
+    write_file(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2, default=str))
+    save_files(out_dir, tokenizer, processor)
     print(f"wrote the TinyLLaVA Factory release layout to {out_dir} ({len(weights)} tensors, {filled} tower tensors "
           "after the feature layer filled from the tower checkpoint)")
 
@@ -405,16 +464,15 @@ def export_llava(model, tokenizer, processor, out_dir, template, verify=True):
     drop_first = model.vision_tower.has_cls[0] or model.args.legacy_patch_drop
     strategy = "default" if model.args.vision_feature_select_strategy == "patch" and drop_first else "full"
     os.makedirs(out_dir, exist_ok=True)
-    LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=image_id,
-                image_seq_length=model.num_image_tokens, projector_hidden_act="gelu", vision_feature_layer=-1,
-                vision_feature_select_strategy=strategy, multimodal_projector_bias=True,
-                architectures=["LlavaForConditionalGeneration"]).save_pretrained(out_dir)
     gen = copy.deepcopy(lm.generation_config)
     if image_id >= rows:
         gen.suppress_tokens = [image_id]
-    gen.save_pretrained(out_dir)
-    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_files(out_dir, gen, LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=image_id,
+        image_seq_length=model.num_image_tokens, projector_hidden_act="gelu", vision_feature_layer=-1,
+        vision_feature_select_strategy=strategy, multimodal_projector_bias=True,
+        architectures=["LlavaForConditionalGeneration"]))
+    write_file(os.path.join(out_dir, "model.safetensors"), {k: v.detach().cpu().contiguous() for k, v in sd.items()})
 
     # the chat template: "<image>" alone, or "<image> " where that reproduces the ids training saw (see top)
     conv = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A cat."},
@@ -428,9 +486,10 @@ def export_llava(model, tokenizer, processor, out_dir, template, verify=True):
         print("warning: LlavaProcessor's one-pass tokenization differs from training's around the image "
               "for this tokenizer; logits for the same ids are unaffected")
         image = IMAGE_PLACEHOLDER
-    LlavaProcessor(image_processor=processor, tokenizer=tok, patch_size=tower.config.patch_size,
-                   vision_feature_select_strategy=strategy, chat_template=llava_chat_template(t, image),
-                   num_additional_image_tokens=int(model.vision_tower.has_cls[0])).save_pretrained(out_dir)
+    save_files(out_dir, LlavaProcessor(
+        image_processor=processor, tokenizer=tok, patch_size=tower.config.patch_size,
+        vision_feature_select_strategy=strategy, chat_template=llava_chat_template(t, image),
+        num_additional_image_tokens=int(model.vision_tower.has_cls[0])))
     if verify:   # the files as transformers reads them vs our model, on the same prompt and a random image
         p = next(lm.parameters())
         llava = LlavaForConditionalGeneration.from_pretrained(out_dir, dtype=p.dtype).to(p.device).eval()
@@ -461,8 +520,13 @@ def main(argv=None):
             s.add_argument("--max-length", type=int, default=None, help="tokenizer_model_max_length to record")
         if name == "to-llava":
             s.add_argument("--no-verify", action="store_true", help="skip the logits check against the export")
+        s.add_argument("--trust-remote-code", action="store_true",
+                       help="run the LLM's own code (OpenELM); off: no code from a checkpoint or the Hub runs")
     a = p.parse_args(argv)
-    model, tokenizer, processor = load_pretrained(a.src)
+    src, dst = os.path.realpath(a.src), os.path.realpath(a.dst)
+    if os.path.commonpath([src, dst]) in (src, dst):   # writing into the source would overwrite what it reads
+        p.error(f"{a.dst} is {a.src}, is inside it or contains it: it would overwrite the source; write elsewhere")
+    model, tokenizer, processor = load_pretrained(a.src, trust_remote_code=a.trust_remote_code)
     try:
         template = model_template(a.src, model, a.template)
     except ValueError as e:
@@ -470,9 +534,8 @@ def main(argv=None):
     if a.command == "from-tinyllava":
         if not is_tinyllava_factory(a.src):
             p.error(f"{a.src} is not a TinyLLaVA Factory checkpoint")
-        save_pretrained(model, tokenizer, processor, a.dst)
-        with open(os.path.join(a.dst, "train_config.json"), "w") as f:   # what evaluate.py / chat.py read
-            json.dump({"template": template, "converted_from": os.path.abspath(a.src)}, f, indent=1)
+        save_pretrained(model, tokenizer, processor, a.dst)   # + the template evaluate.py / chat.py read:
+        write_file(os.path.join(a.dst, "train_config.json"), json.dumps({"template": template, "converted_from": src}))
         print(f"wrote {a.dst} (template {template!r})")
     elif a.command == "to-tinyllava":
         trained = os.path.join(a.src, "train_config.json")

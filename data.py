@@ -52,6 +52,11 @@ IMAGE_PLACEHOLDER = "<image>"
 # As in LLaVA / TinyLLaVA: one truncated file among ~600k images should cost a damaged picture, not a crash
 # hours into a run.
 ImageFile.LOAD_TRUNCATED_IMAGES = True
+# "pad" puts the image on a max(w, h)-sided square before the processor resizes it, and the processor holds that
+# square as float32 meanwhile: a 1x15000 image (147 bytes) took 3.5 GB, one padded to 8192 px takes 0.9 GB. Training
+# images are far smaller (COCO 640 px, SAM 1500x2250), so a larger square is a bad sample (DataError), not a risk of
+# running out of memory. (Resizing before padding would be cheap but changes the pixels of every image.)
+MAX_PAD_SIDE = 8192
 
 
 class DataError(ValueError):
@@ -334,16 +339,20 @@ def load_image(path) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except OSError as e:  # missing file, unreadable or not an image (PIL.UnidentifiedImageError is an OSError)
+    except (OSError, Image.DecompressionBombError) as e:  # missing, unreadable, not an image, or over PIL's size limit
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
 def preprocess_image(image: Image.Image, processor, aspect="square") -> torch.Tensor:
     """PIL image -> (3, H, W) float tensor. "square": the processor's own resize/crop (TinyLLaVA's default);
-    "pad": LLaVA's expand2square first, centring the image on a square canvas filled with the mean colour."""
+    "pad": LLaVA's expand2square first, centring the image on a square canvas filled with the mean colour (DataError
+    when that square's side would exceed MAX_PAD_SIDE)."""
     if aspect == "pad":
         w, h = image.size
         side = max(w, h)
+        if side > MAX_PAD_SIDE:
+            raise DataError(f"a {w}x{h} image cannot be padded: its {side}x{side} square is over data.MAX_PAD_SIDE "
+                            f"= {MAX_PAD_SIDE}")
         fill = tuple(int(255 * m) for m in processor.image_mean)  # SigLIP -> (127,127,127), CLIP -> (122,116,104)
         canvas = Image.new(image.mode, (side, side), fill)
         canvas.paste(image, ((side - w) // 2, (side - h) // 2))

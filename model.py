@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from safetensors.torch import save_model as save_safetensors
-from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer,
-                          CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
-                          SiglipVisionConfig, SiglipVisionModel)
+from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoImageProcessor,
+                          AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, Dinov2Config,
+                          Dinov2Model, SiglipVisionConfig, SiglipVisionModel)
 
 from connectors import build_connector
 from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -343,7 +343,8 @@ def _build(args, text_config=None, vision_configs=None, llm_kwargs=None, lm_weig
         lm = AutoModelForCausalLM.from_pretrained(args.llm, dtype=dtype, trust_remote_code=args.trust_remote_code,
                                                   **attn, **(llm_kwargs or {}))
     elif type(text_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:   # remote code (OpenELM): no quantised reload
-        lm = AutoModelForCausalLM.from_config(text_config, dtype=dtype, trust_remote_code=True, **attn)
+        lm = AutoModelForCausalLM.from_config(text_config, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                                              **attn)
         missing, unexpected = lm.load_state_dict(lm_weights, strict=False)
         loaded = {p.data_ptr() for n, p in lm.named_parameters() if n in lm_weights}
         missing = [n for n in missing if lm.get_parameter(n).data_ptr() not in loaded]   # tied copies are fine
@@ -393,39 +394,37 @@ def build_model(args, llm_kwargs=None):
 
 
 def save_pretrained(model, tokenizer, processor, out_dir, state_dict=None):
-    """Self-contained: config.json (our args + the LLM's and towers' configs), model.safetensors,
-    tokenizer and image-processor files. The weights go to a temp name first and are renamed, so a crash
-    never leaves a half-written model.safetensors. `state_dict`: weights gathered elsewhere (ZeRO-3)."""
+    """Self-contained: config.json (our args + the LLM's and towers' configs), model.safetensors, tokenizer and
+    image-processor files, each written to a temp name and renamed; no code files, trust_remote_code false (code
+    runs on load only when the caller asks). `state_dict`: weights gathered elsewhere (ZeRO-3)."""
+    from convert import save_files, write_file   # convert.py imports this module
     os.makedirs(out_dir, exist_ok=True)
-    config = {"model_type": "tinyllava_nano", **asdict(model.args),
-              "text_config": model.language_model.config.to_dict(),
+    config = {"model_type": "tinyllava_nano", **asdict(model.args), "trust_remote_code": False,
+              "text_config": {k: v for k, v in model.language_model.config.to_dict().items() if k != "auto_map"},
               "vision_configs": [t.config.to_dict() for t in model.vision_tower.towers],
               "num_image_tokens": model.num_image_tokens}
-    tmp = os.path.join(out_dir, "model.safetensors.tmp")
-    if state_dict is None:
-        save_safetensors(model, tmp, metadata={"format": "pt"})   # drops the duplicate name of tied weights
+    weights = os.path.join(out_dir, "model.safetensors")
+    if state_dict is None:   # save_model drops the duplicate name of tied weights
+        write_file(weights, lambda tmp: save_safetensors(model, tmp, metadata={"format": "pt"}))
     else:
         seen, unique = set(), {}
         for k, v in state_dict.items():                          # tied weights: keep the first name
             if v.data_ptr() not in seen or v.numel() == 0:
                 seen.add(v.data_ptr())
                 unique[k] = v.detach().cpu().contiguous()
-        save_file(unique, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, default=str)
-    tokenizer.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+        write_file(weights, unique)
+    write_file(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2, default=str))
+    save_files(out_dir, tokenizer, processor)
 
 
-def load_pretrained(path, llm_kwargs=None, **overrides):
-    """Load a save_pretrained directory offline: nothing is fetched, no remote code unless the config says so.
-    TinyLLaVA Factory's own layouts (model_type "tinyllava", the pretrain sub-directories, LoRA output) load too,
-    through convert.py. llm_kwargs go to the LLM's from_pretrained (quantization_config: QLoRA on a previous
-    stage's output)."""
+def load_pretrained(path, llm_kwargs=None, trust_remote_code=False, **overrides):
+    """Load a save_pretrained directory offline: nothing is fetched, no code runs unless the caller passes
+    trust_remote_code=True (the user's --trust-remote-code; never the checkpoint's own config). TinyLLaVA Factory's
+    layouts (model_type "tinyllava", the pretrain sub-directories, LoRA output) load too, through convert.py.
+    llm_kwargs go to the LLM's from_pretrained (quantization_config: QLoRA on a previous stage's output)."""
     from convert import is_tinyllava_factory, load_tinyllava   # convert.py imports this module
     if is_tinyllava_factory(path):
-        return load_tinyllava(path, llm_kwargs=llm_kwargs, **overrides)
+        return load_tinyllava(path, llm_kwargs=llm_kwargs, trust_remote_code=trust_remote_code, **overrides)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: not a tinyllava-nano model directory")
@@ -434,22 +433,28 @@ def load_pretrained(path, llm_kwargs=None, **overrides):
     if config.get("model_type") != "tinyllava_nano":
         raise ValueError(f"{cfg_path}: model_type is {config.get('model_type')!r}, expected 'tinyllava_nano'")
     weights = load_file(os.path.join(path, "model.safetensors"))
-    tokenizer = load_tokenizer(path, overrides.get("trust_remote_code", config.get("trust_remote_code", False)))
-    return assemble(config, weights, tokenizer, AutoImageProcessor.from_pretrained(path), path,
-                    llm_kwargs, **overrides)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=False)   # ours never need code
+    return assemble(config, weights, tokenizer, processor, path, llm_kwargs, trust_remote_code, **overrides)
 
 
-def assemble(config, weights, tokenizer, processor, source, llm_kwargs=None, **overrides):
-    """The model described by a config.json dict of ours, filled with `weights` (our key names; popped)."""
+def assemble(config, weights, tokenizer, processor, source, llm_kwargs=None, trust_remote_code=False, **overrides):
+    """The model described by a config.json dict of ours, filled with `weights` (our key names; popped). Its LLM
+    path (`llm`) is read only for an LLM outside transformers, and only with trust_remote_code."""
     args = ModelArgs(**{f.name: config[f.name] for f in fields(ModelArgs) if f.name in config})
-    for k, v in overrides.items():
+    for k, v in dict(overrides, trust_remote_code=trust_remote_code).items():
         setattr(args, k, v)
     lm_weights = {k[len("language_model."):]: weights.pop(k) for k in list(weights) if k.startswith("language_model.")}
-    if args.trust_remote_code:   # e.g. OpenELM: its config class lives in the Hub repo's code, as does the model
+    saved = {k: v for k, v in config["text_config"].items() if k != "auto_map"}   # a saved auto_map never counts
+    kind = saved.get("model_type")
+    if kind in CONFIG_MAPPING and CONFIG_MAPPING[kind] in MODEL_FOR_CAUSAL_LM_MAPPING:   # transformers' own LLM
+        text_config = AutoConfig.for_model(**saved)
+    elif not trust_remote_code:
+        raise ValueError(f"{source}: its LLM {kind!r} is not a causal LM of transformers and runs code from "
+                         f"{args.llm!r}: pass --trust-remote-code (trust_remote_code=True) if you trust it")
+    else:   # e.g. OpenELM: its config class lives in the Hub repo's code, as does the model
         text_config = AutoConfig.from_pretrained(args.llm, trust_remote_code=True)
-        text_config.update({k: v for k, v in config["text_config"].items() if k != "auto_map"})
-    else:
-        text_config = AutoConfig.for_model(**config["text_config"])
+        text_config.update(saved)
     lm, vision, connector = _build(args, text_config=text_config, vision_configs=config["vision_configs"],
                                    llm_kwargs=llm_kwargs, lm_weights=lm_weights)
     model = TinyLlava(lm, vision, connector, args, image_size(processor))
@@ -503,6 +508,7 @@ class FeatureCache:
     def fill(self, model, images, image_folder, batch_size=32, rank=0, world=1, device=None):
         """Compute and store the features of every image in `images` not cached yet (this rank's share).
         Unreadable images are left out (the dataset's bad-sample policy meets them). Returns (computed, failed)."""
+        from convert import write_file
         from data import DataError, load_image, preprocess_image
         todo = []
         for image in sorted(set(images))[rank::world]:
@@ -529,9 +535,7 @@ class FeatureCache:
             for j, image in enumerate(names):
                 path = self.path(image_folder, image)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.{os.getpid()}.tmp"
-                save_file({str(k): f[j].cpu().contiguous() for k, f in enumerate(feats)}, tmp)
-                os.replace(tmp, path)
+                write_file(path, {str(k): f[j].cpu().contiguous() for k, f in enumerate(feats)})
                 done += 1
         tower.train(was_training)
         return done, failed
