@@ -4,6 +4,7 @@ through the same code as the real configs, then score it on the held-out split w
 
     python demo.py                  # about 3.5 minutes on 2 CPU cores, no network; held-out accuracy ~56-68
     python demo.py --finetune.epochs=2 --seed=1   # any train.py key can be overridden, as with train.py
+    python demo.py --resume        # continue an interrupted demo (otherwise each run starts over in out/demo/)
 
 The LLM (Llama architecture, 4 layers x 192) and the SigLIP tower (4 layers x 128, 32 px, patch 16: a 2x2 grid,
 4 image tokens) are built from configs with random weights and saved to out/demo/base/, then loaded back through
@@ -36,6 +37,10 @@ def make_base_models(base=BASE, seed=0):
 
 
 def main(argv):
+    if {"-h", "--help"} & set(argv):
+        return print(__doc__)
+    if "--resume" not in argv and not any(a.startswith("--resume=") for a in argv):
+        argv = ["--overwrite", *argv]   # a demo run starts over: out/demo/ holds only the last one
     import evaluate
     import train
     from transformers.utils import logging as hf_logging

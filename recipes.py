@@ -117,7 +117,7 @@ def stages(cfg):
     if cfg.get("stages"):
         return [dict(s) for s in cfg["stages"]]
     if cfg["recipe"] not in RECIPES:
-        raise ValueError(f"unknown recipe {cfg['recipe']!r}; valid: {sorted(RECIPES)} (or define stages=[...])")
+        raise ConfigError(f"unknown recipe {cfg['recipe']!r}; valid: {sorted(RECIPES)} (or define stages=[...])")
     return [dict(s) for s in RECIPES[cfg["recipe"]]]
 
 
@@ -158,28 +158,51 @@ def coerce(key, value, default):
     return value
 
 
+# Hugging Face Trainer's and TinyLLaVA Factory's names for our keys: an unknown key names ours
+ALIASES = dict(learning_rate="lr", per_device_train_batch_size="micro_batch_size", num_train_epochs="epochs",
+               gradient_accumulation_steps="global_batch_size (= micro_batch_size x processes x accumulation)",
+               output_dir="out_dir", warmup_steps="warmup_ratio", max_grad_norm="grad_clip",
+               logging_steps="log_every", save_steps="save_every", eval_steps="val_every",
+               save_total_limit="keep_checkpoints", model_max_length="max_length", report_to="tracker",
+               resume_from_checkpoint="resume", dataloader_num_workers="num_workers", model_name_or_path="llm",
+               data_path="data_finetune", image_folder="images_finetune", mm_vision_select_layer="vision_feature_layer",
+               mm_vision_select_feature="vision_feature_select_strategy", connector_type="connector",
+               mm_projector_type="connector", conv_version="template", tune_type_llm="tune_llm",
+               tune_type_vision_tower="tune_vision_tower", tune_type_connector="tune_connector",
+               training_recipe="recipe", per_device_eval_batch_size="micro_batch_size")
+
+
 def unknown(key):
-    close = difflib.get_close_matches(key, DEFAULTS, n=3)
+    close = ([ALIASES[key]] if key in ALIASES else []) + difflib.get_close_matches(key, DEFAULTS, n=3)
     return ConfigError(f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
 def load_config(argv):
     """DEFAULTS <- the --config file <- --key=value. Stage overrides (--finetune.lr=...) go to cfg['stage_overrides']."""
-    cfg, overrides, argv = dict(DEFAULTS), {}, list(argv)
-    if "--config" in argv:
-        i = argv.index("--config")
-        path = argv[i + 1]
-        del argv[i:i + 2]
+    cfg, overrides, args = dict(DEFAULTS), {}, []
+    for a in argv:   # --key value is --key=value: join them first
+        if args and args[-1].startswith("--") and "=" not in args[-1] and not a.startswith("--"):
+            args[-1] += "=" + a
+        else:
+            args.append(a)
+    paths = [a.partition("=")[2] for a in args if a.split("=")[0] == "--config"]
+    args = [a for a in args if a.split("=")[0] != "--config"]
+    for path in paths:
         scope = {}
-        with open(path) as f:
-            exec(compile(f.read(), path, "exec"), scope)
+        try:
+            with open(path) as f:
+                exec(compile(f.read(), path, "exec"), scope)   # a config is Python the user chose to run
+        except OSError as e:
+            raise ConfigError(f"--config {path!r}: {e.strerror or e}") from None
+        except SyntaxError as e:
+            raise ConfigError(f"{path}, line {e.lineno}: {e.msg}") from None
         for k, v in scope.items():
             if k.startswith("_") or type(v).__name__ == "module":
                 continue
             if k not in DEFAULTS:
                 raise ConfigError(f"{path}: {unknown(k)}")
             cfg[k] = coerce(k, v, DEFAULTS[k])
-    for arg in argv:
+    for arg in args:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; use --key=value")
         key, eq, value = arg[2:].partition("=")
@@ -221,24 +244,46 @@ MINIMA = dict(max_steps=0, epochs=1, micro_batch_size=1, global_batch_size=1, lo
               lora_r=1, seed=0)
 
 
-def check_settings(stage_cfgs):
-    """Every stage's numbers and the run options, before anything is built: all problems in one error."""
+def check_settings(stage_cfgs, world=1):
+    """Every stage's numbers, tune types, template, files and batch arithmetic for `world` processes, and the run
+    options, before anything is built: all problems in one error, a line each."""
+    from data import TEMPLATES
     problems = {}   # problem -> the stages that have it
+    if not stage_cfgs[0]["init_from"] and not (stage_cfgs[0]["llm"] and stage_cfgs[0]["vision_tower"]):
+        problems["no model: give --config, or --llm and --vision_tower (or --init_from)"] = []
     for c in stage_cfgs:
         bad = [f"{k}={c[k]} (must be >= {low})" for k, low in MINIMA.items() if not c[k] >= low]
         bad += [f"warmup_ratio={c['warmup_ratio']} (must be <= 1)"] * (c["warmup_ratio"] > 1)
+        for comp in ("llm", "vision_tower", "connector"):
+            try:
+                parse_tune(c[f"tune_{comp}"], comp)
+            except ValueError as e:
+                bad.append(str(e))
+        if c["template"] not in TEMPLATES:
+            bad.append(f"unknown template {c['template']!r}; valid: {', '.join(TEMPLATES)}")
+        gbs, mb = c["global_batch_size"], c["micro_batch_size"]
+        if mb >= 1 and gbs % (mb * world):
+            bad.append(f"global_batch_size {gbs} is not micro_batch_size {mb} x {world} processes x a whole number "
+                       "of accumulation steps")
+        data, images = f"data_{c['data']}", f"images_{c['data']}"
+        if not c.get(data):
+            bad.append(f"{data} is not set (the data file of this stage)")
+        elif not os.path.isfile(c[data]):
+            bad.append(f"{data}: {c[data]!r} is not a file")
+        if c.get(images) and not os.path.isdir(c[images]):
+            bad.append(f"{images}: {c[images]!r} is not a folder")
+        if c["val_every"] and c["data_val"] and not os.path.isfile(c["data_val"]):
+            bad.append(f"data_val: {c['data_val']!r} is not a file")
         for p in bad:
             problems.setdefault(p, []).append(c["stage"])
     c = stage_cfgs[0]
-    if not c["init_from"] and not (c["llm"] and c["vision_tower"]):
-        problems["no model: give --config, or --llm and --vision_tower (or --init_from)"] = []
     if c["resume"] and c["overwrite"]:
         problems["--resume and --overwrite contradict each other"] = []
     for name in resume_allowed(c) - set(DEFAULTS) - {"rng", "processes"}:
         problems[f"--resume_allow: {unknown(name)}"] = []
     msgs = [p if len(st) in (0, len(stage_cfgs)) else f"stage {'/'.join(st)}: {p}" for p, st in problems.items()]
     if msgs:
-        raise ConfigError("; ".join(msgs))
+        raise ConfigError("\n".join(msgs))
 
 
 def resume_allowed(cfg):

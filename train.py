@@ -273,9 +273,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
         model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.language_model.enable_input_require_grads()   # checkpointing through a frozen embedding
 
-    data, images = cfg[f"data_{cfg['data']}"], cfg[f"images_{cfg['data']}"]
-    if not data:
-        raise ValueError(f"stage {cfg['stage']!r} reads data_{cfg['data']}, which is not set")
+    data, images = cfg[f"data_{cfg['data']}"], cfg[f"images_{cfg['data']}"]   # checked by check_settings
     dataset = VLMDataset(data, tokenizer, processor, cfg["template"], model.num_image_tokens, cfg["max_length"],
                          images or None, cfg["image_aspect_ratio"], cfg["bad_samples"])
     world, mb = accelerator.num_processes, cfg["micro_batch_size"]
@@ -463,9 +461,12 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
     from transformers.utils import logging as hf_logging
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        return print(usage())
+    cfg = load_config(argv)
     scfgs = stage_configs(cfg)
-    check_settings(scfgs)   # every stage's settings, before anything is built
+    check_settings(scfgs, int(os.environ.get("WORLD_SIZE", "1")))   # all of it, before anything is built
     stage_dirs = [os.path.join(cfg["out_dir"], f"{i + 1}_{s['stage']}") for i, s in enumerate(scfgs)]
     if cfg["fp16"] and not torch.cuda.is_available():
         raise ConfigError("fp16 needs a GPU (fp16 matmul on CPU runs at ~1 GFLOP/s); use --bf16=true")
@@ -507,9 +508,18 @@ def main(argv=None):
     return init, results
 
 
+def usage():
+    """This docstring and the DEFAULTS block of recipes.py, comments included: every key and its allowed values."""
+    import recipes
+    with open(recipes.__file__) as f:
+        src = f.read()
+    return __doc__ + "\nEvery key (--key=value or --key value; --<stage>.<key> for one stage):\n\n" + \
+        src[src.index("DEFAULTS = dict("):src.index("\n)\n", src.index("DEFAULTS = dict(")) + 2]
+
+
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+    except ConfigError as e:   # a mistake in the command or config: each problem on a line, no traceback
+        print("\n".join(f"train.py: error: {line}" for line in str(e).splitlines()), file=sys.stderr)
         sys.exit(2)

@@ -352,7 +352,7 @@ def test_resume_after_kill(mode, launched):
     the finished pretrain stage is skipped, finetune continues from step 1 with the same losses and weights as
     the uninterrupted run (model, optimizer / ZeRO shards, scheduler and data position restored)."""
     runs = launched(mode)
-    assert "step_00000001" in os.listdir(os.path.join(runs["cut"], "2_finetune.partial", "checkpoints"))
+    assert "step_00000001" in os.listdir(os.path.join(runs["cut"], "2_finetune", "checkpoints"))
     info = runs["resumed"].info("2_finetune")
     assert (info["num_processes"], info["distributed_type"]) == (2, EXPECTED[mode][0])
     resumed, main = runs["resumed"].result()["losses"], runs["main"].result()["losses"]

@@ -261,12 +261,22 @@ def test_nonsense_numbers_are_refused_at_startup_all_at_once(tiny_llms, tiny_tow
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_the_command_line_prints_one_line_and_exits_2(tmp_path):
-    p = subprocess.run([sys.executable, "train.py", "--max_steps=-1", f"--out_dir={tmp_path}/x"], cwd=ROOT,
+def test_the_command_line_prints_each_problem_on_one_line_and_exits_2(tmp_path):
+    p = subprocess.run([sys.executable, "train.py", "--max_steps", "-1", "--learning_rate=1e-4"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    assert p.stderr.strip().splitlines()[-1] == ("train.py: error: max_steps=-1 (must be >= 0); no model: give --config, "
-                                                 "or --llm and --vision_tower (or --init_from)")
+    assert p.stderr.strip().splitlines() == ["train.py: error: unknown config key 'learning_rate'; did you mean lr?"]
+    p = subprocess.run([sys.executable, "train.py", "--max_steps", "-1", f"--data_finetune={tmp_path}/typo.json",
+                        "--micro_batch_size=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "train.py: error: no model: give --config, or --llm and --vision_tower (or --init_from)",
+        "train.py: error: max_steps=-1 (must be >= 0)",
+        "train.py: error: stage pretrain: global_batch_size 256 is not micro_batch_size 3 x 1 processes x a whole "
+        "number of accumulation steps",
+        "train.py: error: stage pretrain: data_pretrain is not set (the data file of this stage)",
+        "train.py: error: stage finetune: global_batch_size 128 is not micro_batch_size 3 x 1 processes x a whole "
+        "number of accumulation steps",
+        f"train.py: error: stage finetune: data_finetune: '{tmp_path}/typo.json' is not a file"], p.stderr
 
 
 # ----------------------------------------------------------------------------- saves that fail, NaN streaks
