@@ -449,9 +449,9 @@ def final_save(model, tokenizer, processor, stage_dir, cfg, state, init):
     from model import save_pretrained
     from recipes import merge_adapters
     merged, merged_state = merge_adapters(model, stage_dir, cfg, init)
-    if merged is None:
-        return
-    save_pretrained(merged, tokenizer, processor, stage_dir, state_dict=state if merged_state is None else merged_state)
+    if merged is not None:   # None: QLoRA without a previous stage, adapters only
+        save_pretrained(merged, tokenizer, processor, stage_dir,
+                        state_dict=state if merged_state is None else merged_state)
     with open(os.path.join(stage_dir, "train_config.json"), "w") as f:   # last: marks the folder complete
         json.dump(cfg, f, indent=1, default=str)
 

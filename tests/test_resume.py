@@ -318,3 +318,13 @@ def test_a_nonfinite_stop_points_at_a_checkpoint_from_before_the_streak(tiny_llm
         run([*args(tiny_llms["llama"], tiny_towers["siglip"], data, tmp_path / "run"), "--save_every=1",
              "--keep_checkpoints=1", "--max_nonfinite_steps=3", "--stages=[{'name': 'finetune', 'tune_llm': 'full'}]"])
     assert os.listdir(tmp_path / "run" / "1_finetune.partial" / "checkpoints") == ["step_00000002"]
+
+
+def test_an_adapter_only_stage_is_complete_and_resumable(tiny_llms, tiny_towers, data, tmp_path, capsys):
+    """QLoRA without a previous stage writes adapters only (no merged model): still a complete, skippable stage."""
+    common = [*args(tiny_llms["llama"], tiny_towers["siglip"], data, tmp_path / "run"), "--max_steps=1",
+              "--stages=[{'name': 'finetune', 'tune_llm': 'qlora'}]", "--lora_r=4", "--lora_alpha=8"]
+    final, _ = run(common)
+    assert train.finished(final) and os.path.isfile(os.path.join(final, "adapter_llm", "adapter_config.json"))
+    _, again = run(common + ["--resume"])
+    assert again == {} and "stage finetune already finished" in capsys.readouterr().out
