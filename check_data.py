@@ -1,48 +1,81 @@
 """
-Check a LLaVA-format data set before a long run: read every record, list every problem with its index and id,
-and print a summary (counts, token lengths including the image tokens). Exit status 1 if a record is bad.
+Check a LLaVA-format data set before a long run: read every record, list every problem with its index, id and
+code as it is found, and print a summary (counts by problem code, token lengths including the image tokens).
+Exit status 1 if a record is bad.
 
     python check_data.py data/llava_v1_5_mix665k.json --image-folder data --config configs/phi2_siglip_base.py
     python check_data.py data.json --image-folder images --model out/phi2_siglip_base/2_finetune
     python check_data.py data.json --image-folder images --tokenizer DIR --template phi --num-image-tokens 729
 
-What it finds (data.record_problems, then data.encode): a missing or unreadable image; an 'image' field without
-<image> in the text or the reverse; more than one <image>; turns that do not alternate human/gpt or do not start
-with human (a leading non-human message is dropped, as the original does: reported as a note); empty turns; an
-unanswered last turn; samples whose answers would be truncated away at max_length. --config takes the tokenizer,
+What it finds, by code (data.scan, data.load_image, then data.encode; training meets the same ones):
+  file         bad-json, bad-top-level (not a list of records), no-records: "error: ..." and nothing else
+  record       bad-jsonl-line (each one, with its line; the lines after it are still read), not-an-object,
+               no-conversations, bad-turn, empty-conversation, empty-turn, starts-with-assistant,
+               turns-not-alternating, unanswered-last-turn, text-unencodable (a lone surrogate: "\\ud800"),
+               duplicate-id (reported; training keeps it), bad-image-field, image-without-placeholder,
+               placeholder-without-image, multiple-images, image-in-answer, image-outside (an absolute path or one
+               through '..'; --allow-outside-images)
+  image        image-missing, image-not-a-file, image-unreadable, image-truncated, image-too-large (over
+               data.MAX_IMAGE_PIXELS; in training with image_aspect_ratio="pad", also a square over MAX_PAD_SIDE)
+  sample       answer-truncated (at max_length), no-supervised-tokens, prompt-too-long, template-error,
+               feature-cache-miss
+  anything     internal-error: an exception on one record is reported with its text, and the check goes on
+A leading system message is dropped, as the original does: a note, not a problem. --config takes the tokenizer,
 template, max_length and image-token count of one stage of the recipe (--stage; default: the stage that trains
-on this file, else the last). Training applies the same checks: bad_samples="error" stops at the first bad record,
-"skip" leaves it out and counts it.
+on this file, else the last). Training: bad_samples="error" stops at the first bad record, "skip" leaves it out
+and counts it (data.VLMDataset).
 """
 import argparse
 import json
 import os
-import re
 import sys
 from collections import Counter
 
-from data import DataError, encode, read_records, record_problems
+from tqdm import tqdm
+
+from data import DataError, _where, encode, load_image, read_records, scan
+
+PROGRESS_MIN = 1000   # records from which a progress bar is shown (on stderr)
 
 
-def check(records, image_folder=None, tokenizer=None, template="phi", num_image_tokens=0, max_length=None):
-    """-> {"problems": [(index, id, problem)], "notes": [...], "lengths": [tokens], "over_max_length": n, ...}"""
+def check(records, image_folder=None, tokenizer=None, template="phi", num_image_tokens=0, max_length=None,
+          allow_outside_images=False, on_problem=None, progress=False):
+    """-> {"problems": [(index, id, code, message)], "notes": [(index, id, message)], "lengths": [tokens],
+    "over_max_length": n, ...}. on_problem(index, record, code, message) is called as each problem or note (code
+    "note") is found."""
     problems, notes, lengths, over = [], [], [], 0
-    for i, r in enumerate(records):
+    bar = tqdm(total=len(records), unit=" records", file=sys.stderr,
+               disable=not progress or len(records) < PROGRESS_MIN)
+    for i, r, found in scan(records, allow_outside_images):
         rid = r.get("id") if isinstance(r, dict) else None
-        found = record_problems(r, image_folder)
-        if not found and r["conversations"][0]["from"] != "human":
-            notes.append((i, rid, f"first message is from {r['conversations'][0]['from']!r}: dropped, as the "
-                                  "original does"))
-        if not found and tokenizer is not None:
-            try:
-                n = len(encode(r["conversations"], template, tokenizer, num_image_tokens)["input_ids"])
-                lengths.append(n)
-                if max_length and n > max_length:
-                    over += 1
-                    encode(r["conversations"], template, tokenizer, num_image_tokens, max_length)
-            except DataError as e:
-                found.append(str(e))
-        problems += [(i, rid, p) for p in found]
+        try:
+            if not found and image_folder is not None and r.get("image") is not None:   # training: when read
+                try:
+                    load_image(os.path.join(image_folder, r["image"]))
+                except DataError as e:
+                    found.append((e.code, str(e)))
+            if not found and r["conversations"][0]["from"] != "human":
+                notes.append((i, rid, f"first message is from {r['conversations'][0]['from']!r}: dropped, as the "
+                                      "original does"))
+                if on_problem:
+                    on_problem(i, r, "note", notes[-1][2])
+            if not found and tokenizer is not None:
+                try:
+                    n = len(encode(r["conversations"], template, tokenizer, num_image_tokens)["input_ids"])
+                    lengths.append(n)
+                    if max_length and n > max_length:
+                        over += 1
+                        encode(r["conversations"], template, tokenizer, num_image_tokens, max_length)
+                except DataError as e:
+                    found.append((e.code, str(e)))
+        except Exception as e:  # noqa: BLE001 - the check reports what it cannot handle and goes on
+            found.append(("internal-error", f"{type(e).__name__}: {e}"))
+        for code, message in found:
+            problems.append((i, rid, code, message))
+            if on_problem:
+                on_problem(i, r, code, message)
+        bar.update()
+    bar.close()
     image = sum(isinstance(r, dict) and r.get("image") is not None for r in records)
     return {"records": len(records), "image": image, "text_only": len(records) - image, "problems": problems,
             "notes": notes, "lengths": lengths, "over_max_length": over}
@@ -70,7 +103,7 @@ def settings_from_config(path, stage_name, data_path):
         stage = (same or stages)[-1]
     args = ModelArgs(**{k: stage[k] for k in ModelArgs.__dataclass_fields__ if k in stage})
     return (load_tokenizer(stage["tokenizer"] or stage["llm"], stage["trust_remote_code"]), stage["template"],
-            stage["max_length"], count_image_tokens(args), stage["stage"])
+            stage["max_length"], count_image_tokens(args), stage["stage"], stage.get("allow_outside_images", False))
 
 
 def main(argv=None):
@@ -84,12 +117,15 @@ def main(argv=None):
     p.add_argument("--template", default="phi")
     p.add_argument("--num-image-tokens", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--show", type=int, default=50, help="problems to print (all are counted)")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="accept image paths that are absolute or leave --image-folder through '..'")
+    p.add_argument("--show", type=int, default=50, help="problems to print (all are counted); -1: all")
     a = p.parse_args(argv)
     tokenizer, template, max_length, n_img, where = None, a.template, a.max_length, a.num_image_tokens, ""
+    outside = a.allow_outside_images
     if a.config:
-        tokenizer, template, max_length, n_img, stage = settings_from_config(a.config, a.stage, a.data)
-        where = f" (stage {stage} of {a.config})"
+        tokenizer, template, max_length, n_img, stage, in_config = settings_from_config(a.config, a.stage, a.data)
+        where, outside = f" (stage {stage} of {a.config})", outside or in_config
     elif a.model:
         from model import load_tokenizer
         tokenizer = load_tokenizer(a.model)
@@ -105,22 +141,30 @@ def main(argv=None):
         tokenizer = load_tokenizer(a.tokenizer)
     if tokenizer is not None and n_img is None:
         p.error("--num-image-tokens is needed with --tokenizer (or use --config / --model)")
+    if hasattr(sys.stdout, "reconfigure"):   # a file name or id the terminal cannot show must not stop the check
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         records = read_records(a.data)
     except (DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" + (f" [{e.code}]" if isinstance(e, DataError) else ""), file=sys.stderr)
         return 1
-    report = check(records, a.image_folder, tokenizer, template, n_img or 0, max_length)
-    for i, rid, problem in report["problems"][:a.show]:
-        print(f"{a.data}: record {i} (id={rid!r}): {problem}")
-    if len(report["problems"]) > a.show:
-        print(f"... and {len(report['problems']) - a.show} more problems")
-    kinds = Counter("cannot read image" if problem.startswith("cannot read image") else re.sub(r"\d+", "N", problem)
-                    for _, _, problem in report["problems"])
+    shown = [0]
+
+    def show(i, record, code, message):   # as found: a check of 600k records shows its first problems at once
+        shown[0] += code != "note"
+        if a.show < 0 or shown[0] <= a.show:
+            text = f"note: {message}" if code == "note" else f"{message} [{code}]"
+            tqdm.write(f"{_where(a.data, i, record)}: {text}", file=sys.stdout)
+            sys.stdout.flush()
+        elif shown[0] == a.show + 1 and code != "note":
+            tqdm.write(f"... further problems are counted, not shown (--show {a.show})", file=sys.stdout)
+
+    report = check(records, a.image_folder, tokenizer, template, n_img or 0, max_length, outside, show, True)
+    kinds = Counter(code for _, _, code, _ in report["problems"])
     print(f"\n{a.data}{where}: {report['records']} records ({report['image']} with an image, "
-          f"{report['text_only']} text-only); {len({i for i, _, _ in report['problems']})} with problems; "
-          f"{len(report['notes'])} notes (leading non-human message dropped)")
-    for kind, n in kinds.most_common(20):
+          f"{report['text_only']} text-only); {len({i for i, _, _, _ in report['problems']})} with problems; "
+          f"{len(report['notes'])} with a leading system message (dropped, as the original does)")
+    for kind, n in kinds.most_common():
         print(f"  {n:>7}  {kind}")
     if report["lengths"]:
         lens = percentiles(report["lengths"])

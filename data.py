@@ -5,34 +5,34 @@
                     max_length=3072, image_folder="data/images", image_aspect_ratio="square")
     loader = DataLoader(ds, batch_size=8, collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
     batch = next(iter(loader))   # input_ids, attention_mask, labels [B, L]; images [n_img, 3, H, W] or None
-
     # one prompt for generation (ends in "ASSISTANT:", labels all IGNORE_INDEX)
     x = encode([{"from": "human", "value": "<image>\\nWhat is this?"}], "phi", tokenizer, 728, for_generation=True)
 
 Public API
-    IGNORE_INDEX = -100, IMAGE_TOKEN_INDEX = -200, IMAGE_PLACEHOLDER = "<image>", DataError(ValueError)
-    read_records(path) -> list (parsed only)            load_records(path) -> list[dict] (read + checked)
-    record_problems(record, image_folder=None) -> [str]  check_record(record, source, index): DataError with them
-    TEMPLATES: name -> ChatTemplate | HFChatTemplate     get_template(name_or_template)
-    render(conversations, template, tokenizer=None, for_generation=False) -> (text, supervised char spans)
+    IGNORE_INDEX = -100, IMAGE_TOKEN_INDEX = -200, IMAGE_PLACEHOLDER = "<image>", DataError(ValueError).code
+    read_records(path) -> list (parsed only)   load_records(path) -> list[dict] (read + checked)   record_problems
+    scan(records, allow_outside_images=False) -> (index, record, [(code, message)]) per record, + duplicate-id
+    TEMPLATES: name -> ChatTemplate | HFChatTemplate;  get_template(name_or_template);  render(conversations,
+        template, tokenizer=None, for_generation=False) -> (text, supervised char spans)
     encode(conversations, template, tokenizer, num_image_tokens, max_length=None, for_generation=False)
         -> {"input_ids": LongTensor[T], "labels": LongTensor[T]}
     load_image(path) -> PIL.Image (RGB);  preprocess_image(image, processor, aspect="square"|"pad") -> Tensor[3, H, W]
-    VLMDataset(records_or_path, tokenizer, image_processor, template, num_image_tokens, max_length,
-               image_folder=None, image_aspect_ratio="square", bad_samples="error"|"skip", feature_cache=None)
+    VLMDataset(records_or_path, tokenizer, image_processor, template, num_image_tokens, max_length, image_folder=None,
+               image_aspect_ratio="square", bad_samples="error"|"skip", feature_cache, allow_outside_images, skip_log)
         [i] -> {"input_ids", "labels", "pixel_values": Tensor[3, H, W] | None, "tower_features", "id", ...}
-        .lengths -> list[int];  .skipped -> [(index, id, problem)] left out at load ("skip")
+        .lengths -> list[int];  .skipped -> [(index, id, problem)] left out at load ("skip");  read_skip_log(*paths)
     collate(batch, pad_token_id, padding_side="right") -> {"input_ids", "attention_mask", "labels", "images",
                                                            "tower_features", "skipped"}
 
 Text format (TinyLLaVA Factory, = LLaVA-1.5 vicuna_v1 with the LLM's own EOS; LLaVA "plain" for pretraining):
     SYSTEM USER: <image>\\n{q1} ASSISTANT: {a1}<eos>USER: {q2} ASSISTANT: {a2}<eos>
-The image placeholder is moved to the front of its turn. A leading non-human message (a per-sample system prompt)
-is dropped, as in the original. Labels are built by construction: while rendering we record the character spans
-the model must learn (each answer from the space after "ASSISTANT:" through its EOS; for "plain", the caption and
-its "\\n"); every `<image>`-separated chunk is tokenized once with offsets and a token is supervised iff it covers
-a character of such a span. This equals the original's round-re-tokenising masks wherever those are consistent,
-and never silently masks a whole sample: anything odd raises DataError naming file, record and id.
+The image placeholder is moved to the front of its turn. A leading message from neither human nor gpt (a
+per-sample system prompt) is dropped, as in the original. Labels are built by construction: while rendering we
+record the character spans the model must learn (each answer from the space after "ASSISTANT:" through its EOS;
+for "plain", the caption and its "\\n"); every `<image>`-separated chunk is tokenized once with offsets and a token
+is supervised iff it covers a character of such a span. This equals the original's round-re-tokenising masks
+wherever those are consistent, and never silently masks a whole sample: anything odd raises DataError naming
+file, record and id, ending in the problem's code (DataError.code, listed in check_data.py): "... [image-missing]".
 
 Not done here (on purpose): multi-image samples, anyres tiling, dummy zero images for text-only samples (those
 rows carry no image at all, so the vision tower never runs on them), tokenizers that append EOS to every call.
@@ -40,7 +40,9 @@ rows carry no image at all, so the vision tower never runs on them), tokenizers 
 
 import json
 import os
+from collections import namedtuple
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageFile
@@ -49,122 +51,154 @@ IGNORE_INDEX = -100  # label of tokens that take no loss (torch CrossEntropyLoss
 IMAGE_TOKEN_INDEX = -200  # sentinel id at image positions; model.py writes image features there (LLaVA's value)
 IMAGE_PLACEHOLDER = "<image>"
 
-# As in LLaVA / TinyLLaVA: one truncated file among ~600k images should cost a damaged picture, not a crash
-# hours into a run.
-ImageFile.LOAD_TRUNCATED_IMAGES = True
-# "pad" puts the image on a max(w, h)-sided square before the processor resizes it, and the processor holds that
-# square as float32 meanwhile: a 1x15000 image (147 bytes) took 3.5 GB, one padded to 8192 px takes 0.9 GB. Training
-# images are far smaller (COCO 640 px, SAM 1500x2250), so a larger square is a bad sample (DataError), not a risk of
-# running out of memory. (Resizing before padding would be cheap but changes the pixels of every image.)
+# Over these limits an image is a bad sample (image-too-large): training images are far smaller (COCO 640 px, SAM
+# 1500x2250); a 100 KB PNG may declare 30000x30000 (2.7 GB as RGB). PIL's limits: 89 Mpx warns, 179 Mpx raises.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# "pad" puts the image on a max(w, h)-sided square, held as float32 by the processor: a 1x15000 image (147 bytes)
+# took 3.5 GB, one padded to 8192 px takes 0.9 GB. (Resizing before padding would change every image's pixels.)
 MAX_PAD_SIDE = 8192
 
 
 class DataError(ValueError):
-    """A record cannot be turned into a training sample; the message names file, record index and id."""
+    """A record cannot be a training sample: the message names file, record index and id; .code the problem."""
+
+    def __init__(self, message, code="bad-record"):
+        super().__init__(message)
+        self.code = code
+
+
+BadLine = namedtuple("BadLine", "lineno error")   # a JSONL line that is not JSON, kept in place: indices stay
+
+
+def _id(record):
+    return record.get("id") if isinstance(record, dict) else None
 
 
 def _where(source, index, record) -> str:
-    rid = record.get("id") if isinstance(record, dict) else None
-    return f"{source}: record {index} (id={rid!r})"
+    at = f"line {record.lineno}" if isinstance(record, BadLine) else f"id={_id(record)!r}"
+    return f"{source}: record {index} ({at})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Records
 
 def read_records(path) -> list:
-    """Parse a LLaVA-format JSON list or JSONL file (no validation); a syntax error names the file and line."""
-    with open(path, encoding="utf-8") as f:
+    """Parse a LLaVA-format JSON list or JSONL file (no validation); a JSONL line that is not JSON becomes a
+    BadLine in its place, so the lines after it are still read. Bytes that are not UTF-8 become lone surrogates."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    else:  # JSONL: one record per non-empty line; the record index is the count of records before it
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: record {len(records)} (line {lineno}): bad JSON line: {e.msg}") from None
+    records = _json(text)
+    if isinstance(records, BadLine) and text.lstrip().startswith("["):
+        raise DataError(f"{path}: invalid JSON at line {records.lineno}: {records.error}", "bad-json")
+    # one object is a one-line JSONL file if it is a record; {"data": [...]} or a pretty-printed record is not
+    if isinstance(records, dict) and ("conversations" not in records or "\n" in text.strip()):
+        raise DataError(f"{path}: the top level must be a list of records (a JSON list, or JSONL: one record per "
+                        f"line), not an object with keys {', '.join(map(repr, list(records)[:5]))}", "bad-top-level")
+    if not isinstance(records, list):  # JSONL: one record per non-empty line (not splitlines: "\u2028" is no end)
+        records = [_json(line, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not records:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{path}: no records", "no-records")
     return records
+
+
+def _json(text, lineno=1):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:   # RecursionError: nested too deeply
+        return BadLine(lineno + getattr(e, "lineno", 1) - 1, getattr(e, "msg", "nested too deeply"))
 
 
 def load_records(path) -> list[dict]:
-    """read_records + check_record on every record (fail at startup, not at step 90k)."""
+    """read_records + scan: DataError at the first bad record (fail at startup, not at step 90k)."""
     records = read_records(path)
-    for i, record in enumerate(records):
-        check_record(record, path, i)
+    for i, record, problems in scan(records):
+        if problems:
+            raise _error(path, i, record, problems)
     return records
 
 
-def record_problems(record, image_folder=None) -> list[str]:
-    """Every problem of one LLaVA record ([] if none): its shape, turns that do not alternate human/gpt or are
-    empty, an unanswered last turn, <image> placeholders that do not match the 'image' field (or more than one),
-    and, given image_folder, an image that is missing or does not decode."""
+def record_problems(record, allow_outside_images=False) -> list[tuple[str, str]]:
+    """[(code, message)] of one record: shape, text, turns, <image> vs 'image', a path outside the image folder."""
+    if isinstance(record, BadLine):
+        return [("bad-jsonl-line", f"bad JSON line: {record.error}")]
     if not isinstance(record, dict):
-        return [f"record is a {type(record).__name__}, expected an object"]
+        return [("not-an-object", f"record is a {type(record).__name__}, expected an object")]
     convs = record.get("conversations")
     if not isinstance(convs, list):
-        return ["missing or non-list 'conversations'"]
+        return [("no-conversations", "missing or non-list 'conversations'")]
     for t, turn in enumerate(convs):
         if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
-            return [f"turn {t} must be {{'from': str, 'value': str}}, got {turn!r:.80}"]
-    problems = [f"turn {t} ({turn['from']}) is empty" for t, turn in enumerate(convs) if not turn["value"].strip()]
+            return [("bad-turn", f"turn {t} must be {{'from': str, 'value': str}}, got {turn!r:.80}")]
+    problems = []
+    texts = [v for v in (record.get("id"), record.get("image")) if isinstance(v, str)]
+    try:   # json.load accepts a lone surrogate ("\ud800"), and a tokenizer then fails with a TypeError
+        "".join(texts + [m["from"] + m["value"] for m in convs]).encode("utf-8")
+    except UnicodeEncodeError:
+        problems.append(("text-unencodable", "text that cannot be encoded (a lone surrogate such as '\\ud800')"))
+    problems += [("empty-turn", f"turn {t} ({turn['from']}) is empty") for t, turn in enumerate(convs)
+                 if not turn["value"].strip()]
     try:
         _turns(convs, for_generation=False)
     except DataError as e:
-        problems.append(str(e))
+        problems.append((e.code, str(e)))
     n_tags = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in convs if turn["from"] != "gpt")
     image = record.get("image")
     if any(IMAGE_PLACEHOLDER in turn["value"] for turn in convs if turn["from"] == "gpt"):
-        problems.append(f"{IMAGE_PLACEHOLDER} inside a gpt turn")
+        problems.append(("image-in-answer", f"{IMAGE_PLACEHOLDER} inside a gpt turn"))
     if image is not None and not (isinstance(image, str) and image):
-        problems.append(f"'image' must be a non-empty relative path, got {image!r}")
+        problems.append(("bad-image-field", f"'image' must be a non-empty relative path, got {image!r}"))
     elif n_tags > 1:
-        problems.append(f"{n_tags} {IMAGE_PLACEHOLDER} placeholders; multi-image samples are not supported")
+        problems.append(("multiple-images", f"{n_tags} {IMAGE_PLACEHOLDER} placeholders; one image per sample"))
     elif image is not None and n_tags == 0:
-        problems.append(f"has 'image' but no {IMAGE_PLACEHOLDER} in its text")
+        problems.append(("image-without-placeholder", f"has 'image' but no {IMAGE_PLACEHOLDER} in its text"))
     elif image is None and n_tags == 1:
-        problems.append(f"has {IMAGE_PLACEHOLDER} in its text but no 'image'")
-    elif image is not None and image_folder is not None:
-        try:
-            load_image(os.path.join(image_folder, image))
-        except DataError as e:
-            problems.append(str(e))
+        problems.append(("placeholder-without-image", f"has {IMAGE_PLACEHOLDER} in its text but no 'image'"))
+    # lexical, so that a data set laid out with symbolic links inside the image folder still works
+    outside = isinstance(image, str) and (os.path.isabs(image) or os.path.normpath(image).split(os.sep)[0] == "..")
+    if outside and not allow_outside_images:
+        problems.append(("image-outside", f"image path {image!r} leaves the image folder (allow_outside_images)"))
     return problems
 
 
-def check_record(record, source="<records>", index=0, image_folder=None) -> None:
-    """Raise DataError (naming source, index and id) with every problem of `record` (see record_problems)."""
-    problems = record_problems(record, image_folder)
-    if problems:
-        raise DataError(f"{_where(source, index, record)}: " + "; ".join(problems))
+def _error(source, index, record, problems) -> DataError:   # one line: where, then each problem and its code
+    return DataError(f"{_where(source, index, record)}: {'; '.join(f'{m} [{c}]' for c, m in problems)}", problems[0][0])
+
+
+def scan(records, allow_outside_images=False):
+    """(index, record, [(code, message)]) per record: record_problems, duplicate-id, internal-error (an exception)."""
+    first = {}
+    for i, record in enumerate(records):
+        try:
+            problems = record_problems(record, allow_outside_images)
+        except Exception as e:  # noqa: BLE001 - one record's surprise must not stop a check of 600k
+            problems = [("internal-error", f"{type(e).__name__}: {e}")]
+        rid = _id(record)
+        if rid is not None and first.setdefault(repr(rid), i) != i:   # repr: 1 and "1" are different ids
+            problems.append(("duplicate-id", f"id {rid!r} is also the id of record {first[repr(rid)]}"))
+        yield i, record, problems
 
 
 def _turns(conversations, for_generation) -> list[tuple[str, str | None]]:
     """[{"from", "value"}, ...] -> [(question, answer)]; the answer of the last pair is None for generation."""
     msgs = list(conversations)
     # The original (TinyLLaVA `_get_list_from_message`) drops a first message that is not from the human, which
-    # is how per-sample system prompts end up ignored. We keep that for parity with released checkpoints.
-    skipped = int(bool(msgs) and msgs[0].get("from") != "human")
+    # is how per-sample system prompts end up ignored. We keep that for parity with released checkpoints, but a
+    # first message from the assistant is refused: dropping it would train on a conversation cut in the middle.
+    skipped = int(bool(msgs) and msgs[0].get("from") not in ("human", "gpt"))
     msgs = msgs[skipped:]
     if for_generation and msgs and msgs[-1].get("from") == "gpt" and msgs[-1].get("value") is None:
         msgs = msgs[:-1]
     if not msgs:
-        raise DataError("empty conversations")
+        raise DataError("empty conversations", "empty-conversation")
     for t, m in enumerate(msgs):
         expected = "human" if t % 2 == 0 else "gpt"
         if m.get("from") != expected:
+            code = "starts-with-assistant" if t == 0 and m.get("from") == "gpt" else "turns-not-alternating"
             raise DataError(f"turn {t + skipped} is from {m.get('from')!r}, expected {expected!r} "
-                            "(turns must alternate human/gpt, starting with human)")
+                            "(turns must alternate human/gpt, starting with human)", code)
     if for_generation != (len(msgs) % 2 == 1):
         want = "a human turn (the question to answer)" if for_generation else "a gpt turn"
-        raise DataError(f"conversations must end with {want}")
+        raise DataError(f"conversations must end with {want}", "unanswered-last-turn")
     values = [m["value"] for m in msgs] + ([None] if for_generation else [])
     return list(zip(values[0::2], values[1::2]))
 
@@ -267,7 +301,7 @@ def _render_hf(turns, tokenizer, for_generation):
         before, through = chat(messages[:k], True), chat(messages[: k + 1], False)
         if not (through.startswith(before) and text.startswith(through)):
             raise DataError("the tokenizer's chat template is not prefix-stable, cannot locate assistant turn "
-                            f"{k // 2}; write a ChatTemplate for this LLM instead")
+                            f"{k // 2}; write a ChatTemplate for this LLM instead", "template-error")
         # the newline a template puts between turns is glue, not something the model must produce
         spans.append((len(before), len(through.rstrip())))
     # Templates that write the BOS text themselves would get a second BOS from the tokenizer: keep one.
@@ -316,7 +350,8 @@ def encode(conversations, template, tokenizer, num_image_tokens, max_length=None
     if for_generation:
         labels = [IGNORE_INDEX] * len(ids)
         if max_length is not None and len(ids) > max_length:
-            raise DataError(f"prompt is {len(ids)} tokens (incl. images), longer than max_length={max_length}")
+            raise DataError(f"prompt is {len(ids)} tokens (incl. images), longer than max_length={max_length}",
+                            "prompt-too-long")
     else:
         if max_length is not None and len(ids) > max_length:
             cut = max_length
@@ -326,9 +361,9 @@ def encode(conversations, template, tokenizer, num_image_tokens, max_length=None
             ids, labels = ids[:cut], labels[:cut]
             if all(x == IGNORE_INDEX for x in labels):
                 raise DataError(f"answer truncated away at max_length={max_length} (sample is {n} tokens, "
-                                f"{num_image_tokens} per image)")
+                                f"{num_image_tokens} per image)", "answer-truncated")
         if all(x == IGNORE_INDEX for x in labels):
-            raise DataError("no supervised tokens")
+            raise DataError("no supervised tokens", "no-supervised-tokens")
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
@@ -336,11 +371,21 @@ def encode(conversations, template, tokenizer, num_image_tokens, max_length=None
 # Images
 
 def load_image(path) -> Image.Image:
+    """`path` as RGB, or DataError: image-missing, -not-a-file, -too-large, -truncated (never grey), -unreadable."""
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # whoever set it
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, over data.MAX_IMAGE_PIXELS")
             return im.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as e:  # missing, unreadable, not an image, or over PIL's size limit
-        raise DataError(f"cannot read image {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - whatever a decoder throws at a bad file, it is this file's problem
+        code = ("image-missing" if isinstance(e, (FileNotFoundError, NotADirectoryError)) else
+                "image-not-a-file" if isinstance(e, IsADirectoryError) else
+                "image-too-large" if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)) else
+                "image-truncated" if "truncated" in str(e).lower() else "image-unreadable")
+        raise DataError(f"cannot read image {path}: {e}", code) from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 
 
 def preprocess_image(image: Image.Image, processor, aspect="square") -> torch.Tensor:
@@ -352,7 +397,7 @@ def preprocess_image(image: Image.Image, processor, aspect="square") -> torch.Te
         side = max(w, h)
         if side > MAX_PAD_SIDE:
             raise DataError(f"a {w}x{h} image cannot be padded: its {side}x{side} square is over data.MAX_PAD_SIDE "
-                            f"= {MAX_PAD_SIDE}")
+                            f"= {MAX_PAD_SIDE}", "image-too-large")
         fill = tuple(int(255 * m) for m in processor.image_mean)  # SigLIP -> (127,127,127), CLIP -> (122,116,104)
         canvas = Image.new(image.mode, (side, side), fill)
         canvas.paste(image, ((side - w) // 2, (side - h) // 2))
@@ -368,32 +413,33 @@ def preprocess_image(image: Image.Image, processor, aspect="square") -> torch.Te
 class VLMDataset(torch.utils.data.Dataset):
     """LLaVA-format samples; text-only samples have pixel_values None (no dummy image).
 
-    bad_samples="error" raises DataError at the first bad record (structure: at construction; a corrupt image or
-    an answer truncated away: when the sample is read). "skip" leaves a record with structural problems out at
-    construction (self.skipped lists (index, id, reason), each printed), and replaces a sample that fails when read
-    by the next good one of the same modality, reporting the failure in the batch (sample["skipped"]) so that the
-    training loop can count and log it: nothing is dropped silently."""
+    bad_samples="error" raises DataError at the first bad record (scan's problems: at construction; an image that
+    does not load, an answer truncated away: when read). "skip" leaves records with scan's problems out (.skipped),
+    and replaces a sample that fails when read by the next good one of the same modality (sample["skipped"]). Each
+    skip is printed and, given `skip_log` (one per rank), appended to that JSONL file at once (read_skip_log)."""
 
     def __init__(self, records, tokenizer, image_processor, template, num_image_tokens, max_length,
-                 image_folder=None, image_aspect_ratio="square", bad_samples="error", feature_cache=None):
+                 image_folder=None, image_aspect_ratio="square", bad_samples="error", feature_cache=None,
+                 allow_outside_images=False, skip_log=None):
         if bad_samples not in ("error", "skip"):
             raise ValueError(f"unknown bad_samples policy {bad_samples!r}; valid: error, skip")
         self.source = str(records) if isinstance(records, (str, os.PathLike)) else "<records>"
         records = read_records(records) if isinstance(records, (str, os.PathLike)) else records
-        self.records, self.origin, self.skipped = [], [], []
-        for i, record in enumerate(records):
-            try:
-                check_record(record, self.source, i)
-            except DataError as e:
-                if bad_samples == "error":
-                    raise
-                self.skipped.append((i, record.get("id") if isinstance(record, dict) else None, str(e)))
-                print(f"skipping {e}", flush=True)
-                continue
-            self.records.append(record)
-            self.origin.append(i)   # index in the source file, for messages
+        self.records, self.origin, self.skipped, self.skip_log, dups = [], [], [], skip_log, []
+        for i, record, problems in scan(records, allow_outside_images):
+            dups += [i] * any(c == "duplicate-id" for c, _ in problems)   # listed by the check, trained on (below)
+            problems = [(c, m) for c, m in problems if c != "duplicate-id"]
+            if not problems:
+                self.records.append(record)
+                self.origin.append(i)   # index in the source file, for messages
+            elif bad_samples == "error":
+                raise _error(self.source, i, record, problems)
+            else:
+                self.skipped.append(self._skip(i, record, "load", _error(self.source, i, record, problems)))
+        if dups:   # ids only name records in messages; LLaVA-style sets reuse an image's id across conversations
+            print(f"{self.source}: {len(dups)} records reuse an earlier id (first: record {dups[0]}) [duplicate-id]")
         if not self.records:
-            raise DataError(f"{self.source}: no usable records ({len(self.skipped)} skipped)")
+            raise DataError(f"{self.source}: no usable records ({len(self.skipped)} skipped)", "no-records")
         self.bad_samples, self.feature_cache = bad_samples, feature_cache   # model.FeatureCache: no pixels
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template = get_template(template)
@@ -408,6 +454,15 @@ class VLMDataset(torch.utils.data.Dataset):
             raise ValueError(f"the chat template ends answers with {eos!r}, which this tokenizer does not know as "
                              "one token; pick the template that matches the LLM (or 'auto')")
         self._lengths = None
+
+    def _skip(self, index, record, when, error) -> tuple:
+        print(f"skipping {error}", flush=True)
+        if self.skip_log:   # one write of one line, flushed: a crash or a kill right after loses nothing
+            row = {"index": index, "id": _id(record), "when": when, "code": error.code, "problem": str(error)}
+            os.makedirs(os.path.dirname(os.path.abspath(self.skip_log)), exist_ok=True)
+            with open(self.skip_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, default=repr) + "\n")
+        return index, _id(record), str(error)
 
     def __len__(self):
         return len(self.records)
@@ -436,10 +491,12 @@ class VLMDataset(torch.utils.data.Dataset):
                 if feats is None:
                     image = load_image(os.path.join(self.image_folder, record["image"]))
                     if self.feature_cache is not None:
-                        raise DataError(f"image {record['image']} is not in the feature cache {self.feature_cache.dir}")
+                        raise DataError(f"image {record['image']} is not in the feature cache "
+                                        f"{self.feature_cache.dir}", "feature-cache-miss")
                     pixel_values = preprocess_image(image, self.image_processor, self.image_aspect_ratio)
-        except DataError as e:
-            raise DataError(f"{_where(self.source, self.origin[i], record)}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a tokenizer's TypeError on one odd text, too: this record's problem
+            code, what = (e.code, e) if isinstance(e, DataError) else ("internal-error", f"{type(e).__name__}: {e}")
+            raise DataError(f"{_where(self.source, self.origin[i], record)}: {what} [{code}]", code) from None
         return {**out, "pixel_values": pixel_values, "tower_features": feats, "id": record.get("id")}
 
     def __getitem__(self, i) -> dict:
@@ -452,9 +509,15 @@ class VLMDataset(torch.utils.data.Dataset):
             try:
                 return {**self.sample(j), "skipped": skipped}
             except DataError as e:
-                print(f"skipping {e}", flush=True)
-                skipped.append((self.origin[j], self.records[j].get("id"), str(e)))
-        raise DataError(f"{self.source}: no readable sample left of this modality ({len(skipped)} failed)")
+                skipped.append(self._skip(self.origin[j], self.records[j], "read", e))
+        raise DataError(f"{self.source}: no readable sample left of this modality ({len(skipped)} failed)",
+                        "no-records")
+
+
+def read_skip_log(*paths) -> list[dict]:
+    """Skip-log rows by index, one per record (logged each time it was met); a line torn by a crash is left out."""
+    rows = [_json(line) for p in paths if os.path.isfile(p) for line in Path(p).read_text("utf-8").splitlines()]
+    return sorted({r["index"]: r for r in reversed(rows) if isinstance(r, dict)}.values(), key=lambda r: r["index"])
 
 
 def collate(batch, pad_token_id, padding_side="right") -> dict:

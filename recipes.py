@@ -50,6 +50,7 @@ DEFAULTS = dict(
     data_val="", images_val="",       # optional validation set (finetune-style template)
     group_by_length=True,             # batches of similar length, image and text-only samples apart
     bad_samples="error",              # error: stop at the first bad record | skip: leave it out, count and report it
+    allow_outside_images=False,       # True: image paths may be absolute or leave the image folder ("../x.png")
     feature_cache="",                 # a folder: a frozen tower's outputs computed once, reused (model.FeatureCache)
     num_workers=2,
     # --- recipe (recipes.py)

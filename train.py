@@ -212,18 +212,18 @@ def save_checkpoint(accelerator, work_dir, step, cfg, scheduler, params=(), loss
     accelerator.wait_for_everyone()
 
 
-def report_skipped(dataset, skipped, stage_dir, main):
-    """bad_samples="skip": every record left out, from every rank, counted and written to skipped.json."""
-    from accelerate.utils import gather_object
-    at_read = set(gather_object(sorted(skipped)))
-    rows = [{"index": i, "id": rid, "when": "load", "problem": why} for i, rid, why in dataset.skipped]
-    rows += [{"index": i, "id": rid, "when": "read"} for i, rid in sorted(at_read, key=lambda x: x[0])]
+def report_skipped(dataset, work_dir, main):
+    """bad_samples="skip": every record left out by any rank, as logged when met (skipped.rank<r>.jsonl: a crash
+    loses none; a resumed stage keeps its earlier ones), counted and written to skipped.json."""
+    import glob
+    from data import read_skip_log
+    rows = read_skip_log(*sorted(glob.glob(os.path.join(work_dir, "skipped.rank*.jsonl"))))
     if main and rows:
-        os.makedirs(stage_dir, exist_ok=True)
-        with open(os.path.join(stage_dir, "skipped.json"), "w") as f:
+        with open(os.path.join(work_dir, "skipped.json"), "w") as f:
             json.dump(rows, f, indent=1)
-        print(f"{len(rows)} records of {dataset.source} skipped ({len(dataset.skipped)} when loading, "
-              f"{len(at_read)} when read: unreadable images, answers truncated away); see {stage_dir}/skipped.json")
+        n_load = sum(r["when"] == "load" for r in rows)
+        print(f"{len(rows)} records of {dataset.source} skipped ({n_load} when loading, {len(rows) - n_load} when "
+              f"read: unreadable images, answers truncated away); see {work_dir.removesuffix('.partial')}/skipped.json")
 
 
 @contextlib.contextmanager
@@ -266,6 +266,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     work_dir = stage_dir + ".partial"
     if main and os.path.isdir(work_dir) and not latest_checkpoint(work_dir):
         shutil.rmtree(work_dir)   # a run that stopped before its first checkpoint: nothing in it to keep
+    accelerator.wait_for_everyone()   # before any rank logs a skipped record into it
     if main:
         print(f"\n=== stage {cfg['stage']}: from {init or 'pretrained parts'} -> {stage_dir}")
     apply_recipe(model, cfg, verbose=main)
@@ -275,7 +276,9 @@ def train_stage(cfg, accelerator, init, stage_dir):
 
     data, images = cfg[f"data_{cfg['data']}"], cfg[f"images_{cfg['data']}"]   # checked by check_settings
     dataset = VLMDataset(data, tokenizer, processor, cfg["template"], model.num_image_tokens, cfg["max_length"],
-                         images or None, cfg["image_aspect_ratio"], cfg["bad_samples"])
+                         images or None, cfg["image_aspect_ratio"], cfg["bad_samples"],
+                         allow_outside_images=cfg["allow_outside_images"],
+                         skip_log=os.path.join(work_dir, f"skipped.rank{accelerator.process_index}.jsonl"))
     world, mb = accelerator.num_processes, cfg["micro_batch_size"]
     with gathered(model.vision_tower), gathered(model.connector):   # ZeRO-3 may have partitioned them at load
         model.vision_tower.to(accelerator.device)
@@ -354,7 +357,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
                                                                 generator=torch.Generator()))
 
     model.train()   # from_pretrained leaves the LLM in eval mode: no dropout, and HF checkpointing stays off
-    losses, t0, seen, tokens, flops, bad_in_row, skipped = [], time.time(), 0, 0, 0.0, 0, set()
+    losses, t0, seen, tokens, flops, bad_in_row = [], time.time(), 0, 0, 0.0, 0
     first_bad = None   # the first step of the current run of non-finite steps
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
@@ -376,7 +379,6 @@ def train_stage(cfg, accelerator, init, stage_dir):
                 tokens += int(b["attention_mask"].sum())
                 n_img = int((b["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum())
                 flops += train_flops(flops_of, b["attention_mask"], b["labels"], n_img, dataset.feature_cache is None)
-                skipped.update((i, rid) for i, rid, _ in b["skipped"])
             # the norm is measured even without clipping (max_norm inf): a non-finite one skips the step
             grad_norm = accelerator.clip_grad_norm_(trainable, cfg["grad_clip"] or math.inf)
             grad_norm = float(grad_norm) if grad_norm is not None else 0.0   # DeepSpeed may not report one
@@ -415,7 +417,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
                 break
 
     accelerator.wait_for_everyone()
-    report_skipped(dataset, skipped, work_dir, main)
+    report_skipped(dataset, work_dir, main)
     check_finite(accelerator, trainable, f"the final save of stage {cfg['stage']}")
     state = accelerator.get_state_dict(model)   # a collective: gathers ZeRO-3 shards
     if main:   # everything into the working folder, train_config.json last, then one rename

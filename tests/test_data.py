@@ -435,7 +435,7 @@ BAD = [
 @pytest.mark.parametrize("fmt", ["json", "jsonl"])
 def test_malformed_records_raise_with_location(tmp_path, bad, message, fmt):
     path = tmp_path / f"d.{fmt}"
-    recs = [GOOD, GOOD, bad]
+    recs = [GOOD, {**GOOD, "id": "ok2"}, bad]   # (the same id twice would be a duplicate-id)
     path.write_text(json.dumps(recs) if fmt == "json" else "\n".join(json.dumps(r) for r in recs) + "\n")
     rid = bad.get("id") if isinstance(bad, dict) else None
     with pytest.raises(DataError) as e:

@@ -57,7 +57,7 @@ def broken_dataset(root):
         json.dump(records, f)
     expected = {1: "cannot read image", 2: "cannot read image", 3: "no <image> in its text", 4: "but no 'image'",
                 5: "2 <image> placeholders", 6: "turn 1 is from 'human', expected 'gpt'",
-                8: "turn 1 is from 'gpt', expected 'human'", 9: "turn 1 (gpt) is empty",
+                8: "turn 0 is from 'gpt', expected 'human'", 9: "turn 1 (gpt) is empty",
                 12: "answer truncated away at max_length=64"}
     return f"{root}/data.json", f"{root}/images", expected
 
@@ -78,9 +78,11 @@ def test_the_check_reports_every_problem_with_index_and_id(tok, tmp_path, capsys
     for i, fragment in expected.items():
         lines = [x for x in out.splitlines() if x.startswith(f"{path}: record {i} (id={ids[i]!r}): ")]
         assert lines and fragment in lines[0], (i, fragment, out)
-    reported = {int(x.split("record ")[1].split(" ")[0]) for x in out.splitlines() if ": record " in x}
+    reported = {int(x.split("record ")[1].split(" ")[0]) for x in out.splitlines() if ": record " in x and
+                "): note: " not in x}
     assert reported == set(expected)
-    assert "13 records (6 with an image, 7 text-only); 9 with problems; 1 notes" in out
+    assert f"{path}: record 7 (id='system-first'): note: first message is from 'system': dropped" in out
+    assert "13 records (6 with an image, 7 text-only); 9 with problems; 1 with a leading system message" in out
     assert "tokens per sample incl. 4 per image (llama template): p50 " in out
 
 
@@ -167,6 +169,29 @@ def test_training_skips_and_reports_every_bad_record(tiny_llms, tiny_towers, tmp
     assert {r["index"] for r in rows} == set(expected)
     assert {r["id"] for r in rows if r["when"] == "read"} == {"missing", "corrupt", "too-long"}
     assert all(torch.isfinite(torch.tensor(x)) for x in losses["finetune"])
+
+
+def test_a_crash_under_skip_loses_no_skipped_record(tiny_llms, tiny_towers, tmp_path, monkeypatch):
+    """Each skip is logged as it is met: a run that dies mid-stage has them on disk, and its resumed run's
+    skipped.json holds every one (those met before the crash included)."""
+    path, images, expected = broken_dataset(tmp_path)
+    args = train_args(tiny_llms, tiny_towers, path, images, tmp_path / "run", "--global_batch_size=2",
+                      "--micro_batch_size=2", "--epochs=1", "--max_length=64", "--bad_samples=skip", "--save_every=1")
+    real = train.save_checkpoint
+
+    def crash(accelerator, work_dir, step, *rest):
+        real(accelerator, work_dir, step, *rest)
+        if step == 2:
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(train, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(args)
+    monkeypatch.undo()
+    from data import read_skip_log
+    logged = read_skip_log(tmp_path / "run" / "1_finetune.partial" / "skipped.rank0.jsonl")
+    assert {r["index"] for r in logged if r["when"] == "load"} == {3, 4, 5, 6, 8, 9}   # on disk before the crash
+    final, _ = run_main(args + ["--resume"])
+    assert {r["index"] for r in json.load(open(os.path.join(final, "skipped.json")))} == set(expected)
 
 
 def poison_loss(monkeypatch, from_call, to_call=10 ** 9):
