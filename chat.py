@@ -100,8 +100,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stream", action="store_true", help="print each answer when it is complete")
     p.add_argument("--save", default=None, help="write the conversation to this JSON file (LLaVA format)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                   else "cpu", help="cuda, cuda:1, mps, cpu (default: the first of these this machine has)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default): bfloat16 on a GPU with bf16, else float32 (as evaluate.py)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the LLM's own code (OpenELM); off: no code from the model folder or the Hub runs")
     a = p.parse_args(argv)
@@ -110,7 +112,8 @@ def main(argv=None):
     from model import load_pretrained
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    dtype = a.dtype if a.dtype != "auto" else "bfloat16" if a.device.startswith("cuda") and \
+        torch.cuda.is_bf16_supported() else "float32"
     model, tokenizer, processor = load_pretrained(a.model, dtype=dtype, trust_remote_code=a.trust_remote_code)
     try:
         template = model_template(a.model, model, a.template)

@@ -17,6 +17,7 @@ Tune types, per component:
 """
 import ast
 import difflib
+import math
 import os
 import re
 
@@ -426,3 +427,29 @@ def merge_adapters(model, stage_dir, cfg, init):
     # which safetensors refuses to write
     copies = {}
     return model, {k: copies.setdefault(v.data_ptr(), v.detach().clone()) for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- optimizer: per-component groups, the schedule
+def param_groups(model, cfg):
+    """AdamW groups per component (own lr) x (decay, no decay): biases and norms (ndim < 2) never decay."""
+    groups = []
+    for comp, module in (("llm", model.language_model), ("vision_tower", model.vision_tower),
+                         ("connector", model.connector)):
+        lr = cfg[f"lr_{comp}"] or cfg["lr"]
+        params = [p for p in module.parameters() if p.requires_grad]
+        for decay in (True, False):
+            ps = [p for p in params if (p.ndim >= 2) == decay]
+            if ps:
+                groups.append({"params": ps, "lr": lr, "weight_decay": cfg["weight_decay"] if decay else 0.0,
+                               "name": f"{comp}{'' if decay else '_no_decay'}"})
+    if not groups:
+        raise ValueError("nothing to train: every component is frozen")
+    return groups
+
+
+def cosine_with_warmup(step, warmup, total):
+    """HF's get_cosine_schedule_with_warmup, the original's scheduler."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
