@@ -19,7 +19,7 @@ from recipes import ConfigError, resume_allowed
 # settings that do not change what a run computes: --resume takes them as they are now
 RESUME_FREE = {"resume", "resume_allow", "overwrite", "out_dir", "log_every", "val_every", "val_batches", "save_every",
                "keep_checkpoints", "tracker", "num_workers", "peak_flops", "feature_cache", "data_val", "images_val",
-               "stage_overrides"}
+               "stage_overrides", "threads", "step0"}   # threads: the same losses up to summation order
 
 
 def latest_checkpoint(work_dir, before=None):

@@ -54,6 +54,8 @@ DEFAULTS = dict(
     allow_outside_images=False,       # True: image paths may be absolute or leave the image folder ("../x.png")
     feature_cache="",                 # a folder: a frozen tower's outputs computed once, reused (model.FeatureCache)
     num_workers=2,
+    threads=0,                        # CPU threads for torch; 0 = measured once per machine and LLM width (cached):
+                                      # 1 or all cores, whichever runs its matmuls faster (tiny models: often 1)
     # --- recipe (recipes.py)
     recipe="base",                    # base | share | lora | qlora
     stages=[],                        # or your own: [dict(name=..., data=..., tune_llm=..., lr=...), ...]
@@ -78,7 +80,8 @@ DEFAULTS = dict(
     gradient_checkpointing=False,
     compile=False,                    # torch.compile the LLM
     max_nonfinite_steps=3,            # a non-finite loss or gradient norm skips the step; this many in a row stop
-    peak_flops=0.0,                   # FLOP/s for the MFU in the log; 0 = measure this machine's matmul peak
+    peak_flops=0.0,                   # FLOP/s for the MFU in the log; 0 = this machine's matmul peak, measured once
+                                      # (1 s) and cached in $XDG_CACHE_HOME/tinyllava-nano/machine.json
     seed=42,
     # --- output
     out_dir="out/run",
@@ -87,7 +90,8 @@ DEFAULTS = dict(
     val_batches=20,
     save_every=0,                     # checkpoint every N steps (0: only the final save)
     keep_checkpoints=2,
-    tracker="",                       # "" | tensorboard | wandb
+    tracker="",                       # "" | tensorboard | wandb (pip install tensorboard / wandb): tags
+                                      # <stage>/loss, <stage>/lr, <stage>/val_loss over one step count for the run
     resume=False,                     # continue each stage from its latest checkpoint
     resume_allow="",                  # comma-separated settings whose change --resume accepts (e.g. "lr,max_steps");
                                       # "rng": resume without a saved RNG state (not exact)
@@ -243,7 +247,7 @@ def stage_configs(cfg):
 MINIMA = dict(max_steps=0, epochs=1, micro_batch_size=1, global_batch_size=1, log_every=1, max_nonfinite_steps=1,
               save_every=0, keep_checkpoints=1, val_every=0, val_batches=1, num_workers=0, max_length=1, lr=0.0,
               lr_llm=0.0, lr_vision_tower=0.0, lr_connector=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=0.0,
-              lora_r=1, seed=0)
+              lora_r=1, seed=0, threads=0)
 
 
 def check_settings(stage_cfgs, world=1):

@@ -88,6 +88,60 @@ def gathered(module):
         yield
 
 
+# ----------------------------------------------------------------------------- this machine
+CORES = torch.get_num_threads()   # torch's default, before any stage sets it
+
+
+def machine_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine()
+
+
+def measured(key, measure):
+    """A measurement of this machine (its name is in `key`), taken once and kept in
+    $XDG_CACHE_HOME/tinyllava-nano/machine.json, so the MFU's peak and the thread count stay put between runs.
+    It never draws from the global RNG: a run's losses do not depend on whether the cache was warm."""
+    path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tinyllava-nano",
+                        "machine.json")
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        with torch.random.fork_rng(devices=[]):
+            cache[key] = measure()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+                json.dump(cache, f, indent=1)
+            os.replace(f"{path}.{os.getpid()}.tmp", path)
+        except OSError:
+            pass   # a read-only home: measured again next run
+    return cache[key]
+
+
+def fastest_threads(width, rows):
+    """1 thread or all cores, whichever runs a (rows x width) @ (width x width) matmul faster: small models lose
+    more to threading overhead (and to anything else running) than they gain."""
+    a, b, times = torch.ones(rows, width), torch.ones(width, width), {}
+    for n in sorted({1, CORES}):
+        torch.set_num_threads(n)
+        a @ b
+        t0, k = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 0.3:
+            a @ b
+            k += 1
+        times[n] = (time.perf_counter() - t0) / k
+    return min(times, key=times.get)
+
+
 # ----------------------------------------------------------------------------- one stage
 def train_stage(cfg, accelerator, init, stage_dir):
     """Train one stage in stage_dir + ".partial" and rename that to stage_dir when the model is saved."""
@@ -129,7 +183,18 @@ def train_stage(cfg, accelerator, init, stage_dir):
                          images or None, cfg["image_aspect_ratio"], cfg["bad_samples"],
                          allow_outside_images=cfg["allow_outside_images"],
                          skip_log=os.path.join(work_dir, f"skipped.rank{accelerator.process_index}.jsonl"))
-    world, mb = accelerator.num_processes, cfg["micro_batch_size"]
+    world, mb, device = accelerator.num_processes, cfg["micro_batch_size"], accelerator.device
+    if device.type == "cpu":
+        width, rows = model.language_model.get_input_embeddings().embedding_dim, mb * min(cfg["max_length"], 512)
+        torch.set_num_threads(cfg["threads"] or measured(f"threads|{machine_name(device)}|{width}x{rows}",
+                                                         partial(fastest_threads, width, rows)))
+    if not cfg["peak_flops"]:   # the MFU's denominator: this machine's matmul peak in the training dtype
+        from bench import matmul_peak
+        dtype = torch.bfloat16 if cfg["bf16"] else torch.float16 if cfg["fp16"] else torch.float32
+        cfg["peak_flops"] = measured(f"peak|{machine_name(device)}|{dtype}|{torch.get_num_threads()} threads",
+                                     partial(matmul_peak, dtype, device.type, seconds=1.0))
+    if main:
+        print(f"{torch.get_num_threads()} threads, peak {cfg['peak_flops'] / 1e9:.0f} GFLOP/s" * (device.type == "cpu"))
     with gathered(model.vision_tower), gathered(model.connector):   # ZeRO-3 may have partitioned them at load
         model.vision_tower.to(accelerator.device)
         model.connector.to(accelerator.device)
@@ -208,6 +273,9 @@ def train_stage(cfg, accelerator, init, stage_dir):
 
     model.train()   # from_pretrained leaves the LLM in eval mode: no dropout, and HF checkpointing stays off
     losses, t0, seen, tokens, flops, bad_in_row = [], time.time(), 0, 0, 0.0, 0
+    from tqdm.auto import tqdm   # on a terminal: a bar with epoch, loss, samples/s and ETA; the log lines go above it
+    bar = tqdm(total=total, initial=step, desc=cfg["stage"], unit="step", disable=not (main and sys.stderr.isatty()))
+    say = partial(print, flush=True) if bar.disable else bar.write
     first_bad = None   # the first step of the current run of non-finite steps
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
@@ -241,31 +309,36 @@ def train_stage(cfg, accelerator, init, stage_dir):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(loss)
+            dt = time.time() - t0
+            bar.update(1)
+            bar.set_postfix_str(f"epoch {step / steps_per_epoch:.2f}, loss {loss:.4f}, {seen * world / dt:.1f} samples/s",
+                                refresh=False)
             if bad_in_row and main:
-                print(f"step {step}: loss {loss} / gradient norm {grad_norm} not finite: step skipped ({bad_in_row} in a "
-                      f"row, the limit is {cfg['max_nonfinite_steps']})", flush=True)
+                say(f"step {step}: loss {loss} / gradient norm {grad_norm} not finite: step skipped ({bad_in_row} in a "
+                    f"row, the limit is {cfg['max_nonfinite_steps']})")
             if bad_in_row >= cfg["max_nonfinite_steps"]:
                 raise RuntimeError(f"stage {cfg['stage']}: {bad_in_row} steps in a row with a non-finite loss or "
                                    f"gradient norm (steps {first_bad}-{step}); stopping. The last checkpoint before "
                                    f"step {first_bad}: {latest_checkpoint(work_dir, before=first_bad)} (lower lr, check "
                                    "the data, or --bf16=false; then --resume --resume_allow=lr)")
+            lr, tag = scheduler.get_last_lr()[0], cfg["stage"]
             if main and (step % cfg["log_every"] == 0 or step == total):
-                dt = time.time() - t0
-                print(f"step {step}/{total} | loss {loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | grad "
-                      f"{grad_norm:.3f} | {seen * world / dt:.1f} samples/s | {tokens * world / dt:.0f} tok/s | MFU "
-                      f"{100 * flops * world / dt / cfg['peak_flops']:.1f}%", flush=True)
-                accelerator.log({"loss": loss, "lr": scheduler.get_last_lr()[0]}, step=step)
+                say(f"step {step}/{total} (epoch {step / steps_per_epoch:.2f}) | loss {loss:.4f} | lr {lr:.2e} | grad "
+                    f"{grad_norm:.3f} | {seen * world / dt:.1f} samples/s | {tokens * world / dt:.0f} tok/s | MFU "
+                    f"{100 * flops * world / dt / cfg['peak_flops']:.1f}%")
+                accelerator.log({f"{tag}/loss": loss, f"{tag}/lr": lr}, step=cfg["step0"] + step)
             if val_loader is not None and step % cfg["val_every"] == 0:
                 val = validate(model, val_loader, accelerator, cfg["val_batches"])
                 if main:
-                    print(f"step {step} | val loss {val:.4f}")
-                accelerator.log({"val_loss": val}, step=step)
+                    say(f"step {step} | val loss {val:.4f}")
+                accelerator.log({f"{tag}/val_loss": val}, step=cfg["step0"] + step)
             # not inside a run of non-finite steps: its checkpoints would push out the last good one
             if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total and not bad_in_row:
                 save_checkpoint(accelerator, work_dir, step, cfg, scheduler, trainable, history + losses)
             if step >= total:
                 break
 
+    bar.close()
     accelerator.wait_for_everyone()
     report_skipped(dataset, work_dir, main)
     check_finite(accelerator, trainable, f"the final save of stage {cfg['stage']}")
@@ -274,11 +347,36 @@ def train_stage(cfg, accelerator, init, stage_dir):
         os.makedirs(work_dir, exist_ok=True)
         with open(os.path.join(work_dir, "losses.json"), "w") as f:
             json.dump(history + losses, f)
+        plot_losses(history + losses, os.path.join(work_dir, "loss.png"), f"stage {cfg['stage']}")
         final_save(raw, tokenizer, processor, work_dir, cfg, state, init)
         os.replace(work_dir, stage_dir)
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return losses
+
+
+def plot_losses(losses, path, title, size=(640, 360), margin=48):
+    """loss.png: the loss of every step (light) and its 20-step mean (dark), drawn with PIL: no plotting library."""
+    from PIL import Image, ImageDraw
+    points = [(i, y) for i, y in enumerate(losses, 1) if math.isfinite(y)]
+    if len(points) < 2:
+        return
+    (w, h), m = size, margin
+    lo, hi = min(y for _, y in points), max(y for _, y in points)
+    hi = hi if hi > lo else lo + 1
+    xy = [(m + (w - 2 * m) * (i - 1) / max(1, len(losses) - 1), h - m - (h - 2 * m) * (y - lo) / (hi - lo))
+          for i, y in points]
+    mean = [(x, sum(p[1] for p in xy[max(0, k - 19):k + 1]) / len(xy[max(0, k - 19):k + 1])) for k, (x, _) in enumerate(xy)]
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m, w - m, h - m], outline="black")
+    d.line(xy, fill=(150, 180, 230), width=1)
+    d.line(mean, fill=(20, 60, 160), width=2)
+    d.text((m, 16), f"{title}: training loss per step", fill="black")
+    for text, at in ((f"{hi:.3g}", (4, m - 6)), (f"{lo:.3g}", (4, h - m - 6)), ("1", (m, h - m + 6)),
+                     (str(len(losses)), (w - m - 24, h - m + 6)), ("step", (w // 2, h - m + 6))):
+        d.text(at, text, fill="black")
+    img.save(path)
 
 
 @torch.no_grad()
@@ -343,19 +441,17 @@ def main(argv=None):
             json.dump(cfg, f, indent=1, default=str)
     if cfg["tracker"]:
         accelerator.init_trackers("tinyllava-nano", config={k: str(v) for k, v in cfg.items()})
-    if not cfg["peak_flops"]:   # the MFU's denominator: this machine's matmul peak in the training dtype
-        from bench import matmul_peak
-        dtype = torch.bfloat16 if cfg["bf16"] else torch.float16 if cfg["fp16"] else torch.float32
-        cfg["peak_flops"] = matmul_peak(dtype, accelerator.device.type, seconds=0.25)
-    init, results = cfg["init_from"], {}
+    init, results, step0 = cfg["init_from"], {}, 0
     for scfg, stage_dir in zip(scfgs, stage_dirs):
-        scfg["peak_flops"] = cfg["peak_flops"]
+        scfg["step0"] = step0   # the tracker's step count runs on across stages
         if finished(stage_dir):   # only with --resume: plan_output refused or deleted it otherwise
             if accelerator.is_main_process:
                 print(f"stage {scfg['stage']} already finished in {stage_dir}; skipping")
         else:
             results[scfg["stage"]] = train_stage(scfg, accelerator, init, stage_dir)
         init = stage_dir
+        with open(os.path.join(stage_dir, "losses.json")) as f:
+                step0 += len(json.load(f))
     accelerator.end_training()
     return init, results
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"          # a test that reaches for the Hub fails instead of downloading
+# train.py caches this machine's thread choice and matmul peak there: a fresh one per test session, not ~/.cache
+os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="tinyllava-test-cache-")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(min(2, torch.get_num_threads()))

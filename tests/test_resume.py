@@ -195,7 +195,7 @@ def test_an_allowed_new_lr_takes_effect_from_the_resumed_step(cut_run, capsys):
     assert "--resume_allow: changed since" in out and "lr 0.001 -> 0.0001" in out
     # the log's lr after step 5 of 6 is the new lr on the same cosine: 1e-4 * cos schedule(5 of 6)
     expected = 1e-4 * train.cosine_with_warmup(5, 0, 6)
-    assert f"step 5/6 | loss {resumed['finetune'][0]:.4f} | lr {expected:.2e} |" in out
+    assert f"step 5/6 (epoch 1.00) | loss {resumed['finetune'][0]:.4f} | lr {expected:.2e} |" in out
 
 
 def test_a_missing_or_unreadable_rng_state_is_an_error_unless_allowed(cut_run, capsys):

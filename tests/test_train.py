@@ -295,3 +295,42 @@ def test_validation_loss_and_gradient_checkpointing(tiny_llms, tiny_towers, data
     assert len(vals) == 2 and all(v > 0 for v in vals)
     with open(tmp_path / "v" / "config.json") as f:
         assert json.load(f)["gradient_checkpointing"] is True          # the resolved config is saved
+
+
+def test_watching_training_bar_tags_loss_png_and_cached_machine_numbers(tiny_llms, tiny_towers, dataset, tmp_path,
+                                                                         monkeypatch, capsys):
+    """A progress bar on a terminal; tracker tags per stage over one step count; losses.json and loss.png per stage;
+    the thread count and MFU peak measured once per machine (cached), without touching the RNG the run uses."""
+    import sys
+
+    from accelerate import Accelerator
+    from PIL import Image
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    logged = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **k: logged.append((step, values)))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    measures = []
+    real_threads = train.fastest_threads
+    monkeypatch.setattr(train, "fastest_threads", lambda *a: measures.append(a) or real_threads(*a))
+    common = ["--recipe=base", "--micro_batch_size=2", "--pretrain.global_batch_size=4",
+              "--finetune.global_batch_size=4", "--max_steps=3", "--peak_flops=0"]
+    _, cold = train.main(run_args(tiny_llms, tiny_towers, dataset, tmp_path / "a", *common))
+    err = capsys.readouterr().err
+    assert "pretrain: 100%" in err and "finetune: 100%" in err and "samples/s" in err and "loss" in err
+    assert [(s, sorted(v)) for s, v in logged] == [(1, ["pretrain/loss", "pretrain/lr"]), (2, ["pretrain/loss", "pretrain/lr"]),
+                                                   (3, ["pretrain/loss", "pretrain/lr"]), (4, ["finetune/loss", "finetune/lr"]),
+                                                   (5, ["finetune/loss", "finetune/lr"]), (6, ["finetune/loss", "finetune/lr"])]
+    for stage in ("1_pretrain", "2_finetune"):
+        assert len(json.load(open(tmp_path / "a" / stage / "losses.json"))) == 3
+        assert Image.open(tmp_path / "a" / stage / "loss.png").size == (640, 360)
+    cache = json.load(open(tmp_path / "cache" / "tinyllava-nano" / "machine.json"))
+    assert len(measures) == 1 and any(k.startswith("threads|") for k in cache) and any(k.startswith("peak|") for k in cache)
+    AcceleratorState._reset_state(True)
+    _, warm = train.main(run_args(tiny_llms, tiny_towers, dataset, tmp_path / "b", *common))
+    assert len(measures) == 1 and warm == cold          # cached; the measurement never moved the run's RNG
+    AcceleratorState._reset_state(True)
+    try:
+        train.main(run_args(tiny_llms, tiny_towers, dataset, tmp_path / "c", *common, "--threads=1"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(train.CORES)
