@@ -261,7 +261,19 @@ def test_nonsense_numbers_are_refused_at_startup_all_at_once(tiny_llms, tiny_tow
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_space_separated_values_and_hf_names():
+    cfg = train.load_config(["--lr", "1e-4", "--resume", "--finetune.lr", "-1e-5", "--seed", "3"])
+    assert (cfg["lr"], cfg["resume"], cfg["seed"], cfg["stage_overrides"]) == (1e-4, True, 3, {"finetune": {"lr": -1e-5}})
+    for hf, ours in (("learning_rate", "lr"), ("per_device_train_batch_size", "micro_batch_size"),
+                     ("gradient_accumulation_steps", "global_batch_size"), ("num_train_epochs", "epochs")):
+        with pytest.raises(train.ConfigError, match=f"unknown config key '{hf}'; did you mean {ours}"):
+            train.load_config([f"--{hf}=1"])
+
+
 def test_the_command_line_prints_each_problem_on_one_line_and_exits_2(tmp_path):
+    p = subprocess.run([sys.executable, "train.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.splitlines()[0] == ("train.py: error: no model: give --config, or --llm and "
+                                                              "--vision_tower (or --init_from)"), p.stderr
     p = subprocess.run([sys.executable, "train.py", "--max_steps", "-1", "--learning_rate=1e-4"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
