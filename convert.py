@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CONFIG_MAPPING, AddedToken, AutoImageProcessor
 
 from data import TEMPLATES, ChatTemplate, IMAGE_PLACEHOLDER, encode, get_template, render
-from model import DTYPES, TOWERS, assemble, image_size, load_pretrained, load_tokenizer, save_pretrained
+from model import DTYPES, PIXELS, TOWERS, assemble, image_size, load_pretrained, load_tokenizer, save_pretrained
 
 SUBDIRS = ("language_model", "vision_tower", "connector")
 PREFIX = {"language_model": "language_model.", "vision_tower": "vision_tower._vision_tower.",
@@ -296,7 +296,7 @@ def load_tinyllava(path, llm_kwargs=None, trust_remote_code=False, **overrides):
     tokenizer = load_tokenizer(tok_dir, trust_remote_code)
     proc_dir = _local(("preprocessor_config.json",), path, os.path.join(path, "vision_tower"), args["vision_tower"],
                       root=path)
-    processor = (AutoImageProcessor.from_pretrained(proc_dir, trust_remote_code=False) if proc_dir
+    processor = (AutoImageProcessor.from_pretrained(proc_dir, trust_remote_code=False, backend=PIXELS) if proc_dir
                  else default_processor(vision_configs[0]))
     config = dict(args, model_type="tinyllava_nano", text_config=cfg["text_config"], vision_configs=vision_configs)
     model, tokenizer, processor = assemble(config, weights, tokenizer, processor, path, llm_kwargs, trust_remote_code,

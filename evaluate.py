@@ -1,98 +1,74 @@
 """
-Evaluate a model on the 8 benchmarks of TinyLLaVA Factory: batched answers in LLaVA's answer-file format, then
-the official metrics from scorers.py (pure functions, tested quirk by quirk against the official scorers).
+Evaluate a model on the 8 benchmarks of TinyLLaVA Factory, or on your own data: batched answers in LLaVA's
+answer-file format, then the official metrics from scorers.py (pure functions, tested quirk by quirk).
 
     python evaluate.py --model out/phi2_siglip_base/2_finetune --bench gqa --data ~/llava_eval/gqa
     python evaluate.py --model DIR --bench vqav2,gqa,scienceqa,textvqa,pope,mme,mmvet,mmmu --data ~/llava_eval
     python evaluate.py --model DIR --bench pope --data ~/llava_eval --limit 200 --batch-size 32
+    accelerate launch --multi_gpu --num_processes 8 evaluate.py --model DIR --bench gqa --data ~/llava_eval
+    python evaluate.py --model DIR --bench custom --questions q.jsonl --annotations refs.jsonl --image-folder img
 
---data is one benchmark's folder or the root holding them all, laid out as LLaVA-1.5's eval.zip unpacks
-(playground/data/eval; the file names are in BENCHES, the download steps in the README). The prompt is the
-model's training template (<model>/train_config.json, or --template) around "<image>\\n" + the question file's
-text, which already carries the benchmark's suffix; ScienceQA gets LLaVA's --single-pred-prompt suffix appended.
-Decoding is greedy by default (--temperature > 0 samples), batched with left padding and the KV cache, and
-stops at EOS. Answers are appended to <out>/<bench>_answers.jsonl as they are produced; running the same
-command again skips the questions already answered, so an interrupted run resumes where it stopped.
+--model: ours or a TinyLLaVA Factory checkpoint, prompted with its training template (<model>/train_config.json or
+--template), or a transformers image-text-to-text folder (LlavaForConditionalGeneration: convert.py to-llava's
+export, any compatible Llava), prompted with its processor's chat template. Each process runs on its Accelerate
+device (CUDA, MPS, else CPU; --device overrides) in --dtype (auto: bf16 on a GPU with bf16, else fp32, CPUs too:
+bf16 changes answers, and is slow without AMX / AVX512-BF16). As N processes (no GPU: ACCELERATE_USE_CPU=1
+accelerate launch --multi_gpu ..., README), process r answers every N-th question; rank 0 merges and scores.
 
-Answers are reused only with the settings that made them, recorded in <out>/<bench>_answers.settings.json:
-model folder, a fingerprint of its files (path, size, mtime of each weight, config and tokenizer file),
-template, max_new_tokens, temperature, top_p (when sampling), num_beams, image folder (not the batch size:
-batched answers equal one-by-one answers). An answer file made with other settings, or without a settings file
-(an older evaluate.py, another tool), is renamed aside to <name>.<time>.old, with a line naming what changed,
-and the questions are answered afresh. --keep-answers keeps and scores it as it is (e.g. answers from LLaVA's
-scripts), answering only the questions it lacks; its settings file then names the earlier settings
-("earlier_answers", null: unknown), so a later run without the flag sets the mixed file aside.
+--bench custom, your own data: --questions, a LLaVA question file (JSON lines: question_id, image, text, optional
+category; the text is asked as it is); --annotations, the references: a line {"question_id": ..., "answers": [...]}
+per question ("answer": "..." for one; a VQAv2 annotation file works too); or --data DIR holding questions.jsonl,
+answers.jsonl, images/. Scored by exact match with any reference after the official VQA normalisation (EvalAI's),
+by VQA accuracy over the questions with 10 references, and per category.
 
-<out>/<bench>_results.json holds the model, benchmark, split, count, seconds, the answers' settings and every
-metric; a table of the headline numbers is printed. The questions asked (all, the first --limit N, or a
---questions file) are scored against their own ground truth only. The official scorers cannot score a subset
-(vqaEval and GQA's eval.py stop at a question without an answer, ScienceQA's counts it wrong): this is their
-number for a ground-truth file of just those questions, and the table says "n of N questions". POPE's labels
-pair by position: its subset is the first N of each split (--limit), or --annotations labels exactly the
-questions asked.
-
-MM-Vet --judge-url: https:// only (--judge-allow-http: a judge on this machine); a redirect is an error, never
-followed with the key; each grade is cached in <out>/mmvet_grades.json by question, ground truth, answer, judge
-model and run, so no re-run sends a graded answer again (a --limit re-run adds to it).
+Files are checked before the model loads. Decoding is greedy (--temperature > 0 samples), batched with left padding
+and the KV cache. Answers go to <out>/<bench>_answers.jsonl, reused only with the settings that made them (a rerun
+resumes; answers.py); the same settings make the same file, byte for byte, on any number of processes. Results
+(<bench>_results.json) are unrounded; a subset (--limit, --questions) is scored against its own ground truth.
 """
 import argparse
-import hashlib
+import glob
 import json
 import os
 import sys
 import time
 import uuid
 from collections import Counter
+from datetime import timedelta
 
 import scorers as S
+from answers import check_answers, fingerprint, key, merge, on_file, read_json, write_json
 
 SQA_SUFFIX = "Answer with the option's letter from the given choices directly."  # --single-pred-prompt
-BENCHES = {  # folder under the eval root, question file and image folder inside it, max_new_tokens, split
-    "vqav2": dict(dir="vqav2", questions="llava_vqav2_mscoco_test-dev2015.jsonl", images="test2015", tokens=128,
-                  split="test-dev2015"),
+BENCHES = {  # folder in the eval root; question file, images, ground truth in it (--annotations replaces the first);
+    # max_new_tokens; split; where the benchmark's own files come from (the question files: LLaVA's eval.zip)
+    "vqav2": dict(dir="vqav2", questions="llava_vqav2_mscoco_test-dev2015.jsonl", images="test2015", gt=[],
+                  tokens=128, split="test-dev2015", get="cocodataset.org (images), visualqa.org (annotations)"),
     "gqa": dict(dir="gqa", questions="llava_gqa_testdev_balanced.jsonl", images="data/images", tokens=128,
-                split="testdev_balanced"),
+                gt=["data/testdev_balanced_questions.json"], split="testdev_balanced", get="GQA's site"),
     "scienceqa": dict(dir="scienceqa", questions="llava_test_CQM-A.json", images="images/test", tokens=1024,
-                      split="test"),
+                      gt=["problems.json", "pid_splits.json"], split="test", get="github.com/lupantech/ScienceQA"),
     "textvqa": dict(dir="textvqa", questions="llava_textvqa_val_v051_ocr.jsonl", images="train_images", tokens=128,
-                    split="val"),
-    "pope": dict(dir="pope", questions="llava_pope_test.jsonl", images="val2014", tokens=128, split="test"),
-    "mme": dict(dir="MME", questions="llava_mme.jsonl", images="MME_Benchmark_release_version", tokens=128,
-                split="all"),
-    "mmvet": dict(dir="mm-vet", questions="llava-mm-vet.jsonl", images="images", tokens=1024, split="v1"),
-    "mmmu": dict(dir="MMMU", questions="anns_for_eval.json", images="all_images", tokens=1024, split="validation"),
+                    gt=["TextVQA_0.5.1_val.json"], split="val", get="textvqa.org"),
+    "pope": dict(dir="pope", questions="llava_pope_test.jsonl", images="val2014", tokens=128, gt=["coco"],
+                 split="test", get="cocodataset.org (val2014), github.com/AoiDragon/POPE (output/coco labels)"),
+    "mme": dict(dir="MME", questions="llava_mme.jsonl", images="MME_Benchmark_release_version", tokens=128, gt=[],
+                split="all", get="the MME authors (github.com/BradyFU/Awesome-Multimodal-Large-Language-Models)"),
+    "mmvet": dict(dir="mm-vet", questions="llava-mm-vet.jsonl", images="images", tokens=1024, gt=[], split="v1",
+                  get="github.com/yuweihao/MM-Vet"),
+    "mmmu": dict(dir="MMMU", questions="anns_for_eval.json", images="all_images", tokens=1024,
+                 gt=["eval/answer_dict_val.json"], split="validation", get="TinyLLaVA Factory's MMMU.zip"),
+    "custom": dict(dir="custom", questions="questions.jsonl", images="images", tokens=128, gt=["answers.jsonl"],
+                   split="custom", get="you (evaluate.py --help: --bench custom)"),
 }
-
-
-def read_json(path):
-    """A JSON file, or JSON lines (.jsonl, and POPE's coco_pope_*.json, which are JSON lines named .json)."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found (the README's benchmark table says where it comes from)") from None
-    if not path.endswith(".jsonl"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            if "Extra data" not in str(e):
-                raise ValueError(f"{path}: not valid JSON: {e}") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            rows.append(json.loads(line)) if line.strip() else None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not valid JSON: {e}") from None
-    return rows
 
 
 # ------------------------------------------------------------------------------------ questions, per benchmark
 def load_questions(bench, path):
     """The question file -> items {question_id, text (the model's question, no image token), image (or None),
     prompt (what LLaVA's script saves in the answer row), category, answer (preset: not generated)}."""
-    rows = read_json(path)
     items = []
-    for i, q in enumerate(rows):
+    for i, q in enumerate(read_json(path)):
         try:
             if bench == "scienceqa":   # model_vqa_science: LLaVA conversation records; saved prompt has <image>
                 text = q["conversations"][0]["value"].replace("<image>", "").strip() + "\n" + SQA_SUFFIX
@@ -109,140 +85,103 @@ def load_questions(bench, path):
             raise ValueError(f"{path}: record {i} is not a {bench} question ({type(e).__name__}: {e}): "
                              f"{json.dumps(q)[:200]}") from None
         items.append(item)
-    seen = set()
-    for it in items:   # MME has two questions per question_id (the image): rows are keyed by id and prompt
-        if key(it) in seen:
-            raise ValueError(f"{path}: question_id {it['question_id']!r} with prompt {it['prompt'][:60]!r} appears "
-                             "more than once; answers are keyed by both")
-        seen.add(key(it))
+    count = Counter(map(key, items))   # MME has two questions per question_id (the image)
+    twice = [it for it in items if count[key(it)] > 1]
+    if twice:
+        raise ValueError(f"{path}: question_id {twice[0]['question_id']!r} with prompt {twice[0]['prompt'][:60]!r} "
+                         "appears more than once; answers are keyed by both")
     return items
-
-
-def key(row):
-    return str(row["question_id"]), row["prompt"]
-
-
-# --------------------------------------------------------------- answers are reused only with their settings
-def write_json(path, obj):
-    """Written to a temporary file, then renamed over: a killed run leaves the old file or the new, never half."""
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(f"{path}.tmp", path)
-
-
-def fingerprint(model_dir, out_dir):
-    """Path, size and mtime of every weight, config and tokenizer file in the model folder: retraining or
-    replacing the model changes it. The answers' folders (out_dir, <model>/eval) are not the model's."""
-    h, skip = hashlib.sha256(), {os.path.abspath(out_dir), os.path.abspath(os.path.join(model_dir, "eval"))}
-    for root, dirs, files in os.walk(model_dir):
-        dirs[:] = sorted(d for d in dirs if os.path.abspath(os.path.join(root, d)) not in skip)
-        for name in sorted(f for f in files if f.endswith((".safetensors", ".bin", ".json", ".model", ".txt"))):
-            st = os.stat(os.path.join(root, name))
-            h.update(f"{os.path.relpath(root, model_dir)}/{name} {st.st_size} {st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def check_answers(answers_file, settings, keep=False):
-    """Keep the answers on file only if `settings` made them, else rename them aside (module docstring); with
-    keep, keep them whatever made them. Writes and returns the settings the answer file stands for."""
-    side = answers_file[:-len(".jsonl")] + ".settings.json"
-    old = read_json(side) if os.path.isfile(side) else None
-    if os.path.isfile(answers_file) and old != settings:
-        if keep:   # recorded, so a later run without --keep-answers sets the mixed file aside
-            base = {k: v for k, v in (old or {}).items() if k != "earlier_answers"}
-            settings = old if base == settings else {**settings, "earlier_answers": old}
-        else:
-            stamp = now = time.strftime("%Y%m%d-%H%M%S")
-            n = 0
-            while os.path.exists(f"{answers_file}.{stamp}.old"):   # two runs in one second keep both
-                n += 1
-                stamp = f"{now}-{n}"
-            for f in (answers_file, side):
-                if os.path.isfile(f):
-                    os.replace(f, f"{f}.{stamp}.old")
-            if old is None:
-                why = "no settings file: an older evaluate.py or another tool made it; --keep-answers keeps it"
-            else:
-                why = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
-                why = why or "it holds answers kept by --keep-answers"
-            print(f"{answers_file}: made with other settings ({why}); moved aside to {answers_file}.{stamp}.old")
-    write_json(side, settings)
-    return settings
 
 
 # ---------------------------------------------------------------------------- answering (batched generation)
 def answer(model, tokenizer, processor, items, image_folder, template, answers_file, batch_size=16,
-           max_new_tokens=128, model_id="tinyllava-nano", **generate_kwargs):
-    """Answers in LLaVA's answer-file format, in question order (POPE's and MME's official scorers read it in
-    order), appended and flushed every 8 batches; items already in answers_file are skipped, so an interrupted run
-    resumes. Batched: left padding, KV cache, and inside each 8-batch window the questions are grouped by prompt
-    length so a batch pads little; greedy unless generate_kwargs say otherwise. Returns the rows in item order."""
+           max_new_tokens=128, model_id="tinyllava-nano", state=None, settings=None, **generate_kwargs):
+    """Answers in LLaVA's format, skipping those on file (a resume). Every process of Accelerate's `state` calls it:
+    process r of N answers every N-th question left, rank 0 merges and returns the rows in item order (others: None).
+    Batched with left padding and the KV cache, by prompt length inside windows of 8 batches. `model`: ours
+    (prompted with `template`) or a transformers one (its processor's chat template). answer_id: a UUID named by the
+    settings and the row, so the same answers make the same file."""
     import torch
+    from tqdm import tqdm
     from data import collate, encode, load_image, preprocess_image
-    done = set()
-    if os.path.isfile(answers_file):
-        with open(answers_file, "rb+") as f:  # a run killed mid-write leaves a partial last line: drop it
-            text = f.read()
-            if text and not text.endswith(b"\n"):
-                f.truncate(text.rfind(b"\n") + 1)
-        done = {key(r) for r in read_json(answers_file)}
-    todo = [it for it in items if key(it) not in done]
-    generate_kwargs = {"do_sample": False, "num_beams": 1, **generate_kwargs}
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    if rank == 0:
+        merge(answers_file, items)   # what an interrupted run left, as one file
+    if world > 1:
+        state.wait_for_everyone()    # then every rank reads it and splits the questions alike
+    done = {key(r) for r in read_json(answers_file)}   # not the shards: the other ranks are writing them now
+    todo = [it for it in items if key(it) not in done][rank::world]
+    ours = hasattr(model, "num_image_tokens")
+    embeddings = (model.language_model if ours else model).get_input_embeddings().weight
+    tok = tokenizer if ours else processor.tokenizer
+    eos = None if ours else model.generation_config.eos_token_id   # a transformers model's own stop ids too
+    eos = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+    generate_kwargs = {"do_sample": False, "num_beams": 1, "max_new_tokens": max_new_tokens, "eos_token_id": eos,
+                       "pad_token_id": tok.pad_token_id, **generate_kwargs}
+    salt = json.dumps(settings, sort_keys=True)
     model.eval()
 
-    def row(it, text):
-        return {"question_id": it["question_id"], "prompt": it["prompt"], "text": text,
-                "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
+    def prompt(it):   # ours: token ids; transformers': the chat template's text
+        if ours:
+            return encode([{"from": "human", "value": ("<image>\n" if it["image"] else "") + it["text"]}], template,
+                          tokenizer, model.num_image_tokens, for_generation=True)["input_ids"]
+        content = [{"type": "image"}] * bool(it["image"]) + [{"type": "text", "text": it["text"]}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
-    with open(answers_file, "a") as out:
-        window = batch_size * 8   # sorted by prompt length inside a window (less left padding), written in order
-        for w in range(0, len(todo), window):
-            part = todo[w:w + window]
+    def generate(prompts, images):   # the new tokens
+        if ours:
+            pixels = [im and preprocess_image(im, processor, model.args.image_aspect_ratio) for im in images]
+            b = collate([{"input_ids": x, "labels": x, "pixel_values": px} for x, px in zip(prompts, pixels)],
+                        tok.pad_token_id, padding_side="left")
+            return model.generate(b["input_ids"].to(embeddings.device), b["attention_mask"].to(embeddings.device),
+                                  images=b["images"] if b["images"] is None else b["images"].to(embeddings.device),
+                                  **generate_kwargs)
+        x = processor(images=[im for im in images if im] or None, text=prompts, padding=True, return_tensors="pt")
+        x = {k: v.to(embeddings.device, embeddings.dtype if v.is_floating_point() else v.dtype) for k, v in x.items()}
+        return model.generate(**x, **generate_kwargs)[:, x["input_ids"].shape[1]:]
+
+    row = lambda it, text: {"question_id": it["question_id"], "prompt": it["prompt"], "text": text,  # noqa: E731
+                            "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, json.dumps([salt, *key(it), text])).hex,
+                            "model_id": model_id, "metadata": {}}
+    name = os.path.basename(answers_file)[:-len("_answers.jsonl")] + f" (rank 0 of {world})" * (world > 1)
+    bar = tqdm(total=len(todo), desc=name, unit="q", disable=None if rank == 0 else True, dynamic_ncols=True)
+    with open(answers_file[:-len(".jsonl")] + f".rank{rank}" * (world > 1) + ".jsonl", "a") as out, torch.no_grad():
+        for w in range(0, len(todo), batch_size * 8):   # a window: sorted by prompt length, written in order
+            part = todo[w:w + batch_size * 8]
             texts = {j: it["answer"] for j, it in enumerate(part) if "answer" in it}   # fixed by the benchmark
-            prompts = {j: ("<image>\n" if it["image"] else "") + it["text"]
-                       for j, it in enumerate(part) if j not in texts}
-            encoded = {j: encode([{"from": "human", "value": text}], template, tokenizer, model.num_image_tokens,
-                                 for_generation=True) for j, text in prompts.items()}
-            order = sorted(encoded, key=lambda j: len(encoded[j]["input_ids"]))
+            prompts = {j: prompt(it) for j, it in enumerate(part) if j not in texts}
+            order = sorted(prompts, key=lambda j: len(prompts[j]) if ours else len(tok(prompts[j]).input_ids))
+            bar.update(len(texts))
             for i in range(0, len(order), batch_size):
-                chunk = order[i:i + batch_size]
-                for j in chunk:
-                    encoded[j]["pixel_values"] = None if not part[j]["image"] else preprocess_image(
-                        load_image(os.path.join(image_folder, part[j]["image"])), processor,
-                        model.args.image_aspect_ratio)
-                batch = collate([encoded[j] for j in chunk], tokenizer.pad_token_id, padding_side="left")
-                with torch.no_grad():
-                    new = model.generate(batch["input_ids"], batch["attention_mask"], images=batch["images"],
-                                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                         **generate_kwargs)
-                for j, ids in zip(chunk, new):
-                    texts[j] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                    encoded[j]["pixel_values"] = None   # a window holds its images only while they are in use
+                chunk = order[i:i + batch_size]   # a batch's images are in memory only while it runs
+                images = [part[j]["image"] and load_image(os.path.join(image_folder, part[j]["image"])) for j in chunk]
+                for j, ids in zip(chunk, generate([prompts[j] for j in chunk], images)):
+                    texts[j] = tok.decode(ids, skip_special_tokens=True).strip()
+                bar.update(len(chunk))
             out.write("".join(json.dumps(row(it, texts[j])) + "\n" for j, it in enumerate(part)))
             out.flush()
-    rows = {key(r): r for r in read_json(answers_file)}
-    return [rows[key(it)] for it in items if key(it) in rows]
+    bar.close()
+    if world > 1:
+        state.wait_for_everyone()
+    return merge(answers_file, items) if rank == 0 else None
 
 
 # ------------------------------------------------------------------------- scoring from the native files
 def mme_task_lines(answers, gt_folder):
-    """(lines, number of ground-truth questions). LLaVA's convert_answer_to_mme.py: per task, lines
-    'file<TAB>question<TAB>gt<TAB>prediction' in answer order; the ground truth comes from
-    MME_Benchmark_release_version/<task>/[questions_answers_YN/]*.txt. Tabs and newlines in a prediction become
-    spaces (they would break calculation.py's line format)."""
+    """(lines, number of ground-truth questions). LLaVA's convert_answer_to_mme.py: per task, lines 'file<TAB>question
+    <TAB>gt<TAB>prediction' in answer order, the ground truth from MME_Benchmark_release_version/<task>/
+    [questions_answers_YN/]*.txt; tabs and newlines in a prediction become spaces (calculation.py splits on them)."""
     gt = {}
     for task in sorted(os.listdir(gt_folder)):
         qa = os.path.join(gt_folder, task, "questions_answers_YN")
         qa = qa if os.path.isdir(qa) else os.path.join(gt_folder, task)
-        if not os.path.isdir(qa):
-            continue
-        for name in sorted(f for f in os.listdir(qa) if f.endswith(".txt")):
-            with open(os.path.join(qa, name)) as f:
+        for path in sorted(glob.glob(os.path.join(glob.escape(qa), "*.txt"))):
+            with open(path) as f:
                 for n, line in enumerate(f, 1):
                     parts = line.strip().split("\t")
                     if len(parts) != 2:
-                        raise ValueError(f"{qa}/{name} line {n}: expected 'question<TAB>answer', got {line!r}")
-                    gt[task, name, parts[0]] = parts[1]
+                        raise ValueError(f"{path} line {n}: expected 'question<TAB>answer', got {line!r}")
+                    gt[task, os.path.basename(path), parts[0]] = parts[1]
     lines = {}
     for r in answers:
         task, name = str(r["question_id"]).split("/")[0], str(r["question_id"]).split("/")[-1].rsplit(".", 1)[0]
@@ -264,10 +203,7 @@ def score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask=No
     writes the official converters' files (EvalAI upload, GQA predictions, MME task files, MM-Vet submission)."""
     asked = {str(it["question_id"]) for it in items}
     gt = lambda name: a.annotations or os.path.join(folder, name)  # noqa: E731
-
-    def side(name, obj):
-        with open(os.path.join(out_dir, name), "w") as f:
-            json.dump(obj, f)
+    texts, side = [r["text"] for r in answers], lambda name, obj: write_json(f"{out_dir}/{name}", text=json.dumps(obj))
     if bench == "vqav2":
         result, test_ids, size = {}, os.path.join(folder, "llava_vqav2_mscoco_test2015.jsonl"), None
         if os.path.isfile(test_ids):
@@ -278,11 +214,13 @@ def score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask=No
             anns = read_json(path)
             anns = anns["annotations"] if isinstance(anns, dict) else anns
             mine = [x for x in anns if str(x["question_id"]) in asked]
+            few = sum(len(x["answers"]) < 10 for x in mine)   # leave-one-out: 1 reference scores a right answer 0
+            if few:
+                print(f"warning: {few} of {len(mine)} questions in {path} have fewer than the 10 answers VQA "
+                      "accuracy assumes (with 1, a right answer scores 0); --bench custom scores exact match")
             result.update(S.score_vqav2(answers, mine))
             result.pop("per_question")
             size = len(mine), len(anns)
-        elif not result:
-            raise FileNotFoundError(f"vqav2: neither {test_ids} (EvalAI upload) nor annotations {path} found")
         return result, {"accuracy": result.get("overall", "EvalAI upload")}, size
     if bench == "gqa":
         side("gqa_testdev_balanced_predictions.json",
@@ -301,25 +239,17 @@ def score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask=No
         anns = anns["data"] if isinstance(anns, dict) else anns
         result = S.score_textvqa(answers, anns)
         return result, {"accuracy": result["accuracy"]}, (len(answers), len(anns))
-    if bench == "pope":
-        label_dir = a.annotations or os.path.join(folder, "coco")
-        labels = {s: read_json(os.path.join(label_dir, f"coco_pope_{s}.json")) for s in ("adversarial", "popular",
-                  "random") if os.path.isfile(os.path.join(label_dir, f"coco_pope_{s}.json"))}
-        if not labels:
-            raise FileNotFoundError(f"pope: no label file {label_dir}/coco_pope_<adversarial|popular|random>.json")
+    if bench == "pope":   # labels pair with answers by position, per split (checked to exist by locate)
         category = {str(it["question_id"]): it["category"] for it in items}
         per_split = Counter(category[str(r["question_id"])] for r in answers)
-        if set(per_split) - set(labels):
-            raise ValueError(f"pope: no label file {label_dir}/coco_pope_<split>.json for split(s) "
-                             f"{sorted(set(per_split) - set(labels))}")
+        labels = {s: read_json(os.path.join(gt("coco"), f"coco_pope_{s}.json")) for s in per_split}
         of = sum(map(len, labels.values()))
-        # labels pair with answers by position: a split not asked is left out; --limit asks the first of a split
-        labels = {s: v[:per_split[s]] if a.limit else v for s, v in labels.items() if per_split[s]}
-        split_of = {r["question_id"]: {"category": category[str(r["question_id"])]} for r in answers}
-        result = S.score_pope(answers, labels, questions=split_of)
-        return result, {**{f"{s}_acc": 100 * m["accuracy"] for s, m in result["splits"].items()},
-                        **{f"{s}_f1": 100 * m["f1"] for s, m in result["splits"].items()},
-                        "f1_mean": 100 * result["f1_mean"]}, (sum(map(len, labels.values())), of)
+        labels = {s: v[:per_split[s]] if a.limit else v for s, v in labels.items()}   # --limit: a split's first
+        result = S.score_pope(answers, labels, {r["question_id"]: {"category": category[str(r["question_id"])]}
+                                                for r in answers})
+        return result, {**{f"{s}_{k}": 100 * v[m] for k, m in (("acc", "accuracy"), ("f1", "f1"))
+                           for s, v in result["splits"].items()}, "f1_mean": 100 * result["f1_mean"],
+                        **S.yes_no(texts, S.pope_parse)}, (sum(map(len, labels.values())), of)
     if bench == "mme":
         lines, of = mme_task_lines(answers, a.annotations or image_folder)  # the GT lives beside the images
         os.makedirs(os.path.join(out_dir, "mme_answers"), exist_ok=True)
@@ -327,7 +257,8 @@ def score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask=No
             with open(os.path.join(out_dir, "mme_answers", f"{task}.txt"), "w") as f:
                 f.write("".join(x + "\n" for x in task_lines))
         result = S.score_mme(lines, strict=not (a.limit or a.questions))   # a subset may lack whole tasks
-        return result, {"perception": result["perception"], "cognition": result["cognition"]}, (len(answers), of)
+        return result, {"perception": result["perception"], "cognition": result["cognition"],
+                        **S.yes_no(texts, S.mme_parse)}, (len(answers), of)
     if bench == "mmvet":
         submission = S.mmvet_submission(answers)
         side("mmvet_submission.json", submission)
@@ -335,36 +266,26 @@ def score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask=No
         if not ask:
             return result, {"total": "upload the submission (README)"}, None
         meta = read_json(gt("mm-vet.json"))
-        wanted = {f"v1_{i}" for i in asked}
-        mine = {k: v for k, v in meta.items() if k in wanted}
-        grades = grade_mmvet(ask, mine, submission, a.judge_model, a.judge_runs,
-                             os.path.join(out_dir, "mmvet_grades.json"))
+        mine = {k: v for k, v in meta.items() if k in {f"v1_{i}" for i in asked}}
+        path = f"{out_dir}/mmvet_grades.json"   # every grade ever asked for, kept (a --limit re-run adds to it)
+        cache = {tuple(g[k] for k in GRADE_KEY): g["score"] for g in (read_json(path) if os.path.isfile(path) else [])}
+        grades = S.mmvet_grade_all(ask, mine, submission, a.judge_runs, cache, a.judge_model, lambda c: write_json(
+            path, [dict(zip(GRADE_KEY, k), score=v) for k, v in c.items()]))
         result.update(S.mmvet_scores(grades, mine))
         return result, {"total": result["total"]}, (len(mine), len(meta))
     if bench == "mmmu":   # multiple-choice text is parsed here (MMMU's parser, seeded per question: scorers.py)
         answer_dict = read_json(gt("eval/answer_dict_val.json"))   # the denominator is the answers present
         result = S.score_mmmu(answers, answer_dict, questions=read_json(qfile))
         return result, {"overall": 100 * result["overall"]["acc"]}, (len(answers), len(answer_dict))
-    raise ValueError(f"unknown benchmark {bench!r}; valid: {', '.join(BENCHES)}")
+    path = gt("answers.jsonl")   # custom
+    refs = S.custom_references(read_json(path), path)
+    result = S.score_custom(answers, {q: refs[q] for q in asked}, {str(it["question_id"]): it["category"]
+                                                                   for it in items if it["category"] is not None})
+    full = result.get("vqa_n") == result["n"]   # VQA accuracy heads the table when it covers every question
+    return result, {k: result[k] for k in ["exact_match"] + ["vqa_accuracy"] * full}, None
 
 
-GRADE_KEY = ("question_id", "question", "answer", "prediction", "judge_model", "run")
-
-
-def grade_mmvet(ask, meta, submission, judge_model, runs, path):
-    """{id: [score per run]}, each grade asked for once: cached in `path` under GRADE_KEY, saved after every new
-    grade and never dropped (a --limit re-run adds to it), so no re-run sends a graded answer again (a paid call)."""
-    cache = read_json(path) if os.path.isfile(path) else []
-    cache = {tuple(g[k] for k in GRADE_KEY): g["score"] for g in (cache if isinstance(cache, list) else [])}
-    grades = {}
-    for qid, item in meta.items():
-        for run in range(runs):
-            k = (qid, item["question"], item["answer"], submission.get(qid, ""), judge_model, run)
-            if k not in cache:
-                cache[k] = S.mmvet_grade(ask, item["question"], item["answer"], k[3])[0]
-                write_json(path, [dict(zip(GRADE_KEY, key), score=v) for key, v in cache.items()])
-            grades.setdefault(qid, []).append(cache[k])
-    return grades
+GRADE_KEY = ("question_id", "question", "answer", "prediction", "judge_model", "run")   # mmvet_grades.json rows
 
 
 SUBSET_NOTE = ("n of N: a subset, scored against its own questions' ground truth (what the official scorer gives "
@@ -372,13 +293,52 @@ SUBSET_NOTE = ("n of N: a subset, scored against its own questions' ground truth
 
 
 def table(rows):
-    """A plain-text table of the headline numbers; a subset says "n of N questions", and a note how it is scored."""
+    """The headline numbers (rounded here only), a line per category of a custom benchmark; a subset says "n of N
+    questions", and a note how it is scored."""
+    show = lambda m: "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())  # noqa
     lines = [f"{'benchmark':<10} {'split':<18} {'n':>6} {'seconds':>8}  metrics"]
     for r in rows:
-        metrics = "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["headline"].items())
-        subset = f"  ({r['scored']} of {r['of']} questions)" if r["scored"] < r["of"] else ""
-        lines.append(f"{r['bench']:<10} {r['split']:<18} {r['count']:>6} {r['seconds']:>8.1f}  {metrics}{subset}")
+        subset = f"  ({r['scored']} of {r['of']} questions)" * (r["scored"] < r["of"])
+        lines.append(f"{r['bench']:<10} {r['split']:<18} {r['count']:>6} {r['seconds']:>8.1f}  {show(r['headline'])}"
+                     + subset)
+        lines += [f"  {c[:27]:<27} {m['n']:>6} {'':>8}  " + show({k: v for k, v in m.items() if "n" not in k})
+                  for c, m in r["metrics"].get("categories", {}).items()]
     return "\n".join(lines + [SUBSET_NOTE] * any(r["scored"] < r["of"] for r in rows))
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint cannot be used as given (redirect, HTTP error, unreachable); the message says why."""
+
+
+def openai_compatible_ask(url, model, api_key=None, max_tokens=3, timeout=60, allow_http=False):
+    """ask() for an OpenAI-compatible chat-completions URL via urllib; max_tokens=3 and 30 s waits on HTTP 429 as
+    the official grader. https:// only (allow_http: http:// too, e.g. a judge on 127.0.0.1). A redirect is an
+    error, never followed: urllib would re-send the key to the Location's host and take its reply as the grade."""
+    import urllib.error
+    import urllib.request
+    if not url.lower().startswith(("https://", "http://") if allow_http else "https://"):
+        raise ValueError(f"judge URL {url!r}: only https:// (http:// with --judge-allow-http: a local judge)")
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):   # instead of a request with the key
+            raise JudgeError(f"judge {url}: {code} redirect to {headers.get('Location')}; not followed, key not sent")
+    opener = urllib.request.build_opener(NoRedirect)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+
+    def ask(prompt, temperature):
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}],
+                           "temperature": temperature, "max_tokens": max_tokens}).encode()
+        while True:
+            try:
+                with opener.open(urllib.request.Request(url, body, headers), timeout=timeout) as reply:
+                    return json.loads(reply.read())["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as e:
+                if e.code != 429:
+                    raise JudgeError(f"judge {url} answered HTTP {e.code} {e.reason}") from None
+                time.sleep(30)
+            except urllib.error.URLError as e:
+                raise JudgeError(f"judge {url} not reachable: {e.reason}") from None
+    return ask
 
 
 def at_least_1(text):
@@ -388,32 +348,84 @@ def at_least_1(text):
     return int(text)
 
 
+def locate(bench, a, judge):
+    """(folder, question file, image folder, items, questions), every file it will read checked: a missing one is a
+    one-line FileNotFoundError naming the path and where it comes from, before the model loads."""
+    spec, root = BENCHES[bench], a.data or os.path.dirname(os.path.abspath(a.questions))   # a benchmark's, or all
+    folder = root if not a.data or os.path.isfile(f"{root}/{spec['questions']}") else f"{root}/{spec['dir']}"
+    qfile, image_folder = a.questions or f"{folder}/{spec['questions']}", a.image_folder or f"{folder}/{spec['images']}"
+    if not os.path.isfile(qfile):
+        raise FileNotFoundError(f"{bench}: no question file {qfile}" + "; it is in LLaVA-1.5's eval.zip (README: "
+                                "Evaluation)" * (bench != "custom"))
+    questions = load_questions(bench, qfile)
+    items = questions[:a.limit]
+    gts = [a.annotations or f"{folder}/{n}" if not i else f"{folder}/{n}" for i, n in enumerate(spec["gt"])]
+    if bench == "pope":   # a label file per split asked
+        gts = [f"{gts[0]}/coco_pope_{s}.json" for s in sorted({str(it["category"]) for it in items})]
+    elif bench == "mme" or bench == "mmvet" and judge:
+        gts = [a.annotations or (image_folder if bench == "mme" else f"{folder}/mm-vet.json")]
+    elif bench == "vqav2" and not os.path.isfile(f"{folder}/llava_vqav2_mscoco_test2015.jsonl"):   # no upload:
+        gts = [a.annotations or f"{folder}/v2_mscoco_val2014_annotations.json"]                      # local score
+    pictures = [f"{image_folder}/{it['image']}" for it in items if it["image"]]
+    missing = [p for p in pictures if not os.path.isfile(p)]
+    for path in gts + missing[:1]:
+        if not os.path.exists(path):
+            many = f" ({len(missing)} of the {len(pictures)} images asked about are missing)" * (path in missing)
+            raise FileNotFoundError(f"{bench}: {path} not found{many}; get it from {spec['get']} (README: Evaluation)")
+    refs = S.custom_references(read_json(gts[0]), gts[0]) if bench == "custom" else {}
+    lack = [str(it["question_id"]) for it in items if str(it["question_id"]) not in refs] * (bench == "custom")
+    if lack:
+        raise ValueError(f"custom: {gts[0]} has no reference answers for {len(lack)} questions, e.g. {lack[0]!r}")
+    return folder, qfile, image_folder, items, questions
+
+
+def load_model(a, hf, device):
+    """(model, tokenizer, processor, dtype name) on `device`, in eval mode."""
+    import torch
+    from model import DTYPES
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = a.dtype if a.dtype != "auto" else "bfloat16" if bf16 else "float32"
+    if hf:
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
+        model = AutoModelForImageTextToText.from_pretrained(a.model, dtype=DTYPES[dtype])
+        processor = AutoProcessor.from_pretrained(a.model)
+        # transformers 5 picks torchvision's image backend when it is installed; PIL's gives the original's pixels
+        processor.image_processor = AutoImageProcessor.from_pretrained(a.model, backend="pil")
+        tokenizer = processor.tokenizer
+        tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.pad_token or tokenizer.eos_token
+    else:
+        import model as m
+        model, tokenizer, processor = m.load_pretrained(a.model, dtype=dtype, trust_remote_code=a.trust_remote_code)
+    return model.to(device).eval(), tokenizer, processor, dtype
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a model directory (model.load_pretrained)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=type("Formatter", (
+        argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))   # every default shown
+    p.add_argument("--model", required=True, help="ours, a TinyLLaVA Factory or a transformers Llava folder")
     p.add_argument("--bench", required=True, help=f"comma-separated: {','.join(BENCHES)}")
-    p.add_argument("--data", required=True, help="a benchmark's folder, or the eval root holding them")
-    p.add_argument("--image-folder", default=None, help="default: <benchmark folder>/<BENCHES images>")
-    p.add_argument("--questions", default=None, help="question file (one benchmark only)")
-    p.add_argument("--annotations", default=None, help="ground truth file (POPE: label folder; one benchmark only)")
-    p.add_argument("--template", default=None, help="default: the template the model was trained with")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=at_least_1, default=None, help="only the first N questions (default: all)")
+    p.add_argument("--data", help="a benchmark's folder, or the eval root holding them (None: --questions' folder)")
+    p.add_argument("--image-folder", help="None: <benchmark folder>/<BENCHES images>")
+    p.add_argument("--questions", help="question file (one benchmark only)")
+    p.add_argument("--annotations", help="ground truth file (POPE: label folder; one benchmark only)")
+    p.add_argument("--template", help="None: the template the model was trained with")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per batch, per process")
+    p.add_argument("--limit", type=at_least_1, help="only the first N questions (None: all)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: the official script's (128 or 1024)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the official setting)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--out", default=None, help="answers and results folder; default: <model>/eval")
-    p.add_argument("--keep-answers", action="store_true",
-                   help="score the answer files as they are, even if other settings (or tools) made them")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run code shipped with the model (e.g. OpenELM); never taken from the model's own files")
-    p.add_argument("--judge-url", default=None, help="MM-Vet: an OpenAI-compatible chat-completions URL")
-    p.add_argument("--judge-model", default="gpt-4-0613")
+    p.add_argument("--top-p", type=float, help="nucleus sampling, with --temperature > 0")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width")
+    p.add_argument("--device", help="e.g. cuda:1, mps, cpu (None: Accelerate's device for this process)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU with bf16, else float32")
+    p.add_argument("--out", help="answers and results folder (None: <model>/eval)")
+    p.add_argument("--keep-answers", action="store_true", help="score the answers on file, whatever made them")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model's code (OpenELM); never implied")
+    p.add_argument("--judge-url", help="MM-Vet: an OpenAI-compatible chat-completions URL")
+    p.add_argument("--judge-model", default="gpt-4-0613", help="MM-Vet: the judge's model")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--judge-runs", type=int, default=1)
-    p.add_argument("--judge-allow-http", action="store_true",
-                   help="allow an http:// --judge-url (the key travels in clear: only for a judge on this machine)")
+    p.add_argument("--judge-runs", type=int, default=1, help="MM-Vet: grading runs, averaged")
+    p.add_argument("--judge-allow-http", action="store_true", help="an http:// --judge-url (a judge on this machine)")
     a = p.parse_args(argv)
     benches = [b.strip() for b in a.bench.split(",") if b.strip()]
     for b in benches:
@@ -421,7 +433,21 @@ def main(argv=None):
             p.error(f"unknown benchmark {b!r}; valid: {', '.join(BENCHES)}")
     if len(benches) > 1 and (a.questions or a.annotations or a.image_folder):
         p.error("--questions, --annotations and --image-folder need a single --bench")
-    template = a.template
+    if not (a.data or a.questions):
+        p.error("--data (a benchmark's folder or the eval root) or --questions is needed")
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as HF_MODELS
+    # the timeout: at the merge, the ranks wait for the slowest, which may take long
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(hours=24))
+    if int(os.environ.get("WORLD_SIZE", 1)) != state.num_processes:
+        p.error(f"launched as {os.environ['WORLD_SIZE']} processes, but Accelerate runs each alone (no GPU: "
+                "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ..., README)")
+    config = os.path.join(a.model, "config.json")
+    hf = os.path.isfile(config) and read_json(config).get("model_type") in HF_MODELS
+    if hf and a.template:
+        p.error("--template is for our models; a transformers model is prompted by its processor's chat template")
+    template = "processor chat template" if hf else a.template
     if template is None:
         path = os.path.join(a.model, "train_config.json")
         if not os.path.isfile(path):
@@ -430,49 +456,49 @@ def main(argv=None):
     ask = None
     if a.judge_url and "mmvet" in benches:   # checked before the model loads
         try:
-            ask = S.openai_compatible_ask(a.judge_url, a.judge_model, os.environ.get(a.judge_key_env),
+            ask = openai_compatible_ask(a.judge_url, a.judge_model, os.environ.get(a.judge_key_env),
                                           allow_http=a.judge_allow_http)
         except ValueError as e:
             p.error(f"--judge-url: {e}")
-    from model import load_pretrained
-    model, tokenizer, processor = load_pretrained(a.model, trust_remote_code=a.trust_remote_code)
+    plans = {bench: locate(bench, a, ask) for bench in benches}
+    import torch
+    model, tokenizer, processor, dtype = load_model(a, hf, torch.device(a.device) if a.device else state.device)
     out_dir = a.out or os.path.join(a.model, "eval")
     os.makedirs(out_dir, exist_ok=True)
     weights = fingerprint(a.model, out_dir)
     gen = {"do_sample": a.temperature > 0, "num_beams": a.num_beams,
            **({"temperature": a.temperature, "top_p": a.top_p} if a.temperature > 0 else {})}
     rows = []
-    for bench in benches:
-        spec = BENCHES[bench]
-        folder = a.data if os.path.isfile(os.path.join(a.data, spec["questions"])) else os.path.join(a.data,
-                                                                                                      spec["dir"])
-        qfile = a.questions or os.path.join(folder, spec["questions"])
-        questions = load_questions(bench, qfile)
-        items = questions[:a.limit]
-        image_folder = a.image_folder or os.path.join(folder, spec["images"])
-        answers_file, tokens = os.path.join(out_dir, f"{bench}_answers.jsonl"), a.max_new_tokens or spec["tokens"]
-        settings = check_answers(answers_file, {   # everything that changes an answer (module docstring)
-            "model": os.path.abspath(a.model), "weights": weights, "template": template, "max_new_tokens": tokens,
-            "temperature": a.temperature, "top_p": a.top_p if a.temperature > 0 else None,
-            "num_beams": a.num_beams, "image_folder": os.path.abspath(image_folder)}, a.keep_answers)
+    for bench, (folder, qfile, image_folder, items, questions) in plans.items():
+        answers_file = os.path.join(out_dir, f"{bench}_answers.jsonl")
+        tokens = a.max_new_tokens or BENCHES[bench]["tokens"]
+        made = {"model": os.path.abspath(a.model), "weights": weights, "template": template, "dtype": dtype,
+                "max_new_tokens": tokens, "temperature": a.temperature, "top_p": a.top_p if a.temperature > 0
+                else None, "num_beams": a.num_beams, "image_folder": os.path.abspath(image_folder)}   # -> answers
+        if state.is_main_process:
+            settings = check_answers(answers_file, made, a.keep_answers)
+            reused = len(on_file(answers_file).keys() & {key(it) for it in items})
         t0 = time.time()
         answers = answer(model, tokenizer, processor, items, image_folder, template, answers_file, a.batch_size,
-                         tokens, os.path.basename(os.path.normpath(a.model)), **gen)
+                         tokens, os.path.basename(os.path.normpath(a.model)), state=state, settings=made, **gen)
         seconds = time.time() - t0
+        if not state.is_main_process:
+            continue
         metrics, headline, size = score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask)
         scored, of = size or (len(items), len(questions))   # no ground truth read: the question file's
-        split = spec["split"] if not a.questions else os.path.splitext(os.path.basename(qfile))[0]
-        result = {"model": a.model, "bench": bench, "split": split, "count": len(answers), "scored": scored,
-                  "of": of, "seconds": round(seconds, 1), "template": template, "answer_settings": settings,
+        result = {"model": a.model, "bench": bench, "split": BENCHES[bench]["split"] if not a.questions else
+                  os.path.splitext(os.path.basename(qfile))[0], "count": len(answers), "reused": reused,
+                  "scored": scored, "of": of, "seconds": seconds, "template": template, "answer_settings": settings,
                   "headline": headline, "metrics": metrics}
         write_json(os.path.join(out_dir, f"{bench}_results.json"), result)
         rows.append(result)
-    print(f"model {a.model} (template {template})\n" + table(rows))
+    if state.is_main_process:
+        print(f"model {a.model} (template {template}, {dtype}, {state.num_processes} process(es))\n" + table(rows))
     return rows
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, S.JudgeError) as e:   # the messages name the file or option
+    except (FileNotFoundError, ValueError, JudgeError) as e:   # the messages name the file or option
         sys.exit(f"evaluate.py: error: {e}")

@@ -63,6 +63,8 @@ TOWERS = {
     "siglip_vision_model": (SiglipVisionModel, SiglipVisionConfig, False),
     "dinov2": (Dinov2Model, Dinov2Config, True),
 }
+# transformers 5 preprocesses with torchvision when it is installed, else PIL: PIL gives the original's pixels exactly
+PIXELS = "pil"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -81,7 +83,7 @@ def count_image_tokens(args):
     """model.num_image_tokens for ModelArgs from configs and the image processor alone: no weights are loaded
     (check_data.py uses it on a training config)."""
     widths, counts = [], []
-    size = image_size(AutoImageProcessor.from_pretrained(args.vision_tower))
+    size = image_size(AutoImageProcessor.from_pretrained(args.vision_tower, backend=PIXELS))
     for path in [args.vision_tower] + ([args.vision_tower2] if args.vision_tower2 else []):
         _, config_cls, has_cls = tower_kind(AutoConfig.from_pretrained(path).model_type)
         config = config_cls.from_pretrained(path)   # a CLIP/SigLIP checkpoint's vision_config
@@ -388,7 +390,7 @@ def build_model(args, llm_kwargs=None):
     llm_kwargs go to the LLM's from_pretrained (e.g. quantization_config for QLoRA)."""
     lm, vision, connector = _build(args, llm_kwargs=llm_kwargs)
     tokenizer = load_tokenizer(args.tokenizer or args.llm, args.trust_remote_code)
-    processor = AutoImageProcessor.from_pretrained(args.vision_tower)   # MoF: both towers see CLIP's preprocessing
+    processor = AutoImageProcessor.from_pretrained(args.vision_tower, backend=PIXELS)   # MoF: CLIP's preprocessing
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     return TinyLlava(lm, vision, connector, args, image_size(processor)), tokenizer, processor
 
@@ -434,7 +436,7 @@ def load_pretrained(path, llm_kwargs=None, trust_remote_code=False, **overrides)
         raise ValueError(f"{cfg_path}: model_type is {config.get('model_type')!r}, expected 'tinyllava_nano'")
     weights = load_file(os.path.join(path, "model.safetensors"))
     tokenizer = load_tokenizer(path, trust_remote_code)
-    processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=False)   # ours never need code
+    processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=False, backend=PIXELS)   # never code
     return assemble(config, weights, tokenizer, processor, path, llm_kwargs, trust_remote_code, **overrides)
 
 

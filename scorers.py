@@ -1,22 +1,10 @@
-"""Scorers for the 8 benchmarks of TinyLLaVA Factory, scoring exactly as the official scorers score.
+"""Scorers for the 8 benchmarks of TinyLLaVA Factory and your own (score_custom), scoring as the official scorers do.
 
-Pure functions: they take the already-parsed native files and return the official metrics. No model, no torch
-(evaluate.py produces the answers, reads the files and calls these).
+Pure functions of LLaVA's answer rows ({"question_id", "prompt", "text", ...}) and the benchmark's native files,
+parsed: no model, no torch, no network (evaluate.py answers, reads the files, asks the MM-Vet judge and calls
+these; evaluate.score shows every call).
 
-    import json, scorers as ev
-    rows = [json.loads(l) for l in open("answers/vqav2_val.jsonl")]      # {"question_id", "prompt", "text", ...}
-    ev.score_vqav2(rows, json.load(open("v2_mscoco_val2014_annotations.json")))["overall"]
-    ev.vqav2_submission(rows, [json.loads(l) for l in open("llava_vqav2_mscoco_test2015.jsonl")])  # EvalAI upload
-    ev.score_gqa(rows, json.load(open("testdev_balanced_questions.json")))["accuracy"]
-    ev.score_scienceqa(rows, json.load(open("problems.json")), json.load(open("pid_splits.json"))["test"])
-    ev.score_textvqa(rows, json.load(open("TextVQA_0.5.1_val.json")))
-    ev.score_pope(rows, {s: [json.loads(l) for l in open(f"coco_pope_{s}.json")] for s in ("adversarial",
-                 "popular", "random")}, questions={q["question_id"]: q for q in pope_questions})
-    ev.score_mme({task: open(f"eval_tool/answers/exp/{task}.txt").read() for task in ev.MME_TASKS_ALL})
-    ev.score_mmmu(rows, json.load(open("answer_dict_val.json")), questions=json.load(open("anns_for_eval.json")))
-    ev.mmvet_submission(rows)                     # {"v1_<id>": text}, for the official MM-Vet grader
-    ev.mmvet_scores(ev.mmvet_grade_all(ev.openai_compatible_ask(url, "gpt-4-0613", key), mm_vet_json, sub),
-                    mm_vet_json)                  # optional: grade with your own judge endpoint
+    ev.score_pope(rows, {"random": [json.loads(l) for l in open("coco_pope_random.json")]})["f1_mean"]
     ev.SCORERS["pope"] is ev.score_pope           # name -> function; ev.get_scorer("nope") lists the valid names
 
 Conventions shared by all scorers (the official scripts differ, see eval_metrics.md): rows are joined to the
@@ -25,7 +13,6 @@ scripts score every row); the ground truth defines the question set and a questi
 counts as wrong and is reported as "missing" (GQA/VQAv2 crash instead); a 0/0 is 0.0 and is never raised.
 """
 
-import json
 import math
 import random
 import re
@@ -394,8 +381,8 @@ def mmmu_multi_image_answer(question, seed=42):
 def score_mmmu(answers, answer_dict, questions=None, seed=42):
     """MMMU main_eval_only. Multiple choice text is parsed with mmmu_parse_choice given `questions`
     (anns_for_eval.json), else taken as parsed (TinyLLaVA parses while generating), then compared exactly. The
-    denominator is the predictions present; domain/overall weighted by count (quirk 21). Fractions rounded to 3,
-    as printed; ids outside answer_dict or the 30 subjects are returned in "unknown_ids"."""
+    denominator is the predictions present; domain/overall weighted by count (quirk 21). Fractions, unrounded (MMMU
+    prints 3 decimals); ids outside answer_dict or the 30 subjects are returned in "unknown_ids"."""
     info = {str(q["id"]): q for q in questions or []}
     preds = {str(r["question_id"]): r["text"] for r in answers}
     hits, unknown = defaultdict(list), []
@@ -415,10 +402,51 @@ def score_mmmu(answers, answer_dict, questions=None, seed=42):
 
     def weighted(names):  # calculate_ins_level_acc; overall sums subjects in MMMU's CAT_SHORT2LONG order = sorted
         num = sum(len(hits[s]) for s in names if s in acc)
-        return {"num": num, "acc": round(_div(sum(acc[s] * len(hits[s]) for s in names if s in acc), num), 3)}
+        return {"num": num, "acc": _div(sum(acc[s] * len(hits[s]) for s in names if s in acc), num)}
 
     return {"overall": weighted(sorted(acc)), "domains": {d: weighted(names) for d, names in MMMU_DOMAINS.items()},
-            "subjects": {s: {"num": len(hits[s]), "acc": round(acc[s], 3)} for s in acc}, "unknown_ids": unknown}
+            "subjects": {s: {"num": len(hits[s]), "acc": acc[s]} for s in acc}, "unknown_ids": unknown}
+
+
+# ---- Your own benchmark (evaluate.py --bench custom), and POPE / MME answers at a glance ---------------------------
+def custom_references(rows, source="references"):
+    """{str(id): [text, ...]} from rows {"question_id", "answers": [text | {"answer": text}, ...]} ("answer": text
+    for one), or a VQAv2 annotation file ({"annotations": [...]})."""
+    rows = rows["annotations"] if isinstance(rows, dict) and "annotations" in rows else rows
+    refs = {}
+    for i, r in enumerate(rows if isinstance(rows, list) else [rows]):
+        got = r.get("answers", r.get("answer")) if isinstance(r, dict) else None
+        got = [got] if isinstance(got, str) else got
+        if not (got and isinstance(got, list) and "question_id" in r):
+            raise ValueError(f"{source}: record {i} is not {{'question_id': ..., 'answers': [...]}}: {str(r)[:200]}")
+        refs[str(r["question_id"])] = [g["answer"] if isinstance(g, dict) else str(g) for g in got]
+    return refs
+
+
+def score_custom(answers, references, categories=None):
+    """Exact match: the prediction equals a reference, both through EvalAIAnswerProcessor (the official VQA
+    normalisation, on both sides as m4c); VQA accuracy (quirk 2) over the questions with exactly 10 references;
+    overall and per category ({id: name}). The references {id: [text]} are the questions. Percentages."""
+    preds = {str(r["question_id"]): eval_ai_answer(r["text"]) for r in answers}
+    groups = defaultdict(lambda: ([], []))  # None (all) and each category -> (exact hits, VQA accuracies)
+    for qid, refs in references.items():
+        pred, gts = preds.get(str(qid)), [eval_ai_answer(g) for g in refs]
+        for name in {None, (categories or {}).get(str(qid))}:
+            groups[name][0].append(pred in gts)
+            groups[name][1].extend([_soft_accuracy(pred, gts)] * (len(gts) == 10))
+    pct = lambda xs: 100 * _div(sum(xs), len(xs))  # noqa: E731
+    summary = lambda hits, accs: {"exact_match": pct(hits), "n": len(hits), **(  # noqa: E731
+        {"vqa_accuracy": pct(accs), "vqa_n": len(accs)} if accs else {})}
+    return {**summary(*groups.pop(None, ([], []))), "missing": sum(str(q) not in preds for q in references),
+            "categories": {c: summary(*g) for c, g in sorted(groups.items())}}
+
+
+def yes_no(texts, parse):
+    """yes_ratio: the share `parse` (pope_parse, mme_parse) reads as yes; neither: answers whose first word is
+    neither yes nor no (case and punctuation aside), which each benchmark's parser reads its own way."""
+    first = [(re.findall(r"[a-z]+", t.lower()) or [""])[0] for t in texts]
+    return {"yes_ratio": _div(sum(parse(t) == "yes" for t in texts), len(texts)),
+            "neither": sum(w not in ("yes", "no") for w in first)}
 
 
 # ---- MM-Vet: submission file, and the GPT-4 grader made testable (the judge is an injected function) -------------
@@ -469,10 +497,19 @@ def mmvet_grade(ask, question, answer, prediction):
     return 0.0, replies
 
 
-def mmvet_grade_all(ask, metadata, submission, num_runs=1):
-    """{id: [score per run]} for every item of mm-vet.json; a missing prediction is graded as ''."""
-    return {qid: [mmvet_grade(ask, item["question"], item["answer"], submission.get(qid, ""))[0]
-                  for _ in range(num_runs)] for qid, item in metadata.items()}
+def mmvet_grade_all(ask, metadata, submission, num_runs=1, cache=None, judge_model=None, saved=lambda cache: None):
+    """{id: [score per run]} for every item of mm-vet.json; a missing prediction is graded as ''. A grade already in
+    `cache` {(id, question, answer, prediction, judge_model, run): score} is not asked again; saved(cache) is
+    called after each new one (evaluate.py keeps it on disk, so no re-run pays for a graded answer twice)."""
+    cache, grades = {} if cache is None else cache, {}
+    for qid, item in metadata.items():
+        for run in range(num_runs):
+            k = (qid, item["question"], item["answer"], submission.get(qid, ""), judge_model, run)
+            if k not in cache:
+                cache[k] = mmvet_grade(ask, *k[1:4])[0]
+                saved(cache)
+            grades.setdefault(qid, []).append(cache[k])
+    return grades
 
 
 def _np_round(x, decimals):
@@ -502,44 +539,8 @@ def mmvet_scores(grades, capability_map, decimals=1):
             "integrations": {"_".join(sorted(s)): mean(per_run(s, n)) for s, n in sets.most_common()}}
 
 
-class JudgeError(RuntimeError):
-    """The judge endpoint cannot be used as given (redirect, HTTP error, unreachable); the message says why."""
-
-
-def openai_compatible_ask(url, model, api_key=None, max_tokens=3, timeout=60, allow_http=False):
-    """ask() for an OpenAI-compatible chat-completions URL via urllib; max_tokens=3 and 30 s waits on HTTP 429 as
-    the official grader. https:// only (allow_http: http:// too, e.g. a judge on 127.0.0.1). A redirect is an
-    error, never followed: urllib would re-send the key to the Location's host and take its reply as the grade."""
-    import time
-    import urllib.error
-    import urllib.request
-    if not url.lower().startswith(("https://", "http://") if allow_http else "https://"):
-        raise ValueError(f"judge URL {url!r}: only https:// (http:// with --judge-allow-http: a local judge)")
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, req, fp, code, msg, headers, newurl):   # instead of a request with the key
-            raise JudgeError(f"judge {url}: {code} redirect to {headers.get('Location')}; not followed, key not sent")
-    opener = urllib.request.build_opener(NoRedirect)
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-
-    def ask(prompt, temperature):
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": temperature, "max_tokens": max_tokens}).encode()
-        while True:
-            try:
-                with opener.open(urllib.request.Request(url, body, headers), timeout=timeout) as reply:
-                    return json.loads(reply.read())["choices"][0]["message"]["content"]
-            except urllib.error.HTTPError as e:
-                if e.code != 429:
-                    raise JudgeError(f"judge {url} answered HTTP {e.code} {e.reason}") from None
-                time.sleep(30)
-            except urllib.error.URLError as e:
-                raise JudgeError(f"judge {url} not reachable: {e.reason}") from None
-    return ask
-
-
 SCORERS = {"vqav2": score_vqav2, "gqa": score_gqa, "scienceqa": score_scienceqa, "textvqa": score_textvqa,
-           "pope": score_pope, "mme": score_mme, "mmmu": score_mmmu, "mmvet": mmvet_scores}
+           "pope": score_pope, "mme": score_mme, "mmmu": score_mmmu, "mmvet": mmvet_scores, "custom": score_custom}
 
 
 def get_scorer(name):

@@ -53,22 +53,22 @@ def test_the_judge_never_follows_a_redirect_with_the_key():
     with serve(other) as b:
         target = f"http://127.0.0.1:{b.server_port}/steal"
         with serve(lambda h: send(h, 302, Location=target)) as a:
-            ask = evaluate.S.openai_compatible_ask(f"http://127.0.0.1:{a.server_port}/v1", "m", "secret",
+            ask = evaluate.openai_compatible_ask(f"http://127.0.0.1:{a.server_port}/v1", "m", "secret",
                                                    timeout=5, allow_http=True)
-            with pytest.raises(evaluate.S.JudgeError, match=f"302 redirect to {target}; not followed"):
+            with pytest.raises(evaluate.JudgeError, match=f"302 redirect to {target}; not followed"):
                 ask("grade this", 0.0)
     assert seen == []   # the key never left for the Location, nor did anything else
     with serve(lambda h: send(h, 401)) as c:   # an HTTP error is one line, not a traceback through urllib
-        with pytest.raises(evaluate.S.JudgeError, match="answered HTTP 401"):
-            evaluate.S.openai_compatible_ask(f"http://127.0.0.1:{c.server_port}/v1", "m", allow_http=True)("x", 0.0)
-    with pytest.raises(evaluate.S.JudgeError, match="not reachable"):   # that port is closed now
-        evaluate.S.openai_compatible_ask(target, "m", allow_http=True, timeout=5)("x", 0.0)
+        with pytest.raises(evaluate.JudgeError, match="answered HTTP 401"):
+            evaluate.openai_compatible_ask(f"http://127.0.0.1:{c.server_port}/v1", "m", allow_http=True)("x", 0.0)
+    with pytest.raises(evaluate.JudgeError, match="not reachable"):   # that port is closed now
+        evaluate.openai_compatible_ask(target, "m", allow_http=True, timeout=5)("x", 0.0)
 
 
 def test_a_plain_http_judge_needs_the_flag(setup, tmp_path, capsys):
     for url in ("http://127.0.0.1:9/v1", "file:///etc/passwd", "127.0.0.1:9/v1"):
         with pytest.raises(ValueError, match="only https://"):
-            evaluate.S.openai_compatible_ask(url, "m", allow_http=url.startswith("file"))
+            evaluate.openai_compatible_ask(url, "m", allow_http=url.startswith("file"))
     model, data, _ = setup
     with pytest.raises(SystemExit):   # refused before the model loads
         run(model, data, str(tmp_path), "--bench", "mmvet", "--judge-url", "http://127.0.0.1:9/v1")
@@ -84,7 +84,7 @@ def counting_judge(monkeypatch):
             calls.append(prompt.split("\n")[-1])
             return f"{len(calls) / 10:.1f}"
         return ask
-    monkeypatch.setattr(evaluate.S, "openai_compatible_ask", client)
+    monkeypatch.setattr(evaluate, "openai_compatible_ask", client)
     return calls
 
 

@@ -129,6 +129,17 @@ def write_benchmarks(root):
     for qid in ("validation_Art_1", "validation_Art_2", "validation_Math_2"):
         image(f"{root}/MMMU/all_images/{qid}_1.png")
     answers["mmmu"] = ["The answer is (B)", "(A)", None, "so the result is 3.50"]
+    # custom: LLaVA questions with categories (one text-only), references: one, ten, and one given as "answer"
+    dump(f"{root}/custom/questions.jsonl", [
+        {"question_id": "c1", "image": "c1.png", "text": "What colour is it?", "category": "colour"},
+        {"question_id": "c2", "image": "c2.png", "text": "How many dots?", "category": "count"},
+        {"question_id": "c3", "text": "Say hello.", "category": "colour"}], lines=True)
+    dump(f"{root}/custom/answers.jsonl", [{"question_id": "c1", "answers": ["Red"]},
+                                          {"question_id": "c2", "answers": ["2"] * 3 + ["two"] + ["3"] * 6},
+                                          {"question_id": "c3", "answer": "hello"}], lines=True)
+    image(f"{root}/custom/images/c1.png")
+    image(f"{root}/custom/images/c2.png", (10, 10, 10))
+    answers["custom"] = ["red.", "Two", "hi"]
     return answers
 
 
@@ -212,8 +223,11 @@ def test_scores_from_the_native_files(setup, tmp_path):
     pope = res["pope"]["metrics"]["splits"]
     assert [pope[s]["accuracy"] for s in ("adversarial", "popular", "random")] == [1.0, 0.5, 0.0]
     assert pope["popular"]["f1"] == pytest.approx(2 / 3, abs=1e-5) and pope["random"]["yes_ratio"] == 1.0
-    # MME: count has one wrong answer (acc 0.5, acc+ 0 -> 50), every other task 200; "yes\nbecause" -> yes
-    assert res["mme"]["headline"] == {"perception": 9 * 200 + 50, "cognition": 4 * 200}
+    # the table's yes-ratio (POPE's parser: only no / not / No say no) and answers neither yes nor no ("not", "nope")
+    assert (res["pope"]["headline"]["yes_ratio"], res["pope"]["headline"]["neither"]) == (4 / 6, 2)
+    # MME: count has one wrong answer (acc 0.5, acc+ 0 -> 50), every other task 200; "yes\nbecause" -> yes (15 of 28)
+    assert res["mme"]["headline"] == {"perception": 9 * 200 + 50, "cognition": 4 * 200, "yes_ratio": 15 / 28,
+                                      "neither": 0}
     with open(f"{out}/mme_answers/count.txt") as f:
         assert f.read().split("\n")[1].split("\t") == ["0001.txt", "Is this not count?  Please answer yes or no.",
                                                         "No", "yes"]
@@ -224,6 +238,14 @@ def test_scores_from_the_native_files(setup, tmp_path):
     assert res["mmmu"]["headline"]["overall"] == 75.0
     multi = [r for r in evaluate.read_json(f"{out}/mmmu_answers.jsonl") if r["question_id"] == "validation_Math_1"]
     assert multi[0]["text"] in ("A", "B")
+    # custom: "red." = "Red" and "Two" = "2" after the VQA normalisation, "hi" != "hello": 2 of 3. VQA accuracy only
+    # where there are 10 references (c2: 4 say 2 -> every leave-one-out subset keeps >= 3: 100); not a headline
+    # number, since it covers 1 of the 3 questions
+    custom = res["custom"]["metrics"]
+    assert res["custom"]["headline"] == {"exact_match": pytest.approx(200 / 3)} and custom["missing"] == 0
+    assert (custom["vqa_accuracy"], custom["vqa_n"], custom["n"]) == (100.0, 1, 3)
+    assert custom["categories"] == {"colour": {"exact_match": 50.0, "n": 2},
+                                    "count": {"exact_match": 100.0, "n": 1, "vqa_accuracy": 100.0, "vqa_n": 1}}
 
 
 def test_limit_scores_the_first_questions_against_their_own_ground_truth(setup, tmp_path):
