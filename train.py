@@ -356,7 +356,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
 
 
 def plot_losses(losses, path, title, size=(640, 360), margin=48):
-    """loss.png: the loss of every step (light) and its 20-step mean (dark), drawn with PIL: no plotting library."""
+    """loss.png: the loss of every step (light) and its running mean (dark), drawn with PIL: no plotting library."""
     from PIL import Image, ImageDraw
     points = [(i, y) for i, y in enumerate(losses, 1) if math.isfinite(y)]
     if len(points) < 2:
@@ -366,7 +366,9 @@ def plot_losses(losses, path, title, size=(640, 360), margin=48):
     hi = hi if hi > lo else lo + 1
     xy = [(m + (w - 2 * m) * (i - 1) / max(1, len(losses) - 1), h - m - (h - 2 * m) * (y - lo) / (hi - lo))
           for i, y in points]
-    mean = [(x, sum(p[1] for p in xy[max(0, k - 19):k + 1]) / len(xy[max(0, k - 19):k + 1])) for k, (x, _) in enumerate(xy)]
+    r = min(10, len(xy) // 20)   # a centred mean over up to 21 steps, narrower on short runs
+    mean = [(x, sum(p[1] for p in xy[max(0, k - r):k + r + 1]) / len(xy[max(0, k - r):k + r + 1]))
+            for k, (x, _) in enumerate(xy)]
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     d.rectangle([m, m, w - m, h - m], outline="black")
