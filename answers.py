@@ -1,13 +1,20 @@
 """
-LLaVA answer files, as evaluate.py keeps them: JSON / JSON-lines reading, atomic writes, the settings an answer file
-stands for (answers are reused only with the settings that made them), and the answer files of the processes of a
-multi-process run, merged into one in question order.
+The files of an evaluation, as evaluate.py reads and writes them: JSON / JSON-lines reading and atomic writes, each
+benchmark's question file as LLaVA's scripts read it, a custom benchmark's references, LLaVA answer files (reused
+only with the settings that made them; the files of the processes of a multi-process run merged into one in question
+order), and answers in the files the official tools read (EvalAI's VQAv2 upload, MME's calculation.py, MM-Vet's).
 """
 import glob
 import hashlib
 import json
 import os
 import time
+from collections import Counter
+
+from scorers import eval_ai_answer, mmmu_rng
+
+MMMU_MULTI_IMAGE_OPEN = "INVALID GENERATION FOR MULTIPLE IMAGE INPUTS"
+SQA_SUFFIX = "Answer with the option's letter from the given choices directly."  # --single-pred-prompt
 
 
 def read_json(path):
@@ -31,10 +38,6 @@ def read_json(path):
     return rows
 
 
-def key(row):
-    return str(row["question_id"]), row["prompt"]
-
-
 def write_json(path, obj=None, text=None):
     """Written to a temporary file, then renamed over: a killed run leaves the old file or the new, never half."""
     with open(f"{path}.tmp", "w") as f:
@@ -42,6 +45,64 @@ def write_json(path, obj=None, text=None):
     os.replace(f"{path}.tmp", path)
 
 
+def key(row):   # what names an answer: MME asks two questions of each question_id (its image)
+    return str(row["question_id"]), row["prompt"]
+
+
+# ------------------------------------------------------------------------- question and reference files
+def load_questions(bench, path):
+    """The question file -> items {question_id, text (the model's question, no image token), image (or None),
+    prompt (what LLaVA's script saves in the answer row), category, answer (preset: not generated)}."""
+    items = []
+    for i, q in enumerate(read_json(path)):
+        try:
+            if bench == "scienceqa":   # model_vqa_science: LLaVA conversation records; saved prompt has <image>
+                text = q["conversations"][0]["value"].replace("<image>", "").strip() + "\n" + SQA_SUFFIX
+                item = dict(question_id=q["id"], text=text, image=q.get("image"),
+                            prompt=("<image>\n" if q.get("image") else "") + text)
+            elif bench == "mmmu":      # model_vqa_mmmu: questions without one "image" have several: not run
+                item = dict(question_id=q["id"], text=q["prompt"], image=q.get("image"), prompt=q["prompt"])
+                if not q.get("image"):
+                    item["answer"] = mmmu_multi_image_answer(q)
+            else:                      # model_vqa_loader / model_vqa: the saved prompt is the file's text
+                item = dict(question_id=q["question_id"], text=q["text"], image=q.get("image"), prompt=q["text"],
+                            category=q.get("category"))
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: record {i} is not a {bench} question ({type(e).__name__}: {e}): "
+                             f"{json.dumps(q)[:200]}") from None
+        items.append(item)
+    count = Counter(map(key, items))   # MME has two questions per question_id (the image)
+    twice = [it for it in items if count[key(it)] > 1]
+    if twice:
+        raise ValueError(f"{path}: question_id {twice[0]['question_id']!r} with prompt {twice[0]['prompt'][:60]!r} "
+                         "appears more than once; answers are keyed by both")
+    return items
+
+
+def mmmu_multi_image_answer(question, seed=42):
+    """The row TinyLLaVA writes for a question without a single "image" (quirk 21): a guessed letter (mmmu_rng)
+    or the INVALID string. The generation loop writes it, so the denominator stays the official 900."""
+    if question["question_type"] == "multiple-choice":
+        return mmmu_rng(question["id"], seed).choice(question["all_choices"])
+    return MMMU_MULTI_IMAGE_OPEN
+
+
+def read_references(path):
+    """A custom benchmark's references {str(id): [text, ...]}: rows {"question_id", "answers": [text | {"answer":
+    text}, ...]} ("answer": text for one), or a VQAv2 annotation file ({"annotations": [...]})."""
+    rows = read_json(path)
+    rows = rows["annotations"] if isinstance(rows, dict) and "annotations" in rows else rows
+    refs = {}
+    for i, r in enumerate(rows if isinstance(rows, list) else [rows]):
+        got = r.get("answers", r.get("answer")) if isinstance(r, dict) else None
+        got = [got] if isinstance(got, str) else got
+        if not (got and isinstance(got, list) and "question_id" in r):
+            raise ValueError(f"{path}: record {i} is not {{'question_id': ..., 'answers': [...]}}: {str(r)[:200]}")
+        refs[str(r["question_id"])] = [g["answer"] if isinstance(g, dict) else str(g) for g in got]
+    return refs
+
+
+# --------------------------------------------- answer files: the settings they stand for, resume, merge
 MODEL_FILES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")   # weights, configs, tokenizers
 
 
@@ -111,3 +172,46 @@ def merge(answers_file, items):
     for path in shards(answers_file):
         os.remove(path)
     return [rows[k] for k in order]
+
+
+# ----------------------------------------------------------- answers in the official tools' own formats
+def vqav2_submission(answers, test_question_ids):
+    """EvalAI upload (quirk 5): per test id (ids or test2015 jsonl rows) EvalAIAnswerProcessor(text), or ''."""
+    preds = {str(r["question_id"]): r["text"] for r in answers}
+    ids = [q["question_id"] if isinstance(q, dict) else q for q in test_question_ids]
+    return [{"question_id": q, "answer": eval_ai_answer(preds[str(q)]) if str(q) in preds else ""} for q in ids]
+
+
+def mme_task_lines(answers, gt_folder):
+    """(lines, number of ground-truth questions). LLaVA's convert_answer_to_mme.py: per task, lines 'file<TAB>question
+    <TAB>gt<TAB>prediction' in answer order, the ground truth from MME_Benchmark_release_version/<task>/
+    [questions_answers_YN/]*.txt; tabs and newlines in a prediction become spaces (calculation.py splits on them)."""
+    gt = {}
+    for task in sorted(os.listdir(gt_folder)):
+        qa = os.path.join(gt_folder, task, "questions_answers_YN")
+        qa = qa if os.path.isdir(qa) else os.path.join(gt_folder, task)
+        for path in sorted(glob.glob(os.path.join(glob.escape(qa), "*.txt"))):
+            with open(path) as f:
+                for n, line in enumerate(f, 1):
+                    parts = line.strip().split("\t")
+                    if len(parts) != 2:
+                        raise ValueError(f"{path} line {n}: expected 'question<TAB>answer', got {line!r}")
+                    gt[task, os.path.basename(path), parts[0]] = parts[1]
+    lines = {}
+    for r in answers:
+        task, name = str(r["question_id"]).split("/")[0], str(r["question_id"]).split("/")[-1].rsplit(".", 1)[0]
+        prompt = r["prompt"].replace("Answer the question using a single word or phrase.", "").strip()
+        if "Please answer yes or no." not in prompt:
+            prompt += " Please answer yes or no."
+            if (task, name + ".txt", prompt) not in gt:
+                prompt = prompt.replace(" Please answer yes or no.", "  Please answer yes or no.")
+        if (task, name + ".txt", prompt) not in gt:
+            raise ValueError(f"MME: no ground truth for {r['question_id']!r} with question {prompt!r} in {gt_folder}")
+        pred = r["text"].replace("\t", " ").replace("\n", " ")
+        lines.setdefault(task, []).append("\t".join([name + ".txt", prompt, gt[task, name + ".txt", prompt], pred]))
+    return lines, len(gt)
+
+
+def mmvet_submission(answers):
+    """convert_mmvet_for_eval.py: {"v1_<question_id>": text}, the file the official grader reads."""
+    return {f"v1_{r['question_id']}": r["text"] for r in answers}

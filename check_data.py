@@ -7,7 +7,7 @@ Exit status 1 if a record is bad.
     python check_data.py data.json --image-folder images --model out/phi2_siglip_base/2_finetune
     python check_data.py data.json --image-folder images --tokenizer DIR --template phi --num-image-tokens 729
 
-What it finds, by code (data.scan, data.load_image, then data.encode; training meets the same ones):
+What it finds, by code (record_problems here, data.load_image, then data.encode; training meets the same ones):
   file         bad-json, bad-top-level (not a list of records), no-records: "error: ..." and nothing else
   record       bad-jsonl-line (each one, with its line; the lines after it are still read), not-an-object,
                no-conversations, bad-turn, empty-conversation, empty-turn, starts-with-assistant,
@@ -31,11 +31,67 @@ import os
 import sys
 from collections import Counter
 
-from tqdm import tqdm
-
-from data import DataError, _where, encode, load_image, read_records, scan
-
+# data.py (and torch with it) is imported inside the functions that use it: --help answers at once, and data.py
+# imports scan from here.
 PROGRESS_MIN = 1000   # records from which a progress bar is shown (on stderr)
+
+
+def record_problems(record, allow_outside_images=False) -> list[tuple[str, str]]:
+    """[(code, message)] of one record: shape, text, turns, <image> vs 'image', a path outside the image folder."""
+    from data import IMAGE_PLACEHOLDER, BadLine, DataError, _turns
+    if isinstance(record, BadLine):
+        return [("bad-jsonl-line", f"bad JSON line: {record.error}")]
+    if not isinstance(record, dict):
+        return [("not-an-object", f"record is a {type(record).__name__}, expected an object")]
+    convs = record.get("conversations")
+    if not isinstance(convs, list):
+        return [("no-conversations", "missing or non-list 'conversations'")]
+    for t, turn in enumerate(convs):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+            return [("bad-turn", f"turn {t} must be {{'from': str, 'value': str}}, got {turn!r:.80}")]
+    problems = []
+    texts = [v for v in (record.get("id"), record.get("image")) if isinstance(v, str)]
+    try:   # json.load accepts a lone surrogate ("\ud800"), and a tokenizer then fails with a TypeError
+        "".join(texts + [m["from"] + m["value"] for m in convs]).encode("utf-8")
+    except UnicodeEncodeError:
+        problems.append(("text-unencodable", "text that cannot be encoded (a lone surrogate such as '\\ud800')"))
+    problems += [("empty-turn", f"turn {t} ({turn['from']}) is empty") for t, turn in enumerate(convs)
+                 if not turn["value"].strip()]
+    try:
+        _turns(convs, for_generation=False)
+    except DataError as e:
+        problems.append((e.code, str(e)))
+    n_tags = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in convs if turn["from"] != "gpt")
+    image = record.get("image")
+    if any(IMAGE_PLACEHOLDER in turn["value"] for turn in convs if turn["from"] == "gpt"):
+        problems.append(("image-in-answer", f"{IMAGE_PLACEHOLDER} inside a gpt turn"))
+    if image is not None and not (isinstance(image, str) and image):
+        problems.append(("bad-image-field", f"'image' must be a non-empty relative path, got {image!r}"))
+    elif n_tags > 1:
+        problems.append(("multiple-images", f"{n_tags} {IMAGE_PLACEHOLDER} placeholders; one image per sample"))
+    elif image is not None and n_tags == 0:
+        problems.append(("image-without-placeholder", f"has 'image' but no {IMAGE_PLACEHOLDER} in its text"))
+    elif image is None and n_tags == 1:
+        problems.append(("placeholder-without-image", f"has {IMAGE_PLACEHOLDER} in its text but no 'image'"))
+    # lexical, so that a data set laid out with symbolic links inside the image folder still works
+    outside = isinstance(image, str) and (os.path.isabs(image) or os.path.normpath(image).split(os.sep)[0] == "..")
+    if outside and not allow_outside_images:
+        problems.append(("image-outside", f"image path {image!r} leaves the image folder (allow_outside_images)"))
+    return problems
+
+
+def scan(records, allow_outside_images=False):
+    """(index, record, [(code, message)]) per record: record_problems, duplicate-id, internal-error (an exception)."""
+    first = {}
+    for i, record in enumerate(records):
+        try:
+            problems = record_problems(record, allow_outside_images)
+        except Exception as e:  # noqa: BLE001 - one record's surprise must not stop a check of 600k
+            problems = [("internal-error", f"{type(e).__name__}: {e}")]
+        rid = record.get("id") if isinstance(record, dict) else None
+        if rid is not None and first.setdefault(repr(rid), i) != i:   # repr: 1 and "1" are different ids
+            problems.append(("duplicate-id", f"id {rid!r} is also the id of record {first[repr(rid)]}"))
+        yield i, record, problems
 
 
 def check(records, image_folder=None, tokenizer=None, template="phi", num_image_tokens=0, max_length=None,
@@ -43,6 +99,8 @@ def check(records, image_folder=None, tokenizer=None, template="phi", num_image_
     """-> {"problems": [(index, id, code, message)], "notes": [(index, id, message)], "lengths": [tokens],
     "over_max_length": n, ...}. on_problem(index, record, code, message) is called as each problem or note (code
     "note") is found."""
+    from tqdm import tqdm
+    from data import DataError, encode, load_image
     problems, notes, lengths, over = [], [], [], 0
     bar = tqdm(total=len(records), unit=" records", file=sys.stderr,
                disable=not progress or len(records) < PROGRESS_MIN)
@@ -121,6 +179,8 @@ def main(argv=None):
                    help="accept image paths that are absolute or leave --image-folder through '..'")
     p.add_argument("--show", type=int, default=50, help="problems to print (all are counted); -1: all")
     a = p.parse_args(argv)
+    from tqdm import tqdm
+    from data import DataError, _where, read_records
     tokenizer, template, max_length, n_img, where = None, a.template, a.max_length, a.num_image_tokens, ""
     outside = a.allow_outside_images
     if a.config:

@@ -8,21 +8,16 @@
     # one prompt for generation (ends in "ASSISTANT:", labels all IGNORE_INDEX)
     x = encode([{"from": "human", "value": "<image>\\nWhat is this?"}], "phi", tokenizer, 728, for_generation=True)
 
-Public API
+Public API (each docstring gives the details)
     IGNORE_INDEX = -100, IMAGE_TOKEN_INDEX = -200, IMAGE_PLACEHOLDER = "<image>", DataError(ValueError).code
-    read_records(path) -> list (parsed only)   load_records(path) -> list[dict] (read + checked)   record_problems
-    scan(records, allow_outside_images=False) -> (index, record, [(code, message)]) per record, + duplicate-id
-    TEMPLATES: name -> ChatTemplate | HFChatTemplate;  get_template(name_or_template);  render(conversations,
-        template, tokenizer=None, for_generation=False) -> (text, supervised char spans)
+    read_records(path) -> records, parsed;  load_records(path) -> records, parsed and checked (check_data.scan)
+    TEMPLATES: name -> ChatTemplate | HFChatTemplate;  get_template;  render -> (text, supervised character spans)
     encode(conversations, template, tokenizer, num_image_tokens, max_length=None, for_generation=False)
         -> {"input_ids": LongTensor[T], "labels": LongTensor[T]}
     load_image(path) -> PIL.Image (RGB);  preprocess_image(image, processor, aspect="square"|"pad") -> Tensor[3, H, W]
-    VLMDataset(records_or_path, tokenizer, image_processor, template, num_image_tokens, max_length, image_folder=None,
-               image_aspect_ratio="square", bad_samples="error"|"skip", feature_cache, allow_outside_images, skip_log)
-        [i] -> {"input_ids", "labels", "pixel_values": Tensor[3, H, W] | None, "tower_features", "id", ...}
-        .lengths -> list[int];  .skipped -> [(index, id, problem)] left out at load ("skip");  read_skip_log(*paths)
-    collate(batch, pad_token_id, padding_side="right") -> {"input_ids", "attention_mask", "labels", "images",
-                                                           "tower_features", "skipped"}
+    VLMDataset(...)[i] -> {"input_ids", "labels", "pixel_values": Tensor[3, H, W] | None, "tower_features", "id",
+        "skipped"};  .lengths;  .skipped: [(index, id, problem)] left out at load;  read_skip_log(*paths)
+    collate(batch, pad_token_id, padding_side) -> {"input_ids", "attention_mask", "labels", "images", ...}
 
 Text format (TinyLLaVA Factory, = LLaVA-1.5 vicuna_v1 with the LLM's own EOS; LLaVA "plain" for pretraining):
     SYSTEM USER: <image>\\n{q1} ASSISTANT: {a1}<eos>USER: {q2} ASSISTANT: {a2}<eos>
@@ -46,6 +41,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageFile
+
+from check_data import scan
 
 IGNORE_INDEX = -100  # label of tokens that take no loss (torch CrossEntropyLoss default ignore_index)
 IMAGE_TOKEN_INDEX = -200  # sentinel id at image positions; model.py writes image features there (LLaVA's value)
@@ -79,9 +76,7 @@ def _where(source, index, record) -> str:
     return f"{source}: record {index} ({at})"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Records
-
+# ---- Records -----------------------------------------------------------------------------------------------------
 def read_records(path) -> list:
     """Parse a LLaVA-format JSON list or JSONL file (no validation); a JSONL line that is not JSON becomes a
     BadLine in its place, so the lines after it are still read. Bytes that are not UTF-8 become lone surrogates."""
@@ -117,65 +112,8 @@ def load_records(path) -> list[dict]:
     return records
 
 
-def record_problems(record, allow_outside_images=False) -> list[tuple[str, str]]:
-    """[(code, message)] of one record: shape, text, turns, <image> vs 'image', a path outside the image folder."""
-    if isinstance(record, BadLine):
-        return [("bad-jsonl-line", f"bad JSON line: {record.error}")]
-    if not isinstance(record, dict):
-        return [("not-an-object", f"record is a {type(record).__name__}, expected an object")]
-    convs = record.get("conversations")
-    if not isinstance(convs, list):
-        return [("no-conversations", "missing or non-list 'conversations'")]
-    for t, turn in enumerate(convs):
-        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
-            return [("bad-turn", f"turn {t} must be {{'from': str, 'value': str}}, got {turn!r:.80}")]
-    problems = []
-    texts = [v for v in (record.get("id"), record.get("image")) if isinstance(v, str)]
-    try:   # json.load accepts a lone surrogate ("\ud800"), and a tokenizer then fails with a TypeError
-        "".join(texts + [m["from"] + m["value"] for m in convs]).encode("utf-8")
-    except UnicodeEncodeError:
-        problems.append(("text-unencodable", "text that cannot be encoded (a lone surrogate such as '\\ud800')"))
-    problems += [("empty-turn", f"turn {t} ({turn['from']}) is empty") for t, turn in enumerate(convs)
-                 if not turn["value"].strip()]
-    try:
-        _turns(convs, for_generation=False)
-    except DataError as e:
-        problems.append((e.code, str(e)))
-    n_tags = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in convs if turn["from"] != "gpt")
-    image = record.get("image")
-    if any(IMAGE_PLACEHOLDER in turn["value"] for turn in convs if turn["from"] == "gpt"):
-        problems.append(("image-in-answer", f"{IMAGE_PLACEHOLDER} inside a gpt turn"))
-    if image is not None and not (isinstance(image, str) and image):
-        problems.append(("bad-image-field", f"'image' must be a non-empty relative path, got {image!r}"))
-    elif n_tags > 1:
-        problems.append(("multiple-images", f"{n_tags} {IMAGE_PLACEHOLDER} placeholders; one image per sample"))
-    elif image is not None and n_tags == 0:
-        problems.append(("image-without-placeholder", f"has 'image' but no {IMAGE_PLACEHOLDER} in its text"))
-    elif image is None and n_tags == 1:
-        problems.append(("placeholder-without-image", f"has {IMAGE_PLACEHOLDER} in its text but no 'image'"))
-    # lexical, so that a data set laid out with symbolic links inside the image folder still works
-    outside = isinstance(image, str) and (os.path.isabs(image) or os.path.normpath(image).split(os.sep)[0] == "..")
-    if outside and not allow_outside_images:
-        problems.append(("image-outside", f"image path {image!r} leaves the image folder (allow_outside_images)"))
-    return problems
-
-
 def _error(source, index, record, problems) -> DataError:   # one line: where, then each problem and its code
     return DataError(f"{_where(source, index, record)}: {'; '.join(f'{m} [{c}]' for c, m in problems)}", problems[0][0])
-
-
-def scan(records, allow_outside_images=False):
-    """(index, record, [(code, message)]) per record: record_problems, duplicate-id, internal-error (an exception)."""
-    first = {}
-    for i, record in enumerate(records):
-        try:
-            problems = record_problems(record, allow_outside_images)
-        except Exception as e:  # noqa: BLE001 - one record's surprise must not stop a check of 600k
-            problems = [("internal-error", f"{type(e).__name__}: {e}")]
-        rid = _id(record)
-        if rid is not None and first.setdefault(repr(rid), i) != i:   # repr: 1 and "1" are different ids
-            problems.append(("duplicate-id", f"id {rid!r} is also the id of record {first[repr(rid)]}"))
-        yield i, record, problems
 
 
 def _turns(conversations, for_generation) -> list[tuple[str, str | None]]:
@@ -203,9 +141,7 @@ def _turns(conversations, for_generation) -> list[tuple[str, str | None]]:
     return list(zip(values[0::2], values[1::2]))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Chat templates (strings from TinyLLaVA Factory data/template/*.py, see reference §5.3)
-
+# ---- Chat templates (strings from TinyLLaVA Factory data/template/*.py, see reference §5.3) ----------------------
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the user's questions.")
 
@@ -311,9 +247,7 @@ def _render_hf(turns, tokenizer, for_generation):
     return text, spans
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenisation with labels by construction
-
+# ---- Tokenisation with labels by construction --------------------------------------------------------------------
 def encode(conversations, template, tokenizer, num_image_tokens, max_length=None, for_generation=False) -> dict:
     """Token ids and labels of one conversation; each image placeholder becomes `num_image_tokens` sentinels.
 
@@ -367,9 +301,7 @@ def encode(conversations, template, tokenizer, num_image_tokens, max_length=None
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Images
-
+# ---- Images ------------------------------------------------------------------------------------------------------
 def load_image(path) -> Image.Image:
     """`path` as RGB, or DataError: image-missing, -not-a-file, -too-large, -truncated (never grey), -unreadable."""
     truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # whoever set it
@@ -407,9 +339,7 @@ def preprocess_image(image: Image.Image, processor, aspect="square") -> torch.Te
     return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Dataset and collator
-
+# ---- Dataset and collator ----------------------------------------------------------------------------------------
 class VLMDataset(torch.utils.data.Dataset):
     """LLaVA-format samples; text-only samples have pixel_values None (no dummy image).
 
@@ -547,4 +477,5 @@ def collate(batch, pad_token_id, padding_side="right") -> dict:
     if feats:   # cached tower outputs instead of pictures (a pair per image for MoF)
         feats = tuple(torch.stack(f) for f in zip(*feats)) if isinstance(feats[0], tuple) else torch.stack(feats)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images,
-            "tower_features": feats if len(feats) else None, "skipped": [x for s in batch for x in s.get("skipped", ())]}
+            "tower_features": feats if len(feats) else None,
+            "skipped": [x for s in batch for x in s.get("skipped", ())]}

@@ -27,9 +27,9 @@ resumes; answers.py); the same settings make the same file, byte for byte, on an
 (<bench>_results.json) are unrounded; a subset (--limit, --questions) is scored against its own ground truth.
 """
 import argparse
-import glob
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -37,9 +37,9 @@ from collections import Counter
 from datetime import timedelta
 
 import scorers as S
-from answers import check_answers, fingerprint, key, merge, on_file, read_json, write_json
+from answers import (check_answers, fingerprint, key, load_questions, merge, mme_task_lines, mmvet_submission, on_file,
+                     read_json, read_references, vqav2_submission, write_json)
 
-SQA_SUFFIX = "Answer with the option's letter from the given choices directly."  # --single-pred-prompt
 BENCHES = {  # folder in the eval root; question file, images, ground truth in it (--annotations replaces the first);
     # max_new_tokens; split; where the benchmark's own files come from (the question files: LLaVA's eval.zip)
     "vqav2": dict(dir="vqav2", questions="llava_vqav2_mscoco_test-dev2015.jsonl", images="test2015", gt=[],
@@ -61,36 +61,6 @@ BENCHES = {  # folder in the eval root; question file, images, ground truth in i
     "custom": dict(dir="custom", questions="questions.jsonl", images="images", tokens=128, gt=["answers.jsonl"],
                    split="custom", get="you (evaluate.py --help: --bench custom)"),
 }
-
-
-# ------------------------------------------------------------------------------------ questions, per benchmark
-def load_questions(bench, path):
-    """The question file -> items {question_id, text (the model's question, no image token), image (or None),
-    prompt (what LLaVA's script saves in the answer row), category, answer (preset: not generated)}."""
-    items = []
-    for i, q in enumerate(read_json(path)):
-        try:
-            if bench == "scienceqa":   # model_vqa_science: LLaVA conversation records; saved prompt has <image>
-                text = q["conversations"][0]["value"].replace("<image>", "").strip() + "\n" + SQA_SUFFIX
-                item = dict(question_id=q["id"], text=text, image=q.get("image"),
-                            prompt=("<image>\n" if q.get("image") else "") + text)
-            elif bench == "mmmu":      # model_vqa_mmmu: questions without one "image" have several: not run
-                item = dict(question_id=q["id"], text=q["prompt"], image=q.get("image"), prompt=q["prompt"])
-                if not q.get("image"):
-                    item["answer"] = S.mmmu_multi_image_answer(q)
-            else:                      # model_vqa_loader / model_vqa: the saved prompt is the file's text
-                item = dict(question_id=q["question_id"], text=q["text"], image=q.get("image"), prompt=q["text"],
-                            category=q.get("category"))
-        except (KeyError, IndexError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: record {i} is not a {bench} question ({type(e).__name__}: {e}): "
-                             f"{json.dumps(q)[:200]}") from None
-        items.append(item)
-    count = Counter(map(key, items))   # MME has two questions per question_id (the image)
-    twice = [it for it in items if count[key(it)] > 1]
-    if twice:
-        raise ValueError(f"{path}: question_id {twice[0]['question_id']!r} with prompt {twice[0]['prompt'][:60]!r} "
-                         "appears more than once; answers are keyed by both")
-    return items
 
 
 # ---------------------------------------------------------------------------- answering (batched generation)
@@ -167,34 +137,12 @@ def answer(model, tokenizer, processor, items, image_folder, template, answers_f
 
 
 # ------------------------------------------------------------------------- scoring from the native files
-def mme_task_lines(answers, gt_folder):
-    """(lines, number of ground-truth questions). LLaVA's convert_answer_to_mme.py: per task, lines 'file<TAB>question
-    <TAB>gt<TAB>prediction' in answer order, the ground truth from MME_Benchmark_release_version/<task>/
-    [questions_answers_YN/]*.txt; tabs and newlines in a prediction become spaces (calculation.py splits on them)."""
-    gt = {}
-    for task in sorted(os.listdir(gt_folder)):
-        qa = os.path.join(gt_folder, task, "questions_answers_YN")
-        qa = qa if os.path.isdir(qa) else os.path.join(gt_folder, task)
-        for path in sorted(glob.glob(os.path.join(glob.escape(qa), "*.txt"))):
-            with open(path) as f:
-                for n, line in enumerate(f, 1):
-                    parts = line.strip().split("\t")
-                    if len(parts) != 2:
-                        raise ValueError(f"{path} line {n}: expected 'question<TAB>answer', got {line!r}")
-                    gt[task, os.path.basename(path), parts[0]] = parts[1]
-    lines = {}
-    for r in answers:
-        task, name = str(r["question_id"]).split("/")[0], str(r["question_id"]).split("/")[-1].rsplit(".", 1)[0]
-        prompt = r["prompt"].replace("Answer the question using a single word or phrase.", "").strip()
-        if "Please answer yes or no." not in prompt:
-            prompt += " Please answer yes or no."
-            if (task, name + ".txt", prompt) not in gt:
-                prompt = prompt.replace(" Please answer yes or no.", "  Please answer yes or no.")
-        if (task, name + ".txt", prompt) not in gt:
-            raise ValueError(f"MME: no ground truth for {r['question_id']!r} with question {prompt!r} in {gt_folder}")
-        pred = r["text"].replace("\t", " ").replace("\n", " ")
-        lines.setdefault(task, []).append("\t".join([name + ".txt", prompt, gt[task, name + ".txt", prompt], pred]))
-    return lines, len(gt)
+def yes_no(texts, parse):
+    """yes_ratio: the share `parse` (pope_parse, mme_parse) reads as yes; neither: answers whose first word is
+    neither yes nor no (case and punctuation aside), which each benchmark's parser reads its own way."""
+    first = [(re.findall(r"[a-z]+", t.lower()) or [""])[0] for t in texts]
+    return {"yes_ratio": sum(parse(t) == "yes" for t in texts) / max(len(texts), 1),
+            "neither": sum(w not in ("yes", "no") for w in first)}
 
 
 def score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask=None):
@@ -207,7 +155,7 @@ def score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask=No
     if bench == "vqav2":
         result, test_ids, size = {}, os.path.join(folder, "llava_vqav2_mscoco_test2015.jsonl"), None
         if os.path.isfile(test_ids):
-            side("vqav2_upload.json", S.vqav2_submission(answers, read_json(test_ids)))
+            side("vqav2_upload.json", vqav2_submission(answers, read_json(test_ids)))
             result["upload_file"] = os.path.join(out_dir, "vqav2_upload.json")
         path = gt("v2_mscoco_val2014_annotations.json")
         if os.path.isfile(path):    # val-style annotations: score locally
@@ -249,7 +197,7 @@ def score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask=No
                                                 for r in answers})
         return result, {**{f"{s}_{k}": 100 * v[m] for k, m in (("acc", "accuracy"), ("f1", "f1"))
                            for s, v in result["splits"].items()}, "f1_mean": 100 * result["f1_mean"],
-                        **S.yes_no(texts, S.pope_parse)}, (sum(map(len, labels.values())), of)
+                        **yes_no(texts, S.pope_parse)}, (sum(map(len, labels.values())), of)
     if bench == "mme":
         lines, of = mme_task_lines(answers, a.annotations or image_folder)  # the GT lives beside the images
         os.makedirs(os.path.join(out_dir, "mme_answers"), exist_ok=True)
@@ -258,19 +206,16 @@ def score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask=No
                 f.write("".join(x + "\n" for x in task_lines))
         result = S.score_mme(lines, strict=not (a.limit or a.questions))   # a subset may lack whole tasks
         return result, {"perception": result["perception"], "cognition": result["cognition"],
-                        **S.yes_no(texts, S.mme_parse)}, (len(answers), of)
+                        **yes_no(texts, S.mme_parse)}, (len(answers), of)
     if bench == "mmvet":
-        submission = S.mmvet_submission(answers)
+        submission = mmvet_submission(answers)
         side("mmvet_submission.json", submission)
         result = {"submission_file": os.path.join(out_dir, "mmvet_submission.json")}
         if not ask:
             return result, {"total": "upload the submission (README)"}, None
         meta = read_json(gt("mm-vet.json"))
         mine = {k: v for k, v in meta.items() if k in {f"v1_{i}" for i in asked}}
-        path = f"{out_dir}/mmvet_grades.json"   # every grade ever asked for, kept (a --limit re-run adds to it)
-        cache = {tuple(g[k] for k in GRADE_KEY): g["score"] for g in (read_json(path) if os.path.isfile(path) else [])}
-        grades = S.mmvet_grade_all(ask, mine, submission, a.judge_runs, cache, a.judge_model, lambda c: write_json(
-            path, [dict(zip(GRADE_KEY, k), score=v) for k, v in c.items()]))
+        grades = grade_mmvet(ask, mine, submission, a.judge_runs, a.judge_model, f"{out_dir}/mmvet_grades.json")
         result.update(S.mmvet_scores(grades, mine))
         return result, {"total": result["total"]}, (len(mine), len(meta))
     if bench == "mmmu":   # multiple-choice text is parsed here (MMMU's parser, seeded per question: scorers.py)
@@ -278,14 +223,11 @@ def score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask=No
         result = S.score_mmmu(answers, answer_dict, questions=read_json(qfile))
         return result, {"overall": 100 * result["overall"]["acc"]}, (len(answers), len(answer_dict))
     path = gt("answers.jsonl")   # custom
-    refs = S.custom_references(read_json(path), path)
+    refs = read_references(path)
     result = S.score_custom(answers, {q: refs[q] for q in asked}, {str(it["question_id"]): it["category"]
                                                                    for it in items if it["category"] is not None})
     full = result.get("vqa_n") == result["n"]   # VQA accuracy heads the table when it covers every question
     return result, {k: result[k] for k in ["exact_match"] + ["vqa_accuracy"] * full}, None
-
-
-GRADE_KEY = ("question_id", "question", "answer", "prediction", "judge_model", "run")   # mmvet_grades.json rows
 
 
 SUBSET_NOTE = ("n of N: a subset, scored against its own questions' ground truth (what the official scorer gives "
@@ -306,6 +248,7 @@ def table(rows):
     return "\n".join(lines + [SUBSET_NOTE] * any(r["scored"] < r["of"] for r in rows))
 
 
+# -------------------------------- the MM-Vet judge: an OpenAI-compatible endpoint, every grade kept on disk
 class JudgeError(RuntimeError):
     """The judge endpoint cannot be used as given (redirect, HTTP error, unreachable); the message says why."""
 
@@ -341,6 +284,26 @@ def openai_compatible_ask(url, model, api_key=None, max_tokens=3, timeout=60, al
     return ask
 
 
+GRADE_KEY = ("question_id", "question", "answer", "prediction", "judge_model", "run")   # mmvet_grades.json rows
+
+
+def grade_mmvet(ask, items, submission, runs, judge_model, path):
+    """{id: [score per run]} for every item of mm-vet.json (a missing prediction is graded as ''), with the official
+    retries (scorers.mmvet_grade). Every grade ever asked for is kept in `path` as it comes and not asked for again:
+    a re-run, or one with a larger --limit, pays only for new answers."""
+    cache = {tuple(g[k] for k in GRADE_KEY): g["score"] for g in (read_json(path) if os.path.isfile(path) else [])}
+    grades = {}
+    for qid, item in items.items():
+        for run in range(runs):
+            k = (qid, item["question"], item["answer"], submission.get(qid, ""), judge_model, run)
+            if k not in cache:
+                cache[k] = S.mmvet_grade(ask, *k[1:4])[0]
+                write_json(path, [dict(zip(GRADE_KEY, k), score=v) for k, v in cache.items()])
+            grades.setdefault(qid, []).append(cache[k])
+    return grades
+
+
+# ----------------------------------------------------------------------------------------- the command line
 def at_least_1(text):
     """--limit's type: 0 meant every question and -1 all but the last; both are errors now."""
     if not text.strip().isdigit() or int(text) < 1:
@@ -372,7 +335,7 @@ def locate(bench, a, judge):
         if not os.path.exists(path):
             many = f" ({len(missing)} of the {len(pictures)} images asked about are missing)" * (path in missing)
             raise FileNotFoundError(f"{bench}: {path} not found{many}; get it from {spec['get']} (README: Evaluation)")
-    refs = S.custom_references(read_json(gts[0]), gts[0]) if bench == "custom" else {}
+    refs = read_references(gts[0]) if bench == "custom" else {}
     lack = [str(it["question_id"]) for it in items if str(it["question_id"]) not in refs] * (bench == "custom")
     if lack:
         raise ValueError(f"custom: {gts[0]} has no reference answers for {len(lack)} questions, e.g. {lack[0]!r}")

@@ -1,8 +1,7 @@
 """Scorers for the 8 benchmarks of TinyLLaVA Factory and your own (score_custom), scoring as the official scorers do.
 
 Pure functions of LLaVA's answer rows ({"question_id", "prompt", "text", ...}) and the benchmark's native files,
-parsed: no model, no torch, no network (evaluate.py answers, reads the files, asks the MM-Vet judge and calls
-these; evaluate.score shows every call).
+parsed: no model, no torch, no network (evaluate.score reads the files and shows every call).
 
     ev.score_pope(rows, {"random": [json.loads(l) for l in open("coco_pope_random.json")]})["f1_mean"]
     ev.SCORERS["pope"] is ev.score_pope           # name -> function; ev.get_scorer("nope") lists the valid names
@@ -116,13 +115,6 @@ def score_vqav2(answers, annotations, eval_ai_processor=True):
     return {"overall": mean(accs), "per_answer_type": {k: mean(v) for k, v in by_atype.items()},
             "per_question_type": {k: mean(v) for k, v in by_qtype.items()}, "per_question": per_question,
             "n": len(accs), "missing": missing}
-
-
-def vqav2_submission(answers, test_question_ids):
-    """EvalAI upload (quirk 5): per test id (ids or test2015 jsonl rows) EvalAIAnswerProcessor(text), or ''."""
-    preds = {str(r["question_id"]): r["text"] for r in answers}
-    ids = [q["question_id"] if isinstance(q, dict) else q for q in test_question_ids]
-    return [{"question_id": q, "answer": eval_ai_answer(preds[str(q)]) if str(q) in preds else ""} for q in ids]
 
 
 def score_gqa(answers, questions):
@@ -240,7 +232,6 @@ def score_pope(answers, labels_by_split, questions=None, eps=1e-6):
 MME_TASKS = {"perception": ["existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                             "artwork", "OCR"],
              "cognition": ["commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"]}
-MME_TASKS_ALL = MME_TASKS["perception"] + MME_TASKS["cognition"]
 
 
 class MMEFormatError(ValueError):
@@ -262,7 +253,7 @@ def score_mme(rows_by_task, strict=True):
     tab fields (a tab/newline in a prediction: write them as spaces), gt not yes/no, a pair with two images.
     strict: raise MMEFormatError; else score the clean tasks, a category with a bad task is None. All-'other' -> 0."""
     problems, tasks = [], {}
-    for task in MME_TASKS_ALL:
+    for task in MME_TASKS["perception"] + MME_TASKS["cognition"]:
         if task not in rows_by_task:
             problems.append(f"{task}: task file missing")
             continue
@@ -304,7 +295,6 @@ MMMU_DOMAINS = {  # MMMU's DOMAIN_CAT2SUB_CAT
     "Humanities and Social Science": ["History", "Literature", "Sociology", "Psychology"],
     "Tech and Engineering": ["Agriculture", "Architecture_and_Engineering", "Computer_Science", "Electronics",
                              "Energy_and_Power", "Materials", "Mechanical_Engineering"]}
-MMMU_MULTI_IMAGE_OPEN = "INVALID GENERATION FOR MULTIPLE IMAGE INPUTS"
 _MMMU_INDICATORS = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
 _NUMBER_PATTERNS = [re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b"), re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+"),
                     re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")]  # 1,234 / 1e5 / 1.5
@@ -370,14 +360,6 @@ def mmmu_open_correct(gold, candidates):
                for c in candidates)
 
 
-def mmmu_multi_image_answer(question, seed=42):
-    """The row TinyLLaVA writes for a question without a single "image" (quirk 21): a guessed letter (mmmu_rng)
-    or the INVALID string. The generation loop writes it, so the denominator stays the official 900."""
-    if question["question_type"] == "multiple-choice":
-        return mmmu_rng(question["id"], seed).choice(question["all_choices"])
-    return MMMU_MULTI_IMAGE_OPEN
-
-
 def score_mmmu(answers, answer_dict, questions=None, seed=42):
     """MMMU main_eval_only. Multiple choice text is parsed with mmmu_parse_choice given `questions`
     (anns_for_eval.json), else taken as parsed (TinyLLaVA parses while generating), then compared exactly. The
@@ -408,21 +390,7 @@ def score_mmmu(answers, answer_dict, questions=None, seed=42):
             "subjects": {s: {"num": len(hits[s]), "acc": acc[s]} for s in acc}, "unknown_ids": unknown}
 
 
-# ---- Your own benchmark (evaluate.py --bench custom), and POPE / MME answers at a glance ---------------------------
-def custom_references(rows, source="references"):
-    """{str(id): [text, ...]} from rows {"question_id", "answers": [text | {"answer": text}, ...]} ("answer": text
-    for one), or a VQAv2 annotation file ({"annotations": [...]})."""
-    rows = rows["annotations"] if isinstance(rows, dict) and "annotations" in rows else rows
-    refs = {}
-    for i, r in enumerate(rows if isinstance(rows, list) else [rows]):
-        got = r.get("answers", r.get("answer")) if isinstance(r, dict) else None
-        got = [got] if isinstance(got, str) else got
-        if not (got and isinstance(got, list) and "question_id" in r):
-            raise ValueError(f"{source}: record {i} is not {{'question_id': ..., 'answers': [...]}}: {str(r)[:200]}")
-        refs[str(r["question_id"])] = [g["answer"] if isinstance(g, dict) else str(g) for g in got]
-    return refs
-
-
+# ---- Your own benchmark (evaluate.py --bench custom) ---------------------------------------------------------------
 def score_custom(answers, references, categories=None):
     """Exact match: the prediction equals a reference, both through EvalAIAnswerProcessor (the official VQA
     normalisation, on both sides as m4c); VQA accuracy (quirk 2) over the questions with exactly 10 references;
@@ -441,15 +409,7 @@ def score_custom(answers, references, categories=None):
             "categories": {c: summary(*g) for c, g in sorted(groups.items())}}
 
 
-def yes_no(texts, parse):
-    """yes_ratio: the share `parse` (pope_parse, mme_parse) reads as yes; neither: answers whose first word is
-    neither yes nor no (case and punctuation aside), which each benchmark's parser reads its own way."""
-    first = [(re.findall(r"[a-z]+", t.lower()) or [""])[0] for t in texts]
-    return {"yes_ratio": _div(sum(parse(t) == "yes" for t in texts), len(texts)),
-            "neither": sum(w not in ("yes", "no") for w in first)}
-
-
-# ---- MM-Vet: submission file, and the GPT-4 grader made testable (the judge is an injected function) -------------
+# ---- MM-Vet: the GPT-4 grader made testable (the judge is an injected function) ----------------------------------
 MMVET_PROMPT = """Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. <AND> in the ground truth means it is totally right only when all elements in the ground truth are present in the prediction, and <OR> means it is totally right when any one element in the ground truth is present in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally right). Just complete the last space of the correctness score.
 
 Question | Ground truth | Prediction | Correctness
@@ -464,11 +424,6 @@ Can you explain this meme? | This meme is poking fun at the fact that the names 
 """  # the official few-shot table, byte for byte (quirk 22)
 MMVET_RETRY_SUFFIX = "\nPredict the correctness of the answer (digit): "
 MMVET_TEMPERATURES = (0.0, 0.0, 0.5, 1.0, 1.5, 2.0)  # first try, then 5 retries with the suffix
-
-
-def mmvet_submission(answers):
-    """convert_mmvet_for_eval.py: {"v1_<question_id>": text}, the file the official grader reads."""
-    return {f"v1_{r['question_id']}": r["text"] for r in answers}
 
 
 def mmvet_grader_prompt(question, answer, prediction, retry=False):
@@ -495,21 +450,6 @@ def mmvet_grade(ask, question, answer, prediction):
         if score is not None:
             return score, replies
     return 0.0, replies
-
-
-def mmvet_grade_all(ask, metadata, submission, num_runs=1, cache=None, judge_model=None, saved=lambda cache: None):
-    """{id: [score per run]} for every item of mm-vet.json; a missing prediction is graded as ''. A grade already in
-    `cache` {(id, question, answer, prediction, judge_model, run): score} is not asked again; saved(cache) is
-    called after each new one (evaluate.py keeps it on disk, so no re-run pays for a graded answer twice)."""
-    cache, grades = {} if cache is None else cache, {}
-    for qid, item in metadata.items():
-        for run in range(num_runs):
-            k = (qid, item["question"], item["answer"], submission.get(qid, ""), judge_model, run)
-            if k not in cache:
-                cache[k] = mmvet_grade(ask, *k[1:4])[0]
-                saved(cache)
-            grades.setdefault(qid, []).append(cache[k])
-    return grades
 
 
 def _np_round(x, decimals):

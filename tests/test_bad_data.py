@@ -266,7 +266,6 @@ def test_one_record_that_breaks_the_code_is_an_internal_error_not_a_crash(tok, t
             raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
         return real(conversations, *a, **k)
     monkeypatch.setattr(data, "encode", encode)
-    monkeypatch.setattr(check_data, "encode", encode)
     records = data.read_records(path)
     text = next(i for i in good if records[i]["id"] == "text")
     report = check_data.check(records, images, tok, "llama", N_IMG, MAX_LEN)
@@ -277,8 +276,9 @@ def test_one_record_that_breaks_the_code_is_an_internal_error_not_a_crash(tok, t
     assert sample["id"] != "text" and sample["skipped"][0][0] == text and "TypeError" in sample["skipped"][0][2]
     with pytest.raises(DataError, match=r"record 0 \(id='text'\): TypeError: .* \[internal-error\]"):
         dataset([records[text]], images, tok, "error")[0]
-    real_problems = data.record_problems       # the same when the record checks themselves fail
-    monkeypatch.setattr(data, "record_problems", lambda r, *a: 1 / 0 if r == records[text] else real_problems(r, *a))
+    real_problems = check_data.record_problems       # the same when the record checks themselves fail
+    monkeypatch.setattr(check_data, "record_problems",
+                        lambda r, *a: 1 / 0 if r == records[text] else real_problems(r, *a))
     assert {i: c for i, _, c, _ in check_data.check(records)["problems"]}[text] == "internal-error"
     assert text in {i for i, _, _ in dataset(path, images, tok).skipped}
 
@@ -297,7 +297,6 @@ def test_the_check_streams_its_findings(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt   # or a kill, an out-of-memory, a power cut
         return real(p)
     monkeypatch.setattr(data, "load_image", load_image)
-    monkeypatch.setattr(check_data, "load_image", load_image, raising=False)
     with pytest.raises(KeyboardInterrupt):
         check_data.main([str(tmp_path / "d.json"), "--image-folder", str(tmp_path)])
     out = capsys.readouterr().out

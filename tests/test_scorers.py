@@ -1,6 +1,7 @@
-"""Scorers in scorers.py against hand-derived values, one or more cases per quirk of
-shared/reference/eval_metrics.md (the "qN" in a test name). Inputs are tiny literals in each benchmark's native
-format; every expected value is derived in the comment next to it from the official rules. Pure Python, < 1 s."""
+"""Scorers in scorers.py (and answers.py's files for the official tools) against hand-derived values, one or more
+cases per quirk of shared/reference/eval_metrics.md (the "qN" in a test name). Inputs are tiny literals in each
+benchmark's native format; every expected value is derived in the comment next to it from the official rules.
+Pure Python, < 1 s."""
 import random
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import scorers as ev
+from answers import MMMU_MULTI_IMAGE_OPEN, mmmu_multi_image_answer, mmvet_submission, vqav2_submission
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,11 +112,11 @@ def test_vqav2_q5_submission():
     answers = rows((3, "Two dogs."), (1, "What's up, doc?"), (3, "Yes"))  # duplicate id 3: the last row wins
     test_ids = [{"question_id": 1, "image": "x.jpg"}, {"question_id": 2}, {"question_id": 3}]
     # "What's up, doc?": lower, drop ',' '?', "'s" -> " 's" -> "what 's up doc"; 2 is missing -> ''.
-    assert ev.vqav2_submission(answers, test_ids) == [
+    assert vqav2_submission(answers, test_ids) == [
         {"question_id": 1, "answer": "what 's up doc"}, {"question_id": 2, "answer": ""},
         {"question_id": 3, "answer": "yes"}]
     # "Two dogs." -> "two dogs" (period stripped) -> "2 dogs"
-    assert ev.vqav2_submission(rows((7, "Two dogs.")), [7]) == [{"question_id": 7, "answer": "2 dogs"}]
+    assert vqav2_submission(rows((7, "Two dogs.")), [7]) == [{"question_id": 7, "answer": "2 dogs"}]
 
 
 # ------------------------------------------------------------------------------------------------------------ GQA
@@ -416,17 +418,17 @@ def test_mmmu_q20_q21_scores():
 
 def test_mmmu_q21_multi_image_questions():
     mc = {"id": "validation_Art_3", "question_type": "multiple-choice", "all_choices": CHOICES}
-    assert ev.mmmu_multi_image_answer(mc) == random.Random("42:validation_Art_3").choice(CHOICES)
-    assert ev.mmmu_multi_image_answer({"id": "x", "question_type": "open"}) == ev.MMMU_MULTI_IMAGE_OPEN
+    assert mmmu_multi_image_answer(mc) == random.Random("42:validation_Art_3").choice(CHOICES)
+    assert mmmu_multi_image_answer({"id": "x", "question_type": "open"}) == MMMU_MULTI_IMAGE_OPEN
     # The placeholder row is then scored like any other: an open INVALID answer is wrong.
-    res = ev.score_mmmu(rows(("validation_Math_1", ev.MMMU_MULTI_IMAGE_OPEN)),
+    res = ev.score_mmmu(rows(("validation_Math_1", MMMU_MULTI_IMAGE_OPEN)),
                         {"validation_Math_1": {"question_type": "open", "ground_truth": "12"}})
     assert res["overall"] == {"num": 1, "acc": 0.0}
 
 
 # --------------------------------------------------------------------------------------------------------- MM-Vet
 def test_mmvet_q23_submission():
-    assert ev.mmvet_submission(rows((0, "a cat"), (7, "42"))) == {"v1_0": "a cat", "v1_7": "42"}
+    assert mmvet_submission(rows((0, "a cat"), (7, "42"))) == {"v1_0": "a cat", "v1_7": "42"}
 
 
 def test_mmvet_q22_prompt():
@@ -473,7 +475,8 @@ def test_mmvet_q23_capability_scores():
             "v1_1": {"question": "q1", "answer": "b", "capability": ["ocr"]},
             "v1_2": {"question": "q2", "answer": "c", "capability": ["rec", "know", "rec"]}}
     ask, _ = fake_judge(["1.0", "0.5", "0.0"])
-    grades = ev.mmvet_grade_all(ask, meta, {"v1_0": "a", "v1_1": "b", "v1_2": "z"})
+    preds = {"v1_0": "a", "v1_1": "b", "v1_2": "z"}
+    grades = {k: [ev.mmvet_grade(ask, m["question"], m["answer"], preds[k])[0]] for k, m in meta.items()}
     assert grades == {"v1_0": [1.0], "v1_1": [0.5], "v1_2": [0.0]}
     res = ev.mmvet_scores(grades, meta)
     # rec: (1.0 + 0.0) / 2 * 100 = 50.0; ocr: (1.0 + 0.5) / 2 * 100 = 75.0; know: 0 / 1 = 0.0;
