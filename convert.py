@@ -5,16 +5,20 @@ Checkpoints in and out: TinyLLaVA Factory's layouts <-> ours, and export to tran
     python convert.py to-tinyllava SRC DST [--max-length 3072]  # one of ours -> the original's Hub release layout
     python convert.py to-llava SRC DST [--no-verify]            # ours or an original -> LlavaForConditionalGeneration
 
-model.load_pretrained reads the original's layouts directly (reference §7.1; offline, no remote code): the release
-(config.json model_type "tinyllava", safetensors, sharded or not, or .bin), the pretrain stage (language_model/,
-vision_tower/, connector/ with pytorch_model.bin, read with weights_only=True) and LoRA output (that plus PEFT
-adapters, merged on load). It computes what the original does: `patch` always drops the first token
-(legacy_patch_drop: SigLIP 729 -> 728), the tower after the feature layer is dropped (it never reaches the output).
-Template: the config's conv_version, else "pretrain" for the pretrain layout, else the vicuna-style one with the
-tokenizer's EOS. Image processor: the directory's, else the Hub cache's, else the tower's stock one rebuilt from
-its config. from-tinyllava also writes train_config.json (the template) for train.py, evaluate.py and chat.py.
-A checkpoint is read inside its folder only (a shard or tokenizer / tower folder it names elsewhere is refused; Hub
-ids: the local cache only); its code runs only with --trust-remote-code. Outputs hold no code, nor half-written files.
+convert.load_pretrained (for callers that take the original's layouts: chat.py, evaluate.py, train.py --init_from;
+model.load_pretrained too once this module is imported, which registers the reader in model.FOREIGN_LAYOUTS) reads
+ours and, directly, the original's layouts (reference §7.1; offline, no remote code), from a folder or a Hub id
+(folders.resolve): the release (config.json model_type "tinyllava", safetensors, sharded or not, or .bin), the
+pretrain stage (language_model/, vision_tower/, connector/ with pytorch_model.bin, read with weights_only=True) and
+LoRA output (that plus PEFT adapters, merged on load). It computes what the original does: `patch` always drops the
+first token (legacy_patch_drop: SigLIP 729 -> 728), the tower after the feature layer is dropped (it never reaches the
+output). Template: the config's conv_version, else "pretrain" for the pretrain layout, else the vicuna-style one with
+the tokenizer's EOS. Image processor: the directory's, else the Hub cache's, else the tower's stock one rebuilt from
+its config. from-tinyllava also writes train_config.json (the template) for train.py, evaluate.py and chat.py. A
+checkpoint is read inside its folder only (a shard or tokenizer / tower folder it names elsewhere is refused; Hub ids:
+the local cache only); its code runs only with --trust-remote-code, and a folder's own .py files never run. Outputs
+hold no half-written file and no code but ours: to-tinyllava and from-tinyllava write our modeling code and auto_map
+(folders.hf_files), so transformers loads them with trust_remote_code=True, as the original's releases.
 
 Export to LlavaForConditionalGeneration keeps the logits: the tower is saved cut after the feature layer (Llava reads
 the last one); Llava's "default" strategy drops the first token (our CLS drop or the legacy SigLIP drop), "full"
@@ -25,7 +29,8 @@ keeps all. Not exportable (llava_blockers says which applies):
     Gemma-2 soft-capping, OpenELM      Llava runs AutoModel + its own plain head: no soft-cap, no remote code
     template "auto"                    the tokenizer's own template cannot place Llava's image items
     image_aspect_ratio "pad"           the exported processor would not pad to a square first
-Training tokenized each side of the image separately (the original's tokenizer_image_token), which gives Llama-style
+What Llava cannot express, our folder itself runs under plain transformers (trust_remote_code=True). Training
+tokenized each side of the image separately (the original's tokenizer_image_token), which gives Llama-style
 tokenizers a "▁" after the image; LlavaProcessor tokenizes in one pass, so the exported chat template writes
 "<image> " where that reproduces the training ids (checked on a probe conversation).
 """
@@ -35,16 +40,17 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import CONFIG_MAPPING, AddedToken, AutoImageProcessor
 
 from data import TEMPLATES, ChatTemplate, IMAGE_PLACEHOLDER, encode, get_template, render
-from model import DTYPES, PIXELS, TOWERS, assemble, image_size, load_pretrained, load_tokenizer, save_pretrained
+from folders import auto_map, hf_files, read_json, resolve, save_files, write_file
+from folders import chat_template as llava_chat_template   # no tokenizer: LlavaProcessor adds its own special tokens
+import model as model_py
+from model import DTYPES, FOREIGN_LAYOUTS, PIXELS, assemble, image_size, load_tokenizer, save_pretrained
+from modeling_tinyllava_nano import TOWERS
 
 SUBDIRS = ("language_model", "vision_tower", "connector")
 PREFIX = {"language_model": "language_model.", "vision_tower": "vision_tower._vision_tower.",
@@ -52,46 +58,6 @@ PREFIX = {"language_model": "language_model.", "vision_tower": "vision_tower._vi
 ORIGINAL_CONNECTORS = ("identity", "linear", "mof_mlp", "resampler")   # + mlp{N}x_gelu; same key names as ours
 PREFERRED_TEMPLATE = {"phi": "phi", "stablelm": "phi", "llama": "llama", "gemma": "gemma", "openelm": "llama",
                       "qwen2": "qwen2_base"}   # text model_type -> name, among the templates whose EOS fits
-
-
-# -------------------- Files in and out ------------------------------------------------------------------------------
-
-def write_file(path, content):
-    """`content` (text; a dict of tensors: safetensors; a function: content(path)) to a temp name, renamed to `path`:
-    a crash or a full disk leaves no half-written file there, and a failure is one error naming the file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        if callable(content):
-            content(tmp)
-        elif isinstance(content, dict):
-            save_file(content, tmp, metadata={"format": "pt"})
-        else:
-            with open(tmp, "w") as f:
-                f.write(content)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError, SafetensorError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OSError(f"could not write {path}: {e}") from None
-
-
-def save_files(out_dir, *objs):
-    """objs.save_pretrained into out_dir by way of a temp folder: no half-written file gets a final name, nor does code
-    (the .py files copied for remote-code classes are dropped, `auto_map` is taken out of the configs)."""
-    tmp = tempfile.mkdtemp(prefix=".save-", dir=out_dir)
-    try:
-        for obj in objs:
-            obj.save_pretrained(tmp)
-        for name in sorted(os.listdir(tmp)):
-            f = os.path.join(tmp, name)
-            if name.endswith("config.json") and "auto_map" in (cfg := read_json(f)):
-                write_file(f, json.dumps({k: v for k, v in cfg.items() if k != "auto_map"}, indent=2))
-            if os.path.isfile(f) and not name.endswith(".py"):
-                os.replace(f, os.path.join(out_dir, name))
-    except Exception as e:   # a full disk: OSError, or a bare Exception from the tokenizers library
-        raise OSError(f"could not write {out_dir}: {e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -------------------- Reading the original's files ------------------------------------------------------------------
@@ -104,11 +70,6 @@ def is_tinyllava_factory(path):
 
 def _has_subdirs(path):
     return all(os.path.isdir(os.path.join(path, d)) for d in ("language_model", "connector"))
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def inside(root, name, source):
@@ -262,6 +223,14 @@ def infer_template(cfg, tokenizer, layout):
     raise ValueError(f"no chat template ends answers with {tokenizer.eos_token!r}: pass --template")
 
 
+def load_pretrained(path, llm_kwargs=None, trust_remote_code=False, **overrides):
+    """model.load_pretrained for ours, load_tinyllava for the original's layouts; `path` a folder or a Hub id."""
+    path = resolve(path)
+    if is_tinyllava_factory(path):
+        return load_tinyllava(path, llm_kwargs=llm_kwargs, trust_remote_code=trust_remote_code, **overrides)
+    return model_py.load_pretrained(path, llm_kwargs=llm_kwargs, trust_remote_code=trust_remote_code, **overrides)
+
+
 def load_tinyllava(path, llm_kwargs=None, trust_remote_code=False, **overrides):
     """A TinyLLaVA Factory checkpoint as our model: (model, tokenizer, image processor). The chat template it
     implies is in model.template (train_config.json carries it after from-tinyllava)."""
@@ -307,6 +276,9 @@ def load_tinyllava(path, llm_kwargs=None, trust_remote_code=False, **overrides):
     return model, tokenizer, processor
 
 
+FOREIGN_LAYOUTS.append((is_tinyllava_factory, load_tinyllava))   # model.load_pretrained reads them too from now on
+
+
 def model_template(path, model, template=None):
     """`template`, else <path>/train_config.json's, else the one an original checkpoint implies (model.template)."""
     if template is None and os.path.isfile(os.path.join(path, "train_config.json")):
@@ -321,9 +293,10 @@ def model_template(path, model, template=None):
 # -------------------- Ours -> the original's release layout ---------------------------------------------------------
 
 def save_tinyllava(model, tokenizer, processor, out_dir, template, max_length=2048):
-    """Our model as the original's Hub release: config.json (TinyLlavaConfig fields), model.safetensors (its names).
-    What our tower cut away (layers after the feature layer, post-norm, head) comes from the tower's checkpoint when
-    it is available offline, else is left out (the original then initialises it randomly: its output is the same)."""
+    """Our model as the original's Hub release: config.json (TinyLlavaConfig fields), model.safetensors (its names),
+    and, as its releases carry theirs, our modeling code and auto_map (folders.hf_files: transformers runs it with
+    trust_remote_code=True). What our tower cut away (later layers, post-norm, head) comes from the tower's checkpoint
+    when it is available offline, else is left out (the original then initialises it randomly: same output)."""
     args, towers = model.args, model.vision_tower.towers
     if args.connector == "qformer" or args.connector.startswith("pixel_shuffle"):
         raise ValueError(f"connector {args.connector!r}: the original has no such weights "
@@ -363,13 +336,15 @@ def save_tinyllava(model, tokenizer, processor, out_dir, template, max_length=20
         vision_feature_layer=args.vision_feature_layer, vision_feature_select_strategy=strategy,
         image_aspect_ratio=args.image_aspect_ratio, resampler_hidden_size=768, num_queries=args.num_queries,
         num_resampler_layers=args.num_resampler_layers, use_cache=True, torch_dtype=args.dtype,
-        conv_version=template)   # not a field of the original (its scripts pass --conv-mode); read back by us
+        conv_version=template,   # not a field of the original (its scripts pass --conv-mode); read back by us
+        auto_map=auto_map("TinyLlava"))
     if len(towers) == 2:
         config["vision_config2"] = vconfigs[1]   # the original re-downloads it; ours reads it from here
     os.makedirs(out_dir, exist_ok=True)
     write_file(os.path.join(out_dir, "model.safetensors"), weights)
     write_file(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2, default=str))
-    save_files(out_dir, tokenizer, processor)
+    objs, files = hf_files(tokenizer, template, model.num_image_tokens, args.image_aspect_ratio)
+    save_files(out_dir, objs[0], processor, *objs[1:], files=files)
     print(f"wrote the TinyLLaVA Factory release layout to {out_dir} ({len(weights)} tensors, {filled} tower tensors "
           "after the feature layer filled from the tower checkpoint)")
 
@@ -395,39 +370,14 @@ def llava_blockers(model, template):
     return [why for bad, why in checks if bad]
 
 
-def llava_chat_template(t, image=IMAGE_PLACEHOLDER):
-    """A Jinja chat template that renders what data.render does for template t (messages in HF's format, content a
-    string or a list of {"type": "image"} / {"type": "text"} items). `image` replaces the placeholder (see
-    export_llava for why it may carry a space)."""
-    s = json.dumps   # a Jinja string literal
-    user_pre, user_post = t.user.split("{q}")
-    ans_pre, ans_post = t.answer.split("{a}")
-    return (
-        "{{- " + s(t.system) + " -}}"
-        "{%- for message in messages -%}"
-        "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set has_image = false -%}"
-        "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
-        " | join('') -%}{%- set has_image = message['content'] | selectattr('type', 'equalto', 'image') | list"
-        " | length > 0 -%}{%- endif -%}"
-        "{%- if message['role'] == 'user' -%}"
-        "{%- if '<image>' in text -%}{%- set has_image = true -%}{%- endif -%}"
-        "{%- set text = text.replace('<image>', '') if has_image else text -%}"
-        + ("" if t.keep_question else "{%- set text = '' -%}") +
-        "{%- if has_image -%}{%- set text = (" + s(t.image.replace(IMAGE_PLACEHOLDER, image))
-        + " + text.strip()).strip() -%}{%- endif -%}"
-        "{{- " + s(user_pre) + " + text + " + s(user_post) + " + " + s(t.prompt) + " -}}"
-        "{%- elif message['role'] == 'assistant' -%}"
-        "{{- " + s(ans_pre) + " + text + " + s(ans_post) + " + " + s(t.eos) + " -}}"
-        "{%- endif -%}{%- endfor -%}")
-
-
 def export_llava(model, tokenizer, processor, out_dir, template, verify=True):
     """Write LlavaForConditionalGeneration weights + config + LlavaProcessor (image processor, tokenizer with an
     <image> token, chat template) to out_dir. Raises ValueError naming every reason when the model does not fit."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     why = llava_blockers(model, template)
     if why:
-        raise ValueError("cannot export to LlavaForConditionalGeneration:\n  " + "\n  ".join(why))
+        raise ValueError("cannot export to LlavaForConditionalGeneration (the folder itself runs under transformers "
+                         "with trust_remote_code=True):\n  " + "\n  ".join(why))
     lm, tower, t = model.language_model, model.vision_tower.towers[0], get_template(template)
     tok = copy.deepcopy(tokenizer)   # + "<image>" as a special token (a new id, or its own if the vocab has it)
     tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
@@ -488,7 +438,7 @@ def export_llava(model, tokenizer, processor, out_dir, template, verify=True):
         image = IMAGE_PLACEHOLDER
     save_files(out_dir, LlavaProcessor(
         image_processor=processor, tokenizer=tok, patch_size=tower.config.patch_size,
-        vision_feature_select_strategy=strategy, chat_template=llava_chat_template(t, image),
+        vision_feature_select_strategy=strategy, chat_template=llava_chat_template(template, image=image),
         num_additional_image_tokens=int(model.vision_tower.has_cls[0])))
     if verify:   # the files as transformers reads them vs our model, on the same prompt and a random image
         p = next(lm.parameters())
@@ -523,6 +473,7 @@ def main(argv=None):
         s.add_argument("--trust-remote-code", action="store_true",
                        help="run the LLM's own code (OpenELM); off: no code from a checkpoint or the Hub runs")
     a = p.parse_args(argv)
+    a.src = resolve(a.src)   # a Hub id: its snapshot in the cache
     src, dst = os.path.realpath(a.src), os.path.realpath(a.dst)
     if os.path.commonpath([src, dst]) in (src, dst):   # writing into the source would overwrite what it reads
         p.error(f"{a.dst} is {a.src}, is inside it or contains it: it would overwrite the source; write elsewhere")
@@ -534,7 +485,7 @@ def main(argv=None):
     if a.command == "from-tinyllava":
         if not is_tinyllava_factory(a.src):
             p.error(f"{a.src} is not a TinyLLaVA Factory checkpoint")
-        save_pretrained(model, tokenizer, processor, a.dst)   # + the template evaluate.py / chat.py read:
+        save_pretrained(model, tokenizer, processor, a.dst, template=template)   # + the template our scripts read:
         write_file(os.path.join(a.dst, "train_config.json"), json.dumps({"template": template, "converted_from": src}))
         print(f"wrote {a.dst} (template {template!r})")
     elif a.command == "to-tinyllava":

@@ -7,8 +7,8 @@ joined by a connector from connectors.py. The transformer blocks are Hugging Fac
         vision_tower="google/siglip-so400m-patch14-384", connector="mlp2x_gelu"))
     out = model(input_ids, attention_mask, labels=labels, images=pixel_values)   # out["loss"]
     new_tokens = model.generate(input_ids, attention_mask, images=pixel_values, max_new_tokens=32)
-    save_pretrained(model, tokenizer, processor, "out/run1")   # self-contained, loads offline:
-    model, tokenizer, processor = load_pretrained("out/run1")
+    save_pretrained(model, tokenizer, processor, "out/run1", template="phi")   # self-contained, loads offline:
+    model, tokenizer, processor = load_pretrained("out/run1")                  # (or a Hub id)
 
 How images get in: data.py expands each `<image>` into `model.num_image_tokens` copies of the sentinel id
 IMAGE_TOKEN_INDEX (-200); `embed()` looks up the text embeddings and drops the connector's output into the
@@ -19,6 +19,13 @@ is a trainable tower under ZeRO-3 / FSDP on a batch without pictures, see idle_i
 State-dict keys follow TinyLLaVA Factory (`language_model.*`, `vision_tower._vision_tower.*`,
 `connector._connector.*`) so its checkpoints map onto ours (transformers 5 dropped the `vision_model.` level
 inside CLIP/SigLIP vision models, the one difference a loader of the original's files has to undo).
+
+A saved folder is also a transformers model (modeling_tinyllava_nano.py, copied in, holds the same tower, splice and
+connectors): AutoModelForCausalLM / AutoModelForImageTextToText / AutoProcessor load it once this module is imported,
+or anywhere with trust_remote_code=True; its chat template and generation_config.json are training's prompt and
+evaluation's decoding (folders.py writes these; folders.save_adapter a LoRA stage as a PEFT adapter of that model).
+Our own loaders never import a folder's .py. Foreign layouts (TinyLLaVA Factory's) are convert.py's, which registers
+its reader in FOREIGN_LAYOUTS: model.py never imports convert.py.
 """
 import json
 import os
@@ -30,11 +37,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save_model as save_safetensors
 from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoImageProcessor,
-                          AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, Dinov2Config,
-                          Dinov2Model, SiglipVisionConfig, SiglipVisionModel)
+                          AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer)
 
 from connectors import build_connector
-from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from data import IGNORE_INDEX
+from folders import auto_map, hf_files, read_json, resolve, save_files, write_file
+from modeling_tinyllava_nano import VisionTower  # noqa: F401 (model.VisionTower, as before)
+from modeling_tinyllava_nano import (TinyLlavaNanoConfig, TinyLlavaNanoForConditionalGeneration,
+                                     TinyLlavaNanoProcessor, make_vision_tower, splice, tower_kind,
+                                     tower_tokens)
+
+AutoConfig.register("tinyllava_nano", TinyLlavaNanoConfig, exist_ok=True)   # the Auto classes read our folders
+for _auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+    _auto.register(TinyLlavaNanoConfig, TinyLlavaNanoForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(TinyLlavaNanoConfig, TinyLlavaNanoProcessor, exist_ok=True)
 
 
 @dataclass
@@ -55,28 +71,9 @@ class ModelArgs:
     dtype: str = "float32"             # weights as loaded: float32 | bfloat16 | float16 (train with bf16 autocast)
 
 
-# model_type in the tower's config.json -> (class, config class, has a CLS token first)
-TOWERS = {
-    "clip": (CLIPVisionModel, CLIPVisionConfig, True),
-    "clip_vision_model": (CLIPVisionModel, CLIPVisionConfig, True),
-    "siglip": (SiglipVisionModel, SiglipVisionConfig, False),
-    "siglip_vision_model": (SiglipVisionModel, SiglipVisionConfig, False),
-    "dinov2": (Dinov2Model, Dinov2Config, True),
-}
 # transformers 5 preprocesses with torchvision when it is installed, else PIL: PIL gives the original's pixels exactly
 PIXELS = "pil"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def tower_kind(model_type):
-    if model_type not in TOWERS:
-        raise ValueError(f"vision tower model_type {model_type!r} is not supported; valid: {sorted(TOWERS)}")
-    return TOWERS[model_type]
-
-
-def tower_tokens(patch_size, has_cls, image_size, strategy, legacy_patch_drop):
-    tokens = (image_size[0] // patch_size) * (image_size[1] // patch_size) + int(has_cls)
-    return tokens - int(strategy == "patch" and (has_cls or legacy_patch_drop))
 
 
 def count_image_tokens(args):
@@ -94,67 +91,6 @@ def count_image_tokens(args):
         connector = build_connector(args.connector, widths[0], widths[0], vision_dim2=widths[-1],
                                     num_queries=args.num_queries, num_layers=args.num_resampler_layers)
     return connector.num_tokens(counts[0] if len(counts) == 1 else tuple(counts))
-
-
-def truncate_tower(hf_tower, feature_layer):
-    """Drop every encoder layer after `feature_layer` and the final norm / pooling head, so they never run.
-    hidden_states[k] of an L-layer encoder is the output of its k-th layer (0 = embeddings; -2 = L-1)."""
-    layers = hf_tower.encoder.layers if hasattr(hf_tower.encoder, "layers") else hf_tower.encoder.layer
-    n = len(layers)
-    keep = feature_layer if feature_layer >= 0 else n + 1 + feature_layer
-    if not 0 <= keep <= n:
-        raise ValueError(f"vision_feature_layer={feature_layer} is out of range for a {n}-layer tower")
-    del layers[keep:]
-    for name in ("post_layernorm", "layernorm"):   # SigLIP/CLIP, DINOv2: applied after the last layer
-        if isinstance(getattr(hf_tower, name, None), nn.LayerNorm):
-            setattr(hf_tower, name, nn.Identity())
-    if getattr(hf_tower, "use_head", False):       # SigLIP attention-pooling head
-        hf_tower.use_head = False
-        del hf_tower.head
-    return hf_tower
-
-
-class VisionTower(nn.Module):
-    """One HF vision model (or two for MoF) truncated at the feature layer; returns the selected tokens.
-    The single child `_vision_tower` keeps the original's key names."""
-
-    def __init__(self, towers, has_cls, args):
-        super().__init__()
-        self._vision_tower = towers[0] if len(towers) == 1 else nn.ModuleDict({"clip": towers[0], "dinov2": towers[1]})
-        self.has_cls = has_cls
-        self.strategy = args.vision_feature_select_strategy
-        self.legacy_patch_drop = args.legacy_patch_drop
-        if self.strategy not in ("patch", "cls_patch"):
-            raise ValueError(f"vision_feature_select_strategy must be 'patch' or 'cls_patch', got {self.strategy!r}")
-
-    @property
-    def towers(self):
-        t = self._vision_tower
-        return [t["clip"], t["dinov2"]] if isinstance(t, nn.ModuleDict) else [t]
-
-    def select(self, feats, has_cls):
-        drop = self.strategy == "patch" and (has_cls or self.legacy_patch_drop)
-        return feats[:, 1:] if drop else feats
-
-    def forward(self, images):
-        images = images.to(self.dtype)
-        outs = [self.select(t(pixel_values=images).last_hidden_state, c) for t, c in zip(self.towers, self.has_cls)]
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-    def num_tokens(self, image_size):
-        """Tokens per image after selection: one per patch (+ CLS). Counted, not run, so it also works on
-        ZeRO-3-partitioned weights."""
-        n = [tower_tokens(t.config.patch_size, c, image_size, self.strategy, self.legacy_patch_drop)
-             for t, c in zip(self.towers, self.has_cls)]
-        return n[0] if len(n) == 1 else tuple(n)
-
-    @property
-    def hidden_size(self):
-        return [t.config.hidden_size for t in self.towers]
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
 
 
 class TinyLlava(nn.Module):
@@ -184,19 +120,9 @@ class TinyLlava(nn.Module):
 
     def embed(self, input_ids, images=None, image_features=None, tower_features=None):
         """Text embeddings with the image features written into the IMAGE_TOKEN_INDEX positions."""
-        is_image = input_ids == IMAGE_TOKEN_INDEX
-        embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
         if image_features is None and (images is not None or tower_features is not None):
             image_features = self.encode_images(images, tower_features)
-        n_slots = int(is_image.sum())
-        n_feats = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
-        if n_slots != n_feats:
-            raise ValueError(f"{n_slots} image positions in input_ids but {n_feats} image feature vectors "
-                             f"({self.num_image_tokens} per image): data and model disagree on num_image_tokens")
-        if n_feats:
-            feats = image_features.to(embeds.dtype).reshape(-1, embeds.shape[-1])
-            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats)   # row-major = batch order
-        return embeds
+        return splice(self.language_model.get_input_embeddings(), input_ids, image_features)
 
     def forward(self, input_ids, attention_mask=None, labels=None, images=None, image_features=None,
                 tower_features=None):
@@ -373,11 +299,10 @@ def _build(args, text_config=None, vision_configs=None, llm_kwargs=None, lm_weig
             # the plain constructor, not _from_config: under ZeRO-3 that would build partitioned (empty)
             # weights that load_state_dict below cannot fill; DeepSpeed partitions at prepare() instead
             tower = cls(config).to(dtype)
-        towers.append(truncate_tower(tower, args.vision_feature_layer))
+        towers.append(tower)
         has_cls.append(cls_token)
-    if len(towers) == 2 and not (towers[0].config.model_type.startswith("clip") and towers[1].config.model_type == "dinov2"):
-        raise ValueError("MoF needs vision_tower = a CLIP model and vision_tower2 = a DINOv2 model")
-    vision = VisionTower(towers, has_cls, args)
+    vision = make_vision_tower(towers, has_cls, args.vision_feature_layer, args.vision_feature_select_strategy,
+                               args.legacy_patch_drop)
     widths = vision.hidden_size
     llm_width = lm.get_input_embeddings().embedding_dim   # OpenELM's config says model_dim, not hidden_size
     connector = build_connector(args.connector, widths[0], llm_width, vision_dim2=widths[-1],
@@ -395,13 +320,14 @@ def build_model(args, llm_kwargs=None):
     return TinyLlava(lm, vision, connector, args, image_size(processor)), tokenizer, processor
 
 
-def save_pretrained(model, tokenizer, processor, out_dir, state_dict=None):
+def save_pretrained(model, tokenizer, processor, out_dir, state_dict=None, template=None):
     """Self-contained: config.json (our args + the LLM's and towers' configs), model.safetensors, tokenizer and
-    image-processor files, each written to a temp name and renamed; no code files, trust_remote_code false (code
-    runs on load only when the caller asks). `state_dict`: weights gathered elsewhere (ZeRO-3)."""
-    from convert import save_files, write_file   # convert.py imports this module
+    image-processor files, each written to a temp name and renamed; plus what transformers needs to run it (hf_files:
+    `template` is the chat template it was trained with). trust_remote_code is false: our loaders run no code from
+    it. `state_dict`: weights gathered elsewhere (ZeRO-3)."""
     os.makedirs(out_dir, exist_ok=True)
-    config = {"model_type": "tinyllava_nano", **asdict(model.args), "trust_remote_code": False,
+    config = {"model_type": "tinyllava_nano", "architectures": ["TinyLlavaNanoForConditionalGeneration"],
+              "auto_map": auto_map("TinyLlavaNano"), **asdict(model.args), "trust_remote_code": False,
               "text_config": {k: v for k, v in model.language_model.config.to_dict().items() if k != "auto_map"},
               "vision_configs": [t.config.to_dict() for t in model.vision_tower.towers],
               "num_image_tokens": model.num_image_tokens}
@@ -416,24 +342,33 @@ def save_pretrained(model, tokenizer, processor, out_dir, state_dict=None):
                 unique[k] = v.detach().cpu().contiguous()
         write_file(weights, unique)
     write_file(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2, default=str))
-    save_files(out_dir, tokenizer, processor)
+    objs, files = hf_files(tokenizer, template, model.num_image_tokens, model.args.image_aspect_ratio)
+    save_files(out_dir, objs[0], processor, *objs[1:], files=files)
+
+
+# -------------------- Loading ---------------------------------------------------------------------------------------
+
+FOREIGN_LAYOUTS = []   # [(is_it(path), load(path, **kwargs))]: convert.py adds TinyLLaVA Factory's layouts
 
 
 def load_pretrained(path, llm_kwargs=None, trust_remote_code=False, **overrides):
-    """Load a save_pretrained directory offline: nothing is fetched, no code runs unless the caller passes
-    trust_remote_code=True (the user's --trust-remote-code; never the checkpoint's own config). TinyLLaVA Factory's
-    layouts (model_type "tinyllava", the pretrain sub-directories, LoRA output) load too, through convert.py.
-    llm_kwargs go to the LLM's from_pretrained (quantization_config: QLoRA on a previous stage's output)."""
-    from convert import is_tinyllava_factory, load_tinyllava   # convert.py imports this module
-    if is_tinyllava_factory(path):
-        return load_tinyllava(path, llm_kwargs=llm_kwargs, trust_remote_code=trust_remote_code, **overrides)
+    """Load a save_pretrained folder, or a Hub id of one (resolve), offline: nothing but that snapshot is fetched, no
+    code runs unless the caller passes trust_remote_code=True (the user's --trust-remote-code; never the checkpoint's
+    own config), and a folder's .py files are never imported. Layouts registered in FOREIGN_LAYOUTS (convert.py's:
+    TinyLLaVA Factory's) load through their reader. llm_kwargs go to the LLM's from_pretrained (quantization_config:
+    QLoRA on a previous stage's output)."""
+    path = resolve(path)
+    for is_it, load in FOREIGN_LAYOUTS:
+        if is_it(path):
+            return load(path, llm_kwargs=llm_kwargs, trust_remote_code=trust_remote_code, **overrides)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: not a tinyllava-nano model directory")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    config = read_json(cfg_path)
     if config.get("model_type") != "tinyllava_nano":
-        raise ValueError(f"{cfg_path}: model_type is {config.get('model_type')!r}, expected 'tinyllava_nano'")
+        hint = " (a TinyLLaVA Factory checkpoint: convert.load_pretrained reads it)" * (config.get("model_type") ==
+                                                                                          "tinyllava")
+        raise ValueError(f"{cfg_path}: model_type is {config.get('model_type')!r}, expected 'tinyllava_nano'{hint}")
     weights = load_file(os.path.join(path, "model.safetensors"))
     tokenizer = load_tokenizer(path, trust_remote_code)
     processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=False, backend=PIXELS)   # never code
@@ -510,7 +445,6 @@ class FeatureCache:
     def fill(self, model, images, image_folder, batch_size=32, rank=0, world=1, device=None):
         """Compute and store the features of every image in `images` not cached yet (this rank's share).
         Unreadable images are left out (the dataset's bad-sample policy meets them). Returns (computed, failed)."""
-        from convert import write_file
         from data import DataError, load_image, preprocess_image
         todo = []
         for image in sorted(set(images))[rank::world]:

@@ -1,8 +1,9 @@
 """What a checkpoint folder, an image or a full disk can make us do. A crafted folder (config.json saying
 trust_remote_code, an auto_map to code beside it, an `llm` path to a folder with code, index entries and tower paths
-leading outside) never runs its code or reads outside itself unless the user passes --trust-remote-code; outputs
-never carry code or the flag; an export never overwrites its source; a padded sliver of an image is a bad sample,
-not gigabytes; a failed write names its file and leaves no half-written one."""
+leading outside) never runs its code or reads outside itself unless the user passes --trust-remote-code, and its own
+modeling files never run in our loaders at all; outputs carry no code but ours (the modeling files transformers runs
+with trust_remote_code=True), never the flag; an export never overwrites its source; a padded sliver of an image is a
+bad sample, not gigabytes; a failed write names its file and leaves no half-written one."""
 import errno
 import json
 import os
@@ -18,6 +19,7 @@ from transformers import AutoTokenizer
 import chat
 import convert
 import data
+import folders
 import model as model_module
 from conftest import write_dataset
 from model import FeatureCache, ModelArgs, build_model, load_pretrained, save_pretrained
@@ -55,6 +57,8 @@ def crafted(saved, tmp_path, llm=None, text_type=None):
     d, marker = str(tmp_path / "crafted"), tmp_path / "MARKER"
     shutil.copytree(saved, d)
     write_code(d, marker, "evil", TOKENIZER + "class EvilProc:\n    pass\n")
+    for name in folders.CODE:   # the modeling files transformers would run: ours never import them
+        write_code(d, marker, name[:-3], "")
     edit_json(os.path.join(d, "tokenizer_config.json"), auto_map={"AutoTokenizer": ["evil.EvilTok", "evil.EvilTok"]})
     edit_json(os.path.join(d, "preprocessor_config.json"), auto_map={"AutoImageProcessor": "evil.EvilProc"})
     changes = {"trust_remote_code": True}
@@ -72,13 +76,21 @@ def crafted(saved, tmp_path, llm=None, text_type=None):
 
 
 def carries_no_code(out):
-    """No .py file, no auto_map, no trust_remote_code: true anywhere in the folder's configs."""
+    """No code but ours: the .py files are our modeling files, byte for byte; an auto_map only in config.json and
+    processor_config.json, naming our classes; no trust_remote_code: true anywhere in the folder's configs."""
     for name in os.listdir(out):
-        assert not name.endswith(".py"), name
-        if name.endswith("config.json"):
+        if name.endswith(".py"):
+            with open(os.path.join(os.path.dirname(folders.__file__), folders.CODE[name])) as ours, \
+                    open(os.path.join(out, name)) as f:
+                assert f.read() == ours.read(), name
+        if name.endswith(".json"):
             with open(os.path.join(out, name)) as f:
-                text = f.read()
-            assert "auto_map" not in text and '"trust_remote_code": true' not in text, name
+                text, cfg = f.read(), json.loads(open(os.path.join(out, name)).read())
+            assert '"trust_remote_code": true' not in text, name
+            if name in ("config.json", "processor_config.json"):
+                assert all(v.startswith("modeling_tinyllava_nano.") for v in cfg["auto_map"].values()), name
+            else:
+                assert "auto_map" not in text, name
 
 
 def one_line(e):
@@ -96,6 +108,17 @@ def test_a_checkpoint_never_turns_on_its_own_code(saved, tmp_path):
     convert.main(["to-tinyllava", d, out, "--template", "llama"])
     assert not marker.exists()
     carries_no_code(out)
+    import argparse
+    import evaluate
+    import torch
+    evaluate.load_model(argparse.Namespace(model=d, dtype="float32", trust_remote_code=False), False,
+                        torch.device("cpu"))
+    assert not marker.exists()
+    for name in ("tokenizer_config.json", "preprocessor_config.json"):   # the user's flag: still not our folder's code
+        edit_json(os.path.join(d, name), auto_map={})
+    load_pretrained(d, trust_remote_code=True)
+    convert.load_pretrained(d, trust_remote_code=True)
+    assert not marker.exists()
 
 
 def test_merge_loader_of_a_qlora_stage_runs_no_code(saved, tiny_llms, tiny_towers, tmp_path):
@@ -289,7 +312,7 @@ def test_a_failed_save_names_the_file_and_leaves_no_half_file(tiny_llms, tiny_to
     with pytest.raises(OSError, match=message) as e:
         save_pretrained(model, tok, proc, out)
     assert one_line(e) and open(os.path.join(out, "model.safetensors"), "rb").read() == good
-    monkeypatch.setattr(convert, "save_file", failing)
+    monkeypatch.setattr(folders, "save_file", failing)
     with pytest.raises(OSError, match=re.escape(f"could not write {tmp_path}/sd/model.safetensors")):
         save_pretrained(model, tok, proc, str(tmp_path / "sd"), state_dict=model.state_dict())
     with pytest.raises(OSError, match=re.escape(f"could not write {tmp_path}/orig/model.safetensors")):
@@ -311,7 +334,7 @@ def test_failed_tokenizer_and_feature_writes_name_the_file(tiny_llms, tiny_tower
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     cache = FeatureCache(str(tmp_path / "cache"), model, proc)
-    monkeypatch.setattr(convert, "save_file", lambda tensors, path, **kw: full_disk(path))
+    monkeypatch.setattr(folders, "save_file", lambda tensors, path, **kw: full_disk(path))
     with pytest.raises(OSError, match=r"could not write .*cache.*\.safetensors: .*No space left") as e:
         cache.fill(model, ["a.png"], str(tmp_path))
     assert one_line(e) and cache.load(str(tmp_path), "a.png") is None

@@ -1,0 +1,231 @@
+"""
+Saved folders: files written whole or not at all, Hub ids resolved to a local snapshot, and what makes a folder of
+ours runnable by transformers and PEFT alone (model.py's save_pretrained and convert.py write these; nothing here
+imports model.py or convert.py):
+
+    write_file(path, text | {name: tensor} | fn)    save_files(out_dir, *objs_with_save_pretrained, files={name: text})
+    resolve("org/name") -> a snapshot folder (cache first, offline-friendly)
+    chat_template("phi", tokenizer) -> Jinja    hf_files(tokenizer, template, num_image_tokens, aspect) -> (objs, files)
+    save_adapter(model, out_dir, base)          # a LoRA stage as one PEFT adapter of the whole model (see there)
+
+A folder transformers can run: config.json's auto_map names modeling_tinyllava_nano.py (and modeling_connectors.py,
+connectors.py under another name), the tokenizer's chat template is the training template (its ids are data.encode's:
+tested for every template), generation_config.json holds the template's EOS and evaluate.py's decoding (greedy, 128
+new tokens), processor_config.json the image tokens per image.
+"""
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from transformers import GenerationConfig
+
+from data import IMAGE_PLACEHOLDER, ChatTemplate, encode, get_template
+from modeling_tinyllava_nano import encode_text
+
+EVAL_MAX_NEW_TOKENS = 128   # evaluate.py's default (the official scripts')
+HERE = os.path.dirname(os.path.abspath(__file__))
+CODE = {"modeling_tinyllava_nano.py": "modeling_tinyllava_nano.py", "modeling_connectors.py": "connectors.py"}
+
+
+def auto_map(prefix):
+    """config.json's auto_map: "TinyLlavaNano" (ours) or "TinyLlava" (the original's layout) classes in our code."""
+    model = f"modeling_tinyllava_nano.{prefix}ForConditionalGeneration"
+    return {"AutoConfig": f"modeling_tinyllava_nano.{prefix}Config", "AutoModelForCausalLM": model,
+            "AutoModelForImageTextToText": model}
+
+
+# -------------------- Files: written whole or not at all -----------------------------------------------------------
+
+def write_file(path, content):
+    """`content` (text; a dict of tensors: safetensors; a function: content(path)) to a temp name, renamed to `path`:
+    a crash or a full disk leaves no half-written file there, and a failure is one error naming the file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        if callable(content):
+            content(tmp)
+        elif isinstance(content, dict):
+            save_file(content, tmp, metadata={"format": "pt"})
+        else:
+            with open(tmp, "w") as f:
+                f.write(content)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"could not write {path}: {e}") from None
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_files(out_dir, *objs, files=None):
+    """objs.save_pretrained, then `files` ({name: text}), into out_dir by way of a temp folder: no half-written file
+    gets a final name. Code the objects bring is dropped (the .py files copied for remote-code classes, `auto_map`
+    in their configs): the only code in our folders is our own, named in `files`."""
+    tmp = tempfile.mkdtemp(prefix=".save-", dir=out_dir)
+    try:
+        for obj in objs:
+            obj.save_pretrained(tmp)
+        for name in sorted(os.listdir(tmp)):
+            f = os.path.join(tmp, name)
+            if name.endswith(".py"):
+                os.remove(f)
+            elif name.endswith("config.json") and "auto_map" in (cfg := read_json(f)):
+                write_file(f, json.dumps({k: v for k, v in cfg.items() if k != "auto_map"}, indent=2))
+        for name, text in (files or {}).items():
+            write_file(os.path.join(tmp, name), text)
+        for name in sorted(os.listdir(tmp)):
+            if os.path.isfile(os.path.join(tmp, name)):
+                os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    except Exception as e:   # a full disk: OSError, or a bare Exception from the tokenizers library
+        raise OSError(f"could not write {out_dir}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(path):
+    """A folder as it is; a Hub id ("org/name") as its snapshot folder: the local cache's, else (unless HF_HUB_OFFLINE)
+    downloaded, all but code files (nothing we read runs code)."""
+    if os.path.isdir(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return path
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, local_files_only=True)
+    except Exception:   # noqa: BLE001 - not cached (or no such id): try the Hub
+        try:
+            return snapshot_download(path, ignore_patterns=["*.py"])
+        except Exception as e:   # noqa: BLE001 - offline, unknown id, no network: one line saying so
+            raise FileNotFoundError(f"{path} is not a folder, nor a Hub model in the local cache or reachable: "
+                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+# -------------------- A folder transformers can run: chat template, generation config, processor, code ------------
+
+PROBE = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A cat."},
+         {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "It is."}]
+
+
+def messages(conversation):
+    """LLaVA turns -> chat messages (the image stays "<image>" in the text, as every chat template here reads it)."""
+    return [{"role": "user" if m["from"] == "human" else "assistant", "content": m["value"]} for m in conversation]
+
+
+def chat_template(template, tokenizer=None, image=IMAGE_PLACEHOLDER):
+    """A Jinja chat template rendering what data.render does for `template` (messages in HF's format, content a string
+    or a list of {"type": "image"} / {"type": "text"} items; "auto": the tokenizer's own). With `tokenizer`, it opens
+    with the BOS text that makes the ids training's (data.encode's) through tokenizer.apply_chat_template(tokenize=
+    True) and the processor, checked on a probe conversation; Llama's "▁" after BOS needs "<s> " there. `image`
+    replaces the placeholder (convert.py's Llava export may add a space)."""
+    t = get_template(template)
+    if not isinstance(t, ChatTemplate):
+        return getattr(tokenizer, "chat_template", None)
+    s = json.dumps   # a Jinja string literal
+    user_pre, user_post = t.user.split("{q}")
+    ans_pre, ans_post = t.answer.split("{a}")
+    body = (
+        "{{- " + s(t.system) + " -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set has_image = false -%}"
+        "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+        " | join('') -%}{%- set has_image = message['content'] | selectattr('type', 'equalto', 'image') | list"
+        " | length > 0 -%}{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if '<image>' in text -%}{%- set has_image = true -%}{%- endif -%}"
+        "{%- set text = text.replace('<image>', '') if has_image else text -%}"
+        + ("" if t.keep_question else "{%- set text = '' -%}") +
+        "{%- if has_image -%}{%- set text = (" + s(t.image.replace(IMAGE_PLACEHOLDER, image))
+        + " + text.strip()).strip() -%}{%- endif -%}"
+        "{{- " + s(user_pre) + " + text + " + s(user_post) + " + " + s(t.prompt) + " -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- " + s(ans_pre) + " + text + " + s(ans_post) + " + " + s(t.eos) + " -}}"
+        "{%- endif -%}{%- endfor -%}")
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or tokenizer("").input_ids[:1] != [tokenizer.bos_token_id]:
+        return body   # the tokenizer adds no BOS (phi, qwen2): nothing to open with
+    probes = [PROBE, PROBE[:2]] + ([[{"from": "human", "value": "Why?"}, {"from": "gpt", "value": "It is."}]]
+                                   if t.keep_question else [])
+    for opening in ("{{- bos_token -}}", "{{- bos_token + ' ' -}}"):
+        ok = True
+        for conv in probes:
+            want = encode(conv, t, tokenizer, 1)["input_ids"].tolist()
+            text = tokenizer.apply_chat_template(messages(conv), chat_template=opening + body, tokenize=False)
+            ok &= encode_text(tokenizer, text, 1, add_special_tokens=not text.startswith(bos)) == want
+            if IMAGE_PLACEHOLDER not in text:   # the tokenizer alone: text without images
+                ok &= tokenizer(text, add_special_tokens=False).input_ids == want
+        if ok:
+            return opening + body
+    print(f"warning: no chat template opening reproduces training's ids with this tokenizer ({template!r})")
+    return "{{- bos_token -}}" + body
+
+
+def hf_files(tokenizer, template, num_image_tokens, image_aspect_ratio):
+    """What makes a folder loadable by transformers besides config.json: (objects to save_pretrained, {name: text}).
+    With `template` (the one it was trained with) the tokenizer carries its chat template and generation_config.json
+    its EOS and evaluate.py's decoding (greedy, 128 new tokens); processor_config.json the image tokens per image; and
+    our modeling code (connectors.py as modeling_connectors.py)."""
+    tok, objs = copy.deepcopy(tokenizer), []
+    if template:   # (unknown: the tokenizer keeps its own chat template, generation uses transformers' defaults)
+        t = get_template(template)
+        tok.chat_template = chat_template(t, tokenizer)
+        eos = [tokenizer.convert_tokens_to_ids(t.eos)] if isinstance(t, ChatTemplate) and t.eos else []
+        eos = list(dict.fromkeys(eos + [tokenizer.eos_token_id] * (tokenizer.eos_token_id is not None)))
+        objs = [GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                                 eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id,
+                                 bos_token_id=tokenizer.bos_token_id)]
+    files = {name: open(os.path.join(HERE, src)).read() for name, src in CODE.items()}
+    files["processor_config.json"] = json.dumps({
+        "processor_class": "TinyLlavaNanoProcessor", "num_image_tokens": num_image_tokens,
+        "image_aspect_ratio": image_aspect_ratio,
+        "auto_map": {"AutoProcessor": "modeling_tinyllava_nano.TinyLlavaNanoProcessor"}}, indent=2)
+    return [tok] + objs, files
+
+
+
+
+# -------------------- A LoRA stage as a PEFT adapter -----------------------------------------------------------------
+
+def save_adapter(model, out_dir, base):
+    """A LoRA stage of ours (PEFT-wrapped parts of `model`) as ONE standard PEFT adapter of the whole model, which is
+    what a saved folder is to transformers: every LoRA pair under the model's key names (base_model.model.
+    language_model..., the original's LoRA layout too), the parts that trained in full (the connector; a tower)
+    whole as modules_to_save, and base_model_name_or_path = `base`, the folder (or Hub id) the stage started from,
+    whose weights the adapters were trained on. PEFT alone then rebuilds the merged model:
+
+        AutoPeftModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)   # or without, after `import model`
+    """
+    from peft import PeftModel, get_peft_model_state_dict   # not at import: `import model` stays light
+    tensors, targets, whole, config = {}, [], [], None
+    for part in ("language_model", "vision_tower", "connector"):
+        module = getattr(model, part)
+        wrapped = [(n, m) for n, m in module.named_modules() if isinstance(m, PeftModel)]
+        if not wrapped and any(p.requires_grad for p in module.parameters()):
+            whole.append(part if part == "language_model" else f"{part}._{part}")   # PEFT matches name endings:
+            # "connector" would also match "connector._connector", and PEFT then loads it twice
+            tensors.update({f"base_model.model.{part}.{k}": v for k, v in module.state_dict().items()})
+        for name, m in wrapped:
+            prefix = f"{part}.{name}." if name else f"{part}."
+            cfg = m.peft_config["default"]
+            if config is not None and (cfg.r, cfg.lora_alpha) != (config.r, config.lora_alpha):
+                raise ValueError("the LoRA parts of this model differ in r / lora_alpha: no one adapter holds them")
+            config = config or cfg
+            for k, v in get_peft_model_state_dict(m, save_embedding_layers=False).items():
+                k = prefix + k.removeprefix("base_model.model.")
+                tensors["base_model.model." + k] = v
+                if ".lora_A." in k:
+                    targets.append(k.split(".lora_A.")[0])
+    if config is None:
+        raise ValueError("no LoRA in this model: save_pretrained writes it")
+    config = copy.deepcopy(config)
+    config.base_model_name_or_path, config.task_type, config.inference_mode = base, "CAUSAL_LM", True
+    config.target_modules, config.modules_to_save = sorted(targets), whole or None
+    os.makedirs(out_dir, exist_ok=True)
+    write_file(os.path.join(out_dir, "adapter_model.safetensors"),
+               {k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    write_file(os.path.join(out_dir, "adapter_config.json"), json.dumps(config.to_dict(), indent=2, default=str))
