@@ -87,11 +87,12 @@ def main(argv):
     model_dir, results = train.main(["--config", "configs/demo.py", f"--llm={BASE}/llm",
                                      f"--vision_tower={BASE}/siglip", *argv])
     t_train = time.time() - t0
+    threads = ["--threads", str(torch.get_num_threads())]   # what the training ran on
     # your own benchmark's path (evaluate.py --bench custom): questions with a category each, VQA-style references
     custom, = evaluate.main(["--model", model_dir, "--bench", "custom", "--questions", QUESTIONS, "--annotations",
-                             ANSWERS, "--image-folder", "demo/images", "--batch-size", "64", *limit])
+                             ANSWERS, "--image-folder", "demo/images", "--batch-size", "64", *threads, *limit])
     pope, = evaluate.main(["--model", model_dir, "--bench", "pope", "--data", "demo/eval", "--image-folder",
-                           "demo/images", "--batch-size", "64", *(limit and ["--limit", str(2 * n_images[-1])])])
+                           "demo/images", "--batch-size", "64", *threads, *(limit and ["--limit", str(2 * n_images[-1])])])
     for stage, losses in results.items():
         print(f"{stage}: loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} ({len(losses)} steps)")
     scores = per_type(custom, pope)

@@ -357,9 +357,20 @@ def load_model(a, hf, device):
         tokenizer = processor.tokenizer
         tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.pad_token or tokenizer.eos_token
     else:
-        import model as m
-        model, tokenizer, processor = m.load_pretrained(a.model, dtype=dtype, trust_remote_code=a.trust_remote_code)
+        from convert import load_pretrained   # ours, and the original's layouts
+        model, tokenizer, processor = load_pretrained(a.model, dtype=dtype, trust_remote_code=a.trust_remote_code)
     return model.to(device).eval(), tokenizer, processor, dtype
+
+
+def set_threads(threads, model, device, batch_size):
+    """As train.py: `threads`, else 1 thread or all cores, whichever measured faster at the LLM's width (cached)."""
+    import torch
+    from flops import fastest_threads, machine_name, measured
+    if device.type == "cpu":
+        lm = model.language_model if hasattr(model, "language_model") else model
+        width, rows = lm.get_input_embeddings().embedding_dim, batch_size * 256
+        torch.set_num_threads(threads or measured(f"threads|{machine_name(device)}|{width}x{rows}",
+                                                  lambda: fastest_threads(width, rows)))
 
 
 def main(argv=None):
@@ -381,6 +392,8 @@ def main(argv=None):
     p.add_argument("--device", help="e.g. cuda:1, mps, cpu (None: Accelerate's device for this process)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on a GPU with bf16, else float32")
+    p.add_argument("--threads", type=at_least_1, help="CPU threads (None: 1 or all cores, whichever measured "
+                   "faster for the model's width; cached per machine, as train.py)")
     p.add_argument("--out", help="answers and results folder (None: <model>/eval)")
     p.add_argument("--keep-answers", action="store_true", help="score the answers on file, whatever made them")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model's code (OpenELM); never implied")
@@ -426,6 +439,7 @@ def main(argv=None):
     plans = {bench: locate(bench, a, ask) for bench in benches}
     import torch
     model, tokenizer, processor, dtype = load_model(a, hf, torch.device(a.device) if a.device else state.device)
+    set_threads(a.threads, model, next(model.parameters()).device, a.batch_size)
     out_dir = a.out or os.path.join(a.model, "eval")
     os.makedirs(out_dir, exist_ok=True)
     weights = fingerprint(a.model, out_dir)

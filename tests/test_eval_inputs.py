@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import convert
 import evaluate
 import model as model_py
 from test_evaluate import dump, image, run, setup  # noqa: F401 (setup: the tiny model and benchmark fixtures)
@@ -21,6 +22,7 @@ def no_model(monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the benchmark's files were checked")
     monkeypatch.setattr(model_py, "load_pretrained", load)
+    monkeypatch.setattr(convert, "load_pretrained", load)   # evaluate.py's entry point (the original's layouts too)
 
 
 @pytest.mark.parametrize("bench,remove,said", [
@@ -110,3 +112,18 @@ def test_help_shows_every_default(capsys):
     assert len(options) > 20 and "--dtype" in options and "--device" in options
     entries = [" ".join(e.split()) for e in text.split("\n  --")[1:]]   # help wraps at any space
     assert all("(default: " in e for e in entries), [e.split()[0] for e in entries if "(default: " not in e]
+
+
+def test_threads_are_set_and_checked(setup, tmp_path):
+    """--threads N runs torch on N threads; 0 or a negative count is one line, before the model loads."""
+    import torch
+    model, data, _ = setup
+    before = torch.get_num_threads()
+    try:
+        run(model, data, str(tmp_path), "--bench", "pope", "--limit", "2", "--threads", "1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    p = subprocess.run([sys.executable, "evaluate.py", "--model", model, "--bench", "pope", "--threads", "0"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and "--threads" in p.stderr and "Traceback" not in p.stderr
