@@ -1,12 +1,10 @@
 # The embedded demo (python demo.py): tiny random-init models, real handwritten digits shipped in demo/.
-# Hardware: 2 CPU cores (1 used), no GPU, no network. Expected: ~4.5 CPU-minutes in all (user + sys), held-out
-# accuracy >= 95 on every question type and POPE-style F1 >= 93 for seeds 42, 1, 2 (README "The demo, measured").
+# Hardware: 2 CPU cores (1 used), no GPU, no network. Expected: ~4 CPU-minutes in all (user + sys), held-out
+# accuracy >= 95 on every question type and POPE-style F1 >= 93 (README "The demo, measured": seeds 42, 1, 2).
 # Batch arithmetic: 16 = 16 x 1 x 1 (global = micro x processes x accumulation), both stages.
-# Pretrain as the paper: the LLM frozen; here the tower is random too, so it trains with the connector, and the
-# captions ("7, red on black.") name the digit first. Training the random LLM on captions made it a digit emitter
-# whose finetune began at loss 11-13 and found the image or not by rounding (demo/README.md has the measurements).
-# Finetune as the paper: the tower frozen (training it there, even at 2e-4, erased the digits); lr 5e-4 (1e-3
-# learned "Is there a D?" for some seeds only).
+# Pretrain as the paper: the LLM frozen, so the caption loss can only fall through the image tokens; the tower is
+# random too, so it trains with the connector; the captions ("7, red on black.") name the digit first. Finetune
+# as the paper: the tower frozen. Why the earlier recipe (everything trained in pretrain) was fragile: demo/README.md.
 llm = "out/demo/base/llm"               # written by demo.py (or demo.py --only-base) from a LlamaConfig
 vision_tower = "out/demo/base/siglip"   # written by demo.py from a SiglipVisionConfig
 connector = "mlp2x_gelu"
@@ -25,8 +23,8 @@ stages = [
 global_batch_size = 16
 micro_batch_size = 16
 warmup_ratio = 0.05
-bf16 = False                            # --bf16=true: autocast, fast only with AMX / AVX512-BF16 (measured: README)
-threads = 1                             # 1 costs less CPU time than 2 at this size (measured); --threads=2 is faster
+bf16 = False                            # --bf16=true: autocast; as fast as fp32 at this size with AVX512-BF16
+threads = 1                             # 2 threads took 5.7x the CPU time while other jobs ran (demo/README.md)
 num_workers = 0                         # loading in this process: no worker's extra CPU time
 log_every = 100
 out_dir = "out/demo"

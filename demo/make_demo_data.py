@@ -2,7 +2,7 @@
 scikit-learn's bundled UCI handwritten digits, offline, and print the README (counts, majority baselines).
 
     pip install scikit-learn && python demo/make_demo_data.py   # sklearn is needed only here, once
-    python demo/make_demo_data.py --out /tmp/d --caption digit  # a variant elsewhere (README.md's experiments)
+    python demo/make_demo_data.py --out /tmp/d --caption digit  # a variant, elsewhere (for experiments)
 """
 import argparse
 import json
@@ -110,7 +110,7 @@ def conversations(s, rng, layout):
     """The finetune question types about sample `s`, grouped into conversations. "pairs" (the demo's): one
     digit-dependent question per conversation (digit, even, gt4, there: any of them gives the others away), each
     with a colour or a background question, which give nothing away. "all": the six in one conversation; "single":
-    one question per conversation (layouts measured in README.md)."""
+    one question per conversation."""
     if layout == "pairs":
         free = ["color", "background"] * 2
         rng.shuffle(free)
@@ -137,7 +137,7 @@ def main(out=OUT, caption="first", layout="pairs"):
     pretrain, finetune, train_answers = [], [], {}
     for s in trains:
         # the caption names the digit first: the frozen LLM's first answer position sees the image tokens alone,
-        # so the tower learns the digit there; the colours after it keep the colours in the features (README.md)
+        # so the tower learns the digit there; the colours after it keep the colours in the features
         text = {"first": f"{s['digit']}, {s['color']} on {s['background']}.", "digit": str(s["digit"]),
                 "full": f"A {s['color']} {s['digit']} on {s['background']}."}[caption]
         pretrain.append({"id": f"pt_{s['index']:05d}", "image": s["image"],
@@ -242,7 +242,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(OUT), help="output folder")
     p.add_argument("--caption", default="first", choices=["first", "digit", "full"],
-                   help='pretrain captions: "7, red on black." | "7" | "A red 7 on black." (README.md)')
+                   help='pretrain captions: "7, red on black." | "7" | "A red 7 on black."')
     p.add_argument("--layout", default="pairs", choices=["pairs", "all", "single"],
                    help="finetune conversations (see conversations())")
     a = p.parse_args()
