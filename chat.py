@@ -17,24 +17,22 @@ import argparse
 import json
 import sys
 
-import torch
-from transformers import TextStreamer
 
-from data import IMAGE_PLACEHOLDER, encode, load_image, preprocess_image
+def streamer(tokenizer):
+    """transformers' TextStreamer (prints words as they complete) without the space an answer's first token carries."""
+    from transformers import TextStreamer
 
+    class Streamer(TextStreamer):
+        def __init__(self):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.started = False
 
-class Streamer(TextStreamer):
-    """TextStreamer (prints words as they complete) without the space an answer's first token carries."""
-
-    def __init__(self, tokenizer):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.started = False
-
-    def on_finalized_text(self, text, stream_end=False):
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        super().on_finalized_text(text, stream_end)
+        def on_finalized_text(self, text, stream_end=False):
+            if not self.started:
+                text = text.lstrip()
+                self.started = bool(text)
+            super().on_finalized_text(text, stream_end)
+    return Streamer()
 
 
 class Chat:
@@ -43,6 +41,7 @@ class Chat:
 
     def __init__(self, model, tokenizer, processor, template, image=None, max_new_tokens=512, temperature=0.0,
                  top_p=None):
+        from data import preprocess_image
         self.model, self.tokenizer, self.template = model.eval(), tokenizer, template
         self.device = next(model.parameters()).device
         self.pixels = None
@@ -55,6 +54,7 @@ class Chat:
 
     def prompt_ids(self, question):
         """The prompt for `question` after the conversation so far (the image in its first question)."""
+        from data import IMAGE_PLACEHOLDER, encode
         first = not self.history and self.pixels is not None
         turn = {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}" if first else question}
         ids = encode(self.history + [turn], self.template, self.tokenizer, self.model.num_image_tokens,
@@ -62,6 +62,7 @@ class Chat:
         return turn, ids.to(self.device)
 
     def ask(self, question, streamer=None):
+        import torch
         turn, ids = self.prompt_ids(question)
         # every prompt holds the first turn's image tokens, so every turn passes the picture
         new = self.model.generate(ids, torch.ones_like(ids), images=self.pixels, streamer=streamer,
@@ -100,18 +101,19 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stream", action="store_true", help="print each answer when it is complete")
     p.add_argument("--save", default=None, help="write the conversation to this JSON file (LLaVA format)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
-                   else "cpu", help="cuda, cuda:1, mps, cpu (default: the first of these this machine has)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, mps, cpu (default: the first of these this machine has)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto (default): bfloat16 on a GPU with bf16, else float32 (as evaluate.py)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the LLM's own code (OpenELM); off: no code from the model folder or the Hub runs")
-    a = p.parse_args(argv)
+    a = p.parse_args(argv)   # --help ends here, before torch and transformers load (seconds)
+    import torch
     from transformers.utils import logging as hf_logging
-    from convert import model_template
-    from model import load_pretrained
+    from convert import load_pretrained, model_template   # ours, and the original's layouts
+    from data import load_image
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     dtype = a.dtype if a.dtype != "auto" else "bfloat16" if a.device.startswith("cuda") and \
         torch.cuda.is_bf16_supported() else "float32"
     model, tokenizer, processor = load_pretrained(a.model, dtype=dtype, trust_remote_code=a.trust_remote_code)
@@ -124,7 +126,7 @@ def main(argv=None):
                 a.max_new_tokens, a.temperature, a.top_p)
     for question in questions(a.prompt):
         print("ASSISTANT: ", end="", flush=True)
-        answer = chat.ask(question, None if a.no_stream else Streamer(tokenizer))
+        answer = chat.ask(question, None if a.no_stream else streamer(tokenizer))
         if a.no_stream:
             print(answer, flush=True)
     if a.save:

@@ -11,8 +11,6 @@ import json
 import os
 import shutil
 
-import torch
-
 from recipes import ConfigError, resume_allowed
 
 
@@ -106,6 +104,7 @@ def plan_output(cfg, scfgs, stage_dirs, accelerator):
 
 def check_finite(accelerator, params, what):
     """Raise (on every rank) if any rank holds a non-finite weight: such weights are never saved."""
+    import torch
     ok = torch.tensor(float(all(bool(torch.isfinite(p).all()) for p in params)), device=accelerator.device)
     if float(accelerator.reduce(ok, "sum")) < accelerator.num_processes:
         raise RuntimeError(f"non-finite weights before {what}: not saved")
@@ -114,6 +113,7 @@ def check_finite(accelerator, params, what):
 def save_checkpoint(accelerator, work_dir, step, cfg, scheduler, params=(), losses=()):
     """accelerator.save_state into step_N.tmp, then an atomic rename: a crash mid-save leaves the previous
     checkpoint as the latest complete one. Keeps the newest cfg['keep_checkpoints']."""
+    import torch
     check_finite(accelerator, params, f"the checkpoint of step {step}")
     d = os.path.join(work_dir, "checkpoints")
     final, tmp = os.path.join(d, f"step_{step:08d}"), os.path.join(d, f"step_{step:08d}.tmp")

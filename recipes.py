@@ -21,9 +21,6 @@ import math
 import os
 import re
 
-import torch
-import torch.nn as nn
-
 DEFAULTS = dict(
     # --- model (see model.ModelArgs)
     llm="",                           # Hub id or dir of any causal LM
@@ -318,6 +315,7 @@ def quantization_kwargs(cfg):
     """from_pretrained kwargs that quantise the LLM at load time, for tune_llm=qlora (else {})."""
     if cfg["tune_llm"] != "qlora":
         return {}
+    import torch
     from transformers import BitsAndBytesConfig
     compute = torch.bfloat16 if cfg.get("bf16") else torch.float32
     if cfg.get("qlora_bits", 4) == 8:
@@ -330,6 +328,7 @@ def quantization_kwargs(cfg):
 
 def lora_targets(module):
     """Names of every Linear (bitsandbytes' quantised Linears subclass it) except output heads."""
+    import torch.nn as nn
     return sorted({name for name, m in module.named_modules()
                    if isinstance(m, nn.Linear) and not any(s in name for s in LORA_SKIP)})
 
@@ -359,6 +358,7 @@ def set_partial(module, k, train_tail):
 def apply_recipe(model, cfg, verbose=True):
     """Freeze / unfreeze / LoRA-wrap each component in place from cfg['tune_llm'|'tune_vision_tower'|
     'tune_connector'] and print the table. Returns the table rows."""
+    import torch.nn as nn
     tunes = {"llm": cfg["tune_llm"], "vision_tower": cfg["tune_vision_tower"], "connector": cfg["tune_connector"]}
     for comp, tune in tunes.items():
         kind, k = parse_tune(tune, comp)
@@ -397,6 +397,9 @@ def merge_adapters(model, stage_dir, cfg, init):
     (adapter_<component>/) and is merged into its base (QLoRA: onto the full-precision base of the previous
     stage, `init`; merging into a 4-bit base is lossy). Returns (model to save, its state dict), (model, None)
     when nothing is LoRA (the caller's state dict stands), or (None, None) when a QLoRA stage has no base."""
+    if not any(cfg[f"tune_{c}"] in ("lora", "qlora") for c in ("llm", "vision_tower", "connector")):
+        return model, None   # (without importing peft: 0.4 GB and seconds that a run without LoRA does not need)
+    import torch.nn as nn
     from peft import PeftModel
     wrapped = {"llm": model.language_model, "connector": model.connector._connector}
     vt = model.vision_tower._vision_tower
@@ -404,19 +407,18 @@ def merge_adapters(model, stage_dir, cfg, init):
                    else {"vision_tower": vt})
     if not any(isinstance(m, PeftModel) for m in wrapped.values()):
         return model, None
-    for name, m in wrapped.items():
-        if isinstance(m, PeftModel):
-            m.save_pretrained(os.path.join(stage_dir, f"adapter_{name}"))
+    from folders import save_adapter   # one PEFT adapter of the whole model, its base named, the connector in it
+    adapter = os.path.join(stage_dir, "adapter_llm")
+    save_adapter(model, adapter, os.path.abspath(init) if init else None)
     if cfg["tune_llm"] == "qlora":
-        from model import load_pretrained
+        from convert import load_pretrained, merge_lora
         if not init:
             print("qlora without a previous stage: adapters saved, no merged model written")
             return None, None
         base = load_pretrained(init, trust_remote_code=cfg.get("trust_remote_code", False))[0]   # the user's flag
-        base.language_model = PeftModel.from_pretrained(base.language_model,
-                                                        os.path.join(stage_dir, "adapter_llm")).merge_and_unload()
-        base.connector.load_state_dict(model.connector.state_dict())
-        base.vision_tower.load_state_dict(model.vision_tower.state_dict())
+        weights = base.state_dict()
+        merge_lora(weights, adapter)   # onto the full-precision base; the fully trained parts replace theirs
+        base.load_state_dict(weights)
         model = base
     else:
         unwrap = lambda m: m.merge_and_unload() if isinstance(m, PeftModel) else m  # noqa: E731

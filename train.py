@@ -26,8 +26,6 @@ import sys
 import time
 from functools import partial
 
-import torch
-
 from checkpoints import (check_finite, check_resume, finished, latest_checkpoint, plan_output,  # noqa: F401
                          read_trainer_state, save_checkpoint)
 from recipes import (DEFAULTS, ConfigError, check_settings, cosine_with_warmup, load_config,  # noqa: F401
@@ -42,6 +40,7 @@ def grouped_batches(lengths, batch_size, seed, group_by_length=True, world=1):
     grouping; under ZeRO-3 a rank that skips the tower while another runs it would hang), and within shuffled
     megabatches samples are sorted by length so a batch pads little. A short last global batch is topped up
     with its own samples so every rank gets one (at most world - 1 repeats per modality and epoch)."""
+    import torch
     g = torch.Generator().manual_seed(seed)
     lengths = torch.tensor(lengths)
     parts = [torch.nonzero(lengths > 0).flatten(), torch.nonzero(lengths <= 0).flatten()] if group_by_length \
@@ -88,68 +87,16 @@ def gathered(module):
         yield
 
 
-# ----------------------------------------------------------------------------- this machine
-CORES = torch.get_num_threads()   # torch's default, before any stage sets it
-
-
-def machine_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or platform.machine()
-
-
-def measured(key, measure):
-    """A measurement of this machine (its name is in `key`), taken once and kept in
-    $XDG_CACHE_HOME/tinyllava-nano/machine.json, so the MFU's peak and the thread count stay put between runs.
-    It never draws from the global RNG: a run's losses do not depend on whether the cache was warm."""
-    path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tinyllava-nano",
-                        "machine.json")
-    try:
-        with open(path) as f:
-            cache = json.load(f)
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        with torch.random.fork_rng(devices=[]):
-            cache[key] = measure()
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(f"{path}.{os.getpid()}.tmp", "w") as f:
-                json.dump(cache, f, indent=1)
-            os.replace(f"{path}.{os.getpid()}.tmp", path)
-        except OSError:
-            pass   # a read-only home: measured again next run
-    return cache[key]
-
-
-def fastest_threads(width, rows):
-    """1 thread or all cores, whichever runs a (rows x width) @ (width x width) matmul faster: small models lose
-    more to threading overhead (and to anything else running) than they gain."""
-    a, b, times = torch.ones(rows, width), torch.ones(width, width), {}
-    for n in sorted({1, CORES}):
-        torch.set_num_threads(n)
-        a @ b
-        t0, k = time.perf_counter(), 0
-        while time.perf_counter() - t0 < 0.3:
-            a @ b
-            k += 1
-        times[n] = (time.perf_counter() - t0) / k
-    return min(times, key=times.get)
-
-
 # ----------------------------------------------------------------------------- one stage
 def train_stage(cfg, accelerator, init, stage_dir):
     """Train one stage in stage_dir + ".partial" and rename that to stage_dir when the model is saved."""
+    import torch
     from accelerate.utils import DistributedType
     from torch.utils.data import DataLoader
-    from bench import flop_profile, train_flops
     from data import IMAGE_TOKEN_INDEX, VLMDataset, collate
-    from model import ModelArgs, build_model, load_pretrained
+    from flops import fastest_threads, flop_profile, machine_name, matmul_peak, measured, train_flops
+    from convert import load_pretrained   # ours, and the original's layouts
+    from model import ModelArgs, build_model
     from recipes import apply_recipe, quantization_kwargs
 
     torch.manual_seed(cfg["seed"])
@@ -189,7 +136,6 @@ def train_stage(cfg, accelerator, init, stage_dir):
         torch.set_num_threads(cfg["threads"] or measured(f"threads|{machine_name(device)}|{width}x{rows}",
                                                          partial(fastest_threads, width, rows)))
     if not cfg["peak_flops"]:   # the MFU's denominator: this machine's matmul peak in the training dtype
-        from bench import matmul_peak
         dtype = torch.bfloat16 if cfg["bf16"] else torch.float16 if cfg["fp16"] else torch.float32
         cfg["peak_flops"] = measured(f"peak|{machine_name(device)}|{dtype}|{torch.get_num_threads()} threads",
                                      partial(matmul_peak, dtype, device.type, seconds=1.0))
@@ -234,8 +180,10 @@ def train_stage(cfg, accelerator, init, stage_dir):
     if ds is not None:   # DeepSpeed owns accumulation and clipping: give it this stage's numbers, not "auto"
         ds.deepspeed_config.update(train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=accum,
                                    train_batch_size=mb * accum * world, gradient_clipping=cfg["grad_clip"])
+    # the model itself, under whatever wrapper prepare puts around it (accelerator.unwrap_model would be the same
+    # object, but it imports DeepSpeed wherever DeepSpeed is installed: 0.3 s and 20 MB a run without it does not use)
+    raw = model
     model, optimizer = accelerator.prepare(model, optimizer)   # the scheduler is ours: stepped once per step
-    raw = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     step, history = 0, []   # history: the losses before this run's first step (a resumed stage's)
@@ -342,7 +290,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     accelerator.wait_for_everyone()
     report_skipped(dataset, work_dir, main)
     check_finite(accelerator, trainable, f"the final save of stage {cfg['stage']}")
-    state = accelerator.get_state_dict(model)   # a collective: gathers ZeRO-3 shards
+    state = accelerator.get_state_dict(model)   # a collective: gathers ZeRO-3 / FSDP shards
     if main:   # everything into the working folder, train_config.json last, then one rename
         os.makedirs(work_dir, exist_ok=True)
         with open(os.path.join(work_dir, "losses.json"), "w") as f:
@@ -381,14 +329,14 @@ def plot_losses(losses, path, title, size=(640, 360), margin=48):
     img.save(path)
 
 
-@torch.no_grad()
 def validate(model, val_loader, accelerator, max_batches):
+    import torch
     model.eval()
     total, n = 0.0, 0
     for i, b in enumerate(val_loader):
         if i >= max_batches:
             break
-        with accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast():
             out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"])
         total += float(accelerator.reduce(out["loss_sum"].detach(), "sum"))
         n += int(accelerator.reduce(out["num_tokens"].detach(), "sum"))
@@ -402,7 +350,7 @@ def final_save(model, tokenizer, processor, stage_dir, cfg, state, init):
     from recipes import merge_adapters
     merged, merged_state = merge_adapters(model, stage_dir, cfg, init)
     if merged is not None:   # None: QLoRA without a previous stage, adapters only
-        save_pretrained(merged, tokenizer, processor, stage_dir,
+        save_pretrained(merged, tokenizer, processor, stage_dir, template=cfg["template"],
                         state_dict=state if merged_state is None else merged_state)
     with open(os.path.join(stage_dir, "train_config.json"), "w") as f:   # last: marks the folder complete
         json.dump(cfg, f, indent=1, default=str)
@@ -410,12 +358,13 @@ def final_save(model, tokenizer, processor, stage_dir, cfg, state, init):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):   # answered before torch loads: no package beyond the standard library
+        return print(usage())
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
     from transformers.utils import logging as hf_logging
-    argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        return print(usage())
     cfg = load_config(argv)
     scfgs = stage_configs(cfg)
     check_settings(scfgs, int(os.environ.get("WORLD_SIZE", "1")))   # all of it, before anything is built

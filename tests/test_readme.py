@@ -1,5 +1,5 @@
 """The README's claims about the code stay true: the file sizes it states, and each core file readable in one
-sitting (style.md: under about 500 lines)."""
+sitting (style.md, issue #17: at most 500 lines)."""
 import os
 import re
 
@@ -21,7 +21,7 @@ def test_readme_states_each_file_size_within_5_percent():
 
 
 def test_core_files_stay_readable():
-    assert {name: lines(name) for name in CORE if lines(name) > 550} == {}
+    assert {name: lines(name) for name in CORE if lines(name) > 500} == {}
 
 
 def readme_commands():
@@ -63,8 +63,9 @@ def test_readme_train_commands_resolve_and_their_batches_divide():
 def test_every_script_answers_help():
     import subprocess
     import sys
-    for script in sorted(f for f in CORE if f not in ("checkpoints.py", "connectors.py", "data.py", "model.py",
-                                                      "recipes.py", "scorers.py", "answers.py")):   # modules
+    modules = ("answers.py", "checkpoints.py", "connectors.py", "data.py", "flops.py", "folders.py", "model.py",
+               "modeling_tinyllava_nano.py", "recipes.py", "scorers.py")
+    for script in sorted(f for f in CORE if f not in modules):
         p = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and "Traceback" not in p.stderr and len(p.stdout) > 200, (script, p.stderr[-1000:])
         assert "=== stage" not in p.stdout, script   # --help ran nothing

@@ -330,8 +330,9 @@ def test_watching_training_bar_tags_loss_png_and_cached_machine_numbers(tiny_llm
     monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **k: logged.append((step, values)))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     measures = []
-    real_threads = train.fastest_threads
-    monkeypatch.setattr(train, "fastest_threads", lambda *a: measures.append(a) or real_threads(*a))
+    import flops
+    real_threads = flops.fastest_threads
+    monkeypatch.setattr(flops, "fastest_threads", lambda *a: measures.append(a) or real_threads(*a))
     common = ["--recipe=base", "--micro_batch_size=2", "--pretrain.global_batch_size=4",
               "--finetune.global_batch_size=4", "--max_steps=3", "--peak_flops=0"]
     _, cold = train.main(run_args(tiny_llms, tiny_towers, dataset, tmp_path / "a", *common))
@@ -353,4 +354,4 @@ def test_watching_training_bar_tags_loss_png_and_cached_machine_numbers(tiny_llm
         train.main(run_args(tiny_llms, tiny_towers, dataset, tmp_path / "c", *common, "--threads=1"))
         assert torch.get_num_threads() == 1
     finally:
-        torch.set_num_threads(train.CORES)
+        torch.set_num_threads(flops.CORES)

@@ -1,0 +1,149 @@
+"""
+FLOPs and MFU: the model FLOPs of a training step, and this machine's matmul peak they are divided by.
+train.py logs MFU = train_flops(...) summed over the steps / seconds / peak; bench.py reports the same numbers
+and the split of a step's FLOPs into its parts (tower, connector, LLM body, attention, LM head).
+
+Model FLOPs: 2 per multiply-add of every Linear and 4*T^2*d per attention layer (nanoGPT/PaLM, no causal
+halving), the LM head only where the loss needs it, padding excluded; the tower and connector counted once per image
+by torch's FlopCounterMode (tests/test_perf.py checks the whole count against it); frozen parts forward only, plus
+the activation gradients that flow through them to a trainable part below. Work a loop spends beyond that
+(recomputation under gradient checkpointing, zero images, padding, logits nobody needs) is not model FLOPs.
+
+The peak, and the thread count train.py picks on a CPU, are measured once per machine and cached in
+$XDG_CACHE_HOME/tinyllava-nano/machine.json (see `measured`). A module of its own so that train.py and bench.py
+both use it without importing each other (bench.py imports train.py; train.py never imports bench.py).
+"""
+import json
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+CORES = torch.get_num_threads()   # torch's default, before any stage sets it
+PARTS = ("tower", "connector", "llm", "attention", "head")
+
+
+# ----------------------------------------------------------------------------- model FLOPs
+def linear_params(module, trainable=None):
+    return sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in module.modules() if isinstance(m, nn.Linear)
+               and (trainable is None or m.weight.requires_grad == trainable))   # ds_numel: ZeRO-3 partitions
+
+
+def _cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    from torch.utils.flop_counter import sdpa_flop_count
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@torch.no_grad()
+def image_flops(model, image_size):
+    """Forward FLOPs per image of the tower (as it runs: truncated or not) and of the connector."""
+    from torch.utils.flop_counter import FlopCounterMode
+    p = next(model.vision_tower.parameters())
+    # torch counts SDPA's GPU kernels but not the CPU one: its formula for that one too
+    cpu = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention}
+    with FlopCounterMode(display=False, custom_mapping=cpu) as tower_count:
+        feats = model.vision_tower(torch.zeros(1, 3, *image_size, device=p.device, dtype=p.dtype))
+    with FlopCounterMode(display=False) as conn_count:
+        model.connector(feats)
+    return tower_count.get_total_flops(), conn_count.get_total_flops()
+
+
+def flop_profile(model, image_size):
+    """What train_flops needs of a model, counted once (outside the training loop): which parts train, the LLM's
+    Linear and head sizes and attention width, the per-image FLOPs of the tower and connector."""
+    lm, cfg = model.language_model, model.language_model.config
+    trains = lambda m: any(p.requires_grad for p in m.parameters())  # noqa: E731
+    head = lm.get_output_embeddings()
+    heads = cfg.num_attention_heads
+    head_params = getattr(head.weight, "ds_numel", head.weight.numel()) if head is not None else 0
+    head_trains = head is not None and head.weight.requires_grad
+    return dict(tower_trains=trains(model.vision_tower), conn_trains=trains(model.connector), llm_trains=trains(lm),
+                dec=linear_params(lm) - head_params, head=head_params, layers=cfg.num_hidden_layers,
+                dec_trainable=linear_params(lm, trainable=True) - head_params * head_trains, head_trains=head_trains,
+                d_attn=heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
+                supervised_only=model.supervised_only_loss, per_image=image_flops(model, image_size))
+
+
+def train_flops(f, attention_mask, labels, n_images, tower_runs=True, parts=False):
+    """Model FLOPs of one forward + backward on a batch; f = flop_profile(model). parts=True: a dict over PARTS."""
+    lens = attention_mask.sum(1).double()
+    T = float(lens.sum())
+    n_head = float((labels[:, 1:] != -100).sum()) if f["supervised_only"] else T
+    grads_flow = f["tower_trains"] or f["conn_trains"] or f["llm_trains"]
+    passes = 1 + grads_flow   # forward, and the activation gradients if anything below the LLM trains
+    attn = 4.0 * f["layers"] * f["d_attn"] * float((lens ** 2).sum())
+    tower_f, conn_f = f["per_image"]
+    out = dict(tower=n_images * tower_f * (3 if f["tower_trains"] else 1) if tower_runs else 0.0,
+               connector=n_images * conn_f * (1 + int(f["conn_trains"]) + int(f["tower_trains"])),
+               llm=2.0 * T * (f["dec"] * passes + f["dec_trainable"] * f["llm_trains"]),   # + weight gradients
+               attention=attn * (1 + 2 * grads_flow),
+               head=2.0 * f["head"] * n_head * (passes + (f["llm_trains"] and f["head_trains"])))
+    return out if parts else sum(out.values())
+
+
+# ----------------------------------------------------------------------------- this machine
+def machine_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine()
+
+
+def measured(key, measure):
+    """A measurement of this machine (its name is in `key`), taken once and kept in
+    $XDG_CACHE_HOME/tinyllava-nano/machine.json, so the MFU's peak and the thread count stay put between runs.
+    It never draws from the global RNG: a run's losses do not depend on whether the cache was warm."""
+    path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tinyllava-nano",
+                        "machine.json")
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        with torch.random.fork_rng(devices=[]):
+            cache[key] = measure()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+                json.dump(cache, f, indent=1)
+            os.replace(f"{path}.{os.getpid()}.tmp", path)
+        except OSError:
+            pass   # a read-only home: measured again next run
+    return cache[key]
+
+
+def matmul_peak(dtype=torch.float32, device="cpu", n=None, seconds=1.0):
+    """FLOP/s of large square matmuls in `dtype` on this machine, the best of a few timed runs."""
+    n = n or (8192 if device != "cpu" else 1536)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    a @ b
+    sync()
+    best, t_end = 0.0, time.time() + seconds
+    while time.time() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def fastest_threads(width, rows):
+    """1 thread or all cores, whichever runs a (rows x width) @ (width x width) matmul faster: small models lose
+    more to threading overhead (and to anything else running) than they gain."""
+    a, b, times = torch.ones(rows, width), torch.ones(width, width), {}
+    for n in sorted({1, CORES}):
+        torch.set_num_threads(n)
+        a @ b
+        t0, k = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 0.3:
+            a @ b
+            k += 1
+        times[n] = (time.perf_counter() - t0) / k
+    return min(times, key=times.get)
