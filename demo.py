@@ -15,8 +15,6 @@ import os
 import sys
 import time
 
-import torch
-
 BASE = "out/demo/base"
 LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 TOWER = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=32,
@@ -27,6 +25,7 @@ def make_base_models(base=BASE, seed=0, tokenizer="demo/tokenizer", llm=None, to
     from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipImageProcessor,
                               SiglipVisionConfig, SiglipVisionModel)
     llm, tower = llm or LLM, tower or TOWER
+    import torch
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(tokenizer)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=True,
@@ -77,6 +76,8 @@ def main(argv):
     limit = ["--limit", str(5 * n_images[-1])] if n_images else []   # 5 VQAv2-style questions per image
     if "--resume" not in argv and not any(a.startswith("--resume=") for a in argv):
         argv = ["--overwrite", *argv]   # a demo run starts over: out/demo/ holds only the last one
+    import torch
+
     import evaluate
     import train
     from transformers.utils import logging as hf_logging
