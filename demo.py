@@ -71,7 +71,11 @@ def main(argv):
     if "--only-base" in argv:
         make_base_models(BASE)
         return print(f"random-init base models written to {BASE}/llm and {BASE}/siglip")
-    n_images = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--eval_images=")]
+    n_images = [a.split("=", 1)[1] for a in argv if a.startswith("--eval_images=")]
+    if not all(n.isdigit() and int(n) > 0 for n in n_images):
+        from recipes import ConfigError
+        raise ConfigError(f"--eval_images: expected a positive whole number, got {n_images[-1]!r}")
+    n_images = [int(n) for n in n_images]
     argv = [a for a in argv if not a.startswith("--eval_images=")]
     limit = ["--limit", str(5 * n_images[-1])] if n_images else []   # 5 VQAv2-style questions per image
     if "--resume" not in argv and not any(a.startswith("--resume=") for a in argv):
@@ -108,4 +112,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from recipes import ConfigError
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:   # a mistake in the command: each problem on a line, no traceback (as train.py)
+        print("\n".join(f"demo.py: error: {line}" for line in str(e).splitlines()), file=sys.stderr)
+        sys.exit(2)

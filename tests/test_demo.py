@@ -92,3 +92,11 @@ def test_same_seed_same_losses_twice(base, tmp_path):
         runs.append((losses, scores, [json.loads(line)["text"] for line in answers.splitlines()]))
     assert runs[0][0] == runs[1][0]   # exactly, not approximately
     assert runs[0][1] == runs[1][1] and runs[0][2] == runs[1][2]
+
+
+def test_a_mistyped_command_is_one_line():
+    import subprocess
+    import sys
+    for arg, said in [("--bogus=1", "unknown config key 'bogus'"), ("--eval_images=x", "--eval_images")]:
+        p = subprocess.run([sys.executable, "demo.py", arg], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and said in p.stderr and "Traceback" not in p.stderr, p.stderr[-500:]
