@@ -40,7 +40,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OPTS = ["tower", "no_zero", "loss", "group", "cache", "compile", "ckpt"]
@@ -50,71 +49,8 @@ STAGES = {  # the demo's data (real digits, shipped), a recipe stage each
 }
 
 
-# ------------------------------------------------------------------------------------ FLOPs and the peak
-def linear_params(module, trainable=None):
-    return sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in module.modules() if isinstance(m, nn.Linear)
-               and (trainable is None or m.weight.requires_grad == trainable))   # ds_numel: ZeRO-3 partitions
-
-
-@torch.no_grad()
-def image_flops(model, image_size):
-    """Forward FLOPs per image of the tower (as it runs: truncated or not) and of the connector."""
-    from torch.utils.flop_counter import FlopCounterMode
-    p = next(model.vision_tower.parameters())
-    with FlopCounterMode(display=False) as tower_count:
-        feats = model.vision_tower(torch.zeros(1, 3, *image_size, device=p.device, dtype=p.dtype))
-    with FlopCounterMode(display=False) as conn_count:
-        model.connector(feats)
-    return tower_count.get_total_flops(), conn_count.get_total_flops()
-
-
-def flop_profile(model, image_size):
-    """What train_flops needs of a model, counted once (outside the training loop): which parts train, the LLM's
-    Linear and head sizes and attention width, the per-image FLOPs of the tower and connector."""
-    lm, cfg = model.language_model, model.language_model.config
-    trains = lambda m: any(p.requires_grad for p in m.parameters())  # noqa: E731
-    head = lm.get_output_embeddings()
-    heads = cfg.num_attention_heads
-    head_params = getattr(head.weight, "ds_numel", head.weight.numel()) if head is not None else 0
-    head_trains = head is not None and head.weight.requires_grad
-    return dict(tower_trains=trains(model.vision_tower), conn_trains=trains(model.connector), llm_trains=trains(lm),
-                dec=linear_params(lm) - head_params, head=head_params, layers=cfg.num_hidden_layers,
-                dec_trainable=linear_params(lm, trainable=True) - head_params * head_trains, head_trains=head_trains,
-                d_attn=heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
-                supervised_only=model.supervised_only_loss, per_image=image_flops(model, image_size))
-
-
-def train_flops(f, attention_mask, labels, n_images, tower_runs=True):
-    """Model FLOPs of one forward + backward on a batch (see the module docstring); f = flop_profile(model)."""
-    lens = attention_mask.sum(1).double()
-    T = float(lens.sum())
-    n_head = float((labels[:, 1:] != -100).sum()) if f["supervised_only"] else T
-    attn = 4.0 * f["layers"] * f["d_attn"] * float((lens ** 2).sum())
-    fwd = 2.0 * f["dec"] * T + attn + 2.0 * f["head"] * n_head
-    grads_flow = f["tower_trains"] or f["conn_trains"] or f["llm_trains"]
-    bwd = (2.0 * f["dec"] * T + 2 * attn + 2.0 * f["head"] * n_head) if grads_flow else 0.0
-    if f["llm_trains"]:   # weight gradients (LoRA: of the adapters); the head's only where it ran
-        bwd += 2.0 * f["dec_trainable"] * T + 2.0 * f["head"] * n_head * f["head_trains"]
-    tower_f, conn_f = f["per_image"]
-    img = n_images * (conn_f * (1 + int(f["conn_trains"]) + int(f["tower_trains"])) +
-                      (tower_f * (3 if f["tower_trains"] else 1) if tower_runs else 0))
-    return fwd + bwd + img
-
-
-def matmul_peak(dtype=torch.float32, device="cpu", n=None, seconds=1.0):
-    """FLOP/s of large square matmuls in `dtype` on this machine, the best of a few timed runs."""
-    n = n or (8192 if device != "cpu" else 1536)
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
-    a @ b
-    sync()
-    best, t_end = 0.0, time.time() + seconds
-    while time.time() < t_end:
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
+# FLOPs and the peak: flops.py owns them (train.py logs the same count); imported here, not the reverse
+from flops import flop_profile, image_flops, linear_params, matmul_peak, train_flops  # noqa: E402,F401
 
 
 def rss_now():
