@@ -187,8 +187,6 @@ def hf_files(tokenizer, template, num_image_tokens, image_aspect_ratio):
     return [tok] + objs, files
 
 
-
-
 # -------------------- A LoRA stage as a PEFT adapter -----------------------------------------------------------------
 
 def save_adapter(model, out_dir, base):
