@@ -1,68 +1,179 @@
 """
-Speed, measured: training-step and evaluation throughput of a ~20M-parameter model, each optimisation switched
-on alone and all together, as ratios to the unoptimised loop, in one run (this machine is noisy).
+Speed and memory of training on shapes that stand for real runs, ours against a re-creation of the original's
+loop, alternating in one run; where our step's time goes; how fast the scripts start.
 
-    python bench.py                          # CPU: Llama 384 x 6 (32k vocab) + SigLIP 256 x 4 at 224 px
-    python bench.py --device cuda --dtype bfloat16 --micro-batch 16 --steps 20
-    python bench.py --only pretrain --steps 3          # one stage; also: finetune, eval, loss
+    python bench.py                              # the representative shapes + start-up times (~25 min on 2 cores)
+    python bench.py --shapes tiny_original --stages finetune --rounds 5
+    python bench.py --shapes head_heavy          # the earlier bench model, a labelled extra (its head > its LLM)
+    python bench.py --only startup,run           # start-up; train.py end to end on tiny_original (peak RSS)
+    python bench.py --variants original,ours,ours+cache,ours+bf16 --device cuda --micro-batch 16
 
-Reports samples/s, tokens/s (non-padding tokens), MFU, padding fraction and peak memory (RSS on CPU, allocated on
-GPU; each variant runs in its own process, so peaks do not leak between them). MFU = model FLOPs / time / peak,
-the peak measured here by timing large matmuls in the run's dtype (the bf16 peak is measured and printed too).
-Each variant runs its timed steps --rounds times and reports the fastest round.
-Model FLOPs (train_flops, the same accounting train.py logs): 2 per multiply-add of every Linear and 4*T^2*d per
-attention layer (nanoGPT/PaLM, no causal halving), LM head only where the loss needs it, padding excluded; the
-tower and connector counted exactly once per image by torch's FlopCounterMode; frozen parts forward only, plus
-the activation gradients that flow through them to a trainable part below.
+Shapes (SHAPES). phi2_siglip is TinyLLaVA-Phi-2-SigLIP (Phi-2: 2560 x 32 layers, 51,200-token vocabulary; SigLIP-
+so400m: 1152 x 27 layers, 384 px / patch 14 = 729 image tokens) scaled down: widths and token counts / 9, layer
+counts / 4, vocabulary / 36. Every part's FLOPs per sample (LLM body, attention, head, tower) and bytes (weights,
+activations, logits, optimizer state) then shrink alike, so each keeps its share (tests/test_perf.py checks the
+FLOP shares against the full-size shape); only the connector, which has no layers to drop, grows from 0.3% to 1.3%
+of the FLOPs. Its text is synthetic, lengths assumed at full size (not measured on the real data): captions of 8-24
+tokens; prompts of 40-260 and answers of 10-110 tokens, every sample with an image. tiny_original is the original's
+own tiny setup: Llama 256 x 4 layers, 688-token vocabulary, SigLIP 256 x 4 layers at 224 px / patch 16 (195 image
+tokens: the original's first-patch drop, kept by both loops here), the demo's first 200 captions and 240
+conversations (5% text-only), batch 8, fp32. head_heavy: the earlier bench model, whose 32k head outweighs its LLM.
 
-The unoptimised loop is the original's: the frozen tower runs all its layers with autograd recording, text-only
-rows get a zero image through the tower, logits over the whole vocabulary, random batches. Optimisations:
-  tower     frozen tower truncated at the feature layer, without autograd     (model.truncate_tower, tower_no_grad)
-  no_zero   text-only rows never see the tower                                   (what model.py always does)
-  loss      LM head only at supervised positions, chunked there                  (model.supervised_only_loss)
-  group     length- and modality-grouped batches                                 (train.grouped_batches)
-  cache     frozen tower outputs computed once, read from disk                   (model.FeatureCache)
-  compile   torch.compile of the LLM's decoder                                   (train.py --compile)
-  ckpt      gradient checkpointing: memory for time, so not in "all"             (train.py --gradient_checkpointing)
-`--only loss` times the LM-head loss alone at Gemma's 256k vocabulary: the supervised positions' logits at once
-against LinearCrossEntropy's chunks (model.chunked_loss), where the bench model's few-token answers cannot show it.
-Peak memory on CPU is the peak RSS (VmHWM) from the first training step on, so the model build's transients are
-left out; "step MiB" subtracts the RSS before the model was built (the interpreter and libraries), and the memory
-ratio is of that. The dtype is bf16 on a GPU; on a CPU, whichever of fp32 and bf16 has the higher measured matmul
-peak (bf16 wins where the CPU has bf16 units: AVX512-BF16, AMX).
+The original's loop, re-created (its code is not available here): what HF Trainer runs for TinyLLaVA Factory at
+its scripts' settings. Gradient checkpointing of the LLM's layers; the frozen tower then runs without autograd (as
+reentrant checkpointing runs it) but whole: every layer and the post-norm; text-only rows go through the tower on
+a zero image; logits at every position over the whole vocabulary, then their mean cross-entropy (original_loss);
+batches in random order (finetune: images and text-only apart, its modality grouping); AdamW. Not modelled:
+DeepSpeed, HF Trainer's overhead, data-loader workers, its Python splice loop, torch 2.0 / transformers 4.40.
+"ours" is train.py's step: the tower truncated at the feature layer, no zero images, the LM head only at
+supervised positions and chunked, length-grouped batches, no checkpointing (the step fits; "ours+ckpt": with it,
+the original's setting). Extras: "ours+cache" (tower outputs computed before timing, as model.FeatureCache gives
+them), "ours+bf16" (bf16 autocast; left out unless this CPU's measured bf16 matmul peak beats fp32).
+
+Every loop gets the same samples, collated before timing (the data path is timed in the profile). Each variant runs
+in its own process; the variants alternate, --rounds times, the order reversed every other round. samples/s: median
+over rounds; x orig: median of the per-round ratios [lowest-highest]. MFU: model FLOPs (flops.py: the useful work,
+the same for every loop on the same samples) / time / the best matmul peak measured in this run, in its dtype.
+step MiB: the step's own memory (activations, gradients, optimizer state): peak RSS over the warm-up and timed steps
+above the RSS just before them, model and data resident (GPU: allocated); proc MiB: the process's peak RSS.
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-import torch
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
-OPTS = ["tower", "no_zero", "loss", "group", "cache", "compile", "ckpt"]
-STAGES = {  # the demo's data (real digits, shipped), a recipe stage each
-    "pretrain": dict(data="demo/pretrain.json", template="pretrain", tune=("connector",)),
-    "finetune": dict(data="demo/finetune.json", template="phi", tune=("llm", "connector")),
+# (family, hidden, layers, heads, FFN, vocabulary) of the LLM; (hidden, layers, heads, FFN, px, patch) of the tower
+PHI2, SO400M = ("phi", 2560, 32, 32, 10240, 51200), (1152, 27, 16, 4304, 384, 14)
+SHAPES = {
+    "phi2_siglip": dict(llm=("phi", 288, 8, 4, 1152, 1422), tower=(128, 7, 2, 478, 126, 14), full=(PHI2, SO400M),
+                        scale=9, data="synthetic", legacy_patch_drop=False, samples=dict(pretrain=48, finetune=48),
+                        # token ranges at full size: (prompt, answer); pretrain: the caption is the answer
+                        text=dict(pretrain=((0, 0), (8, 24)), finetune=((40, 260), (10, 110)))),
+    "tiny_original": dict(llm=("llama", 256, 4, 4, 1024, 688), tower=(256, 4, 4, 1024, 224, 16), data="demo",
+                          legacy_patch_drop=True, samples=dict(pretrain=200, finetune=240)),
+    "head_heavy": dict(llm=("llama", 384, 6, 6, 1024, 32000), tower=(256, 4, 4, 1024, 224, 16), data="demo",
+                       legacy_patch_drop=False, samples=dict(pretrain=64, finetune=64)),
+    "smoke": dict(llm=("phi", 64, 2, 2, 256, 1024), tower=(32, 3, 2, 64, 42, 14), full=((
+        "phi", 128, 2, 2, 512, 2048), (64, 3, 2, 128, 84, 14)), scale=2, data="synthetic", legacy_patch_drop=False,
+        samples=dict(pretrain=4, finetune=4), text=dict(pretrain=((0, 0), (2, 6)), finetune=((4, 12), (2, 6)))),
 }
+REPRESENTATIVE = ["phi2_siglip", "tiny_original"]
+STAGES = {"pretrain": dict(template="pretrain", data="demo/pretrain.json", trains=("connector",)),
+          "finetune": dict(template="phi", data="demo/finetune.json", trains=("llm", "connector"))}
+# The original's code on tiny_original, measured by issue #18's author on a 2-core machine like this one (it cannot
+# run here): samples/s and peak RSS of a whole training run, fp32, checkpointing on, batch 8
+ISSUE_ORIGINAL = dict(pretrain=dict(samples_s=3.85, rss_mib=536), finetune=dict(samples_s=2.78, rss_mib=665))
 
 
-# FLOPs and the peak: flops.py owns them (train.py logs the same count); imported here, not the reverse
-from flops import flop_profile, image_flops, linear_params, matmul_peak, train_flops  # noqa: E402,F401
+# ------------------------------------------------------------------------------------ shapes and their FLOPs
+def analytic_profile(llm, tower, stage):
+    """flops.flop_profile of a shape from its sizes alone (no model built), for the share check at full size."""
+    (family, d, layers, _, ffn, vocab), (dv, lv, _, fv, px, patch) = llm, tower
+    n = (px // patch) ** 2
+    tower_f = 2 * n * 3 * patch * patch * dv + (lv - 1) * (2 * n * (4 * dv * dv + 2 * dv * fv) + 4 * n * n * dv)
+    dec = layers * (4 * d * d + (2 if family == "phi" else 3) * d * ffn)   # q k v o + the MLP (Llama: gated)
+    full = stage == "finetune"
+    return dict(tower_trains=False, conn_trains=True, llm_trains=full, dec=dec, head=d * vocab, layers=layers,
+                dec_trainable=dec * full, head_trains=full, d_attn=d, supervised_only=True,
+                per_image=(tower_f, 2 * n * (dv * d + d * d)))
 
 
-def rss_now():
+def synthetic_lengths(shape, stage, n, scale=None, seed=0):
+    """(prompt, answer) text tokens of n samples, drawn in the shape's full-size ranges and divided by its scale."""
+    import random
+    rng, s = random.Random(seed), scale or SHAPES[shape]["scale"]
+    (p0, p1), (a0, a1) = SHAPES[shape]["text"][stage]
+    return [(round(rng.randint(p0, p1) / s), max(1, round(rng.randint(a0, a1) / s))) for _ in range(n)]
+
+
+def shares(profile, lengths, n_image_tokens):
+    """Each part's share of a step's model FLOPs (flops.PARTS) for samples of these (prompt, answer) lengths."""
+    import torch
+    from flops import train_flops
+    total = {}
+    for prompt, answer in lengths:
+        mask = torch.ones(1, n_image_tokens + prompt + answer)
+        labels = torch.full(mask.shape, -100)
+        labels[0, -answer:] = 0
+        for k, v in train_flops(profile, mask, labels, 1, parts=True).items():
+            total[k] = total.get(k, 0.0) + v
+    return {k: v / sum(total.values()) for k, v in total.items()}
+
+
+def make_base(root, shape, seed=0):
+    """The shape's LLM and tower, random init, saved like Hub checkpoints (built once per root, then reused)."""
+    if os.path.isfile(f"{root}/siglip/config.json"):
+        return
+    import torch
+    from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM,
+                              SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel)
+    torch.manual_seed(seed)
+    (family, h, n, heads, ffn, vocab), (vh, vn, vheads, vffn, px, patch) = SHAPES[shape]["llm"], SHAPES[shape]["tower"]
+    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "demo/tokenizer"))   # 525 tokens; the head is `vocab`
+    common = dict(vocab_size=vocab, hidden_size=h, intermediate_size=ffn, num_hidden_layers=n,
+                  num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    lm = PhiForCausalLM(PhiConfig(partial_rotary_factor=0.4, **common)) if family == "phi" else \
+        LlamaForCausalLM(LlamaConfig(**common))
+    lm.save_pretrained(f"{root}/llm")
+    tok.save_pretrained(f"{root}/llm")
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=vh, intermediate_size=vffn, num_hidden_layers=vn,
+                                         num_attention_heads=vheads, image_size=px, patch_size=patch)
+                      ).save_pretrained(f"{root}/siglip")
+    SiglipImageProcessor(size={"height": px, "width": px}).save_pretrained(f"{root}/siglip")
+
+
+# ------------------------------------------------------------------------------------ one variant, in a child
+def samples(a, stage, model, tok, proc):
+    """The stage's samples (dicts as data.VLMDataset returns them), their lengths and how long reading them took."""
+    import torch
+    from data import IMAGE_TOKEN_INDEX, VLMDataset
+    shape, n = SHAPES[a.shape], a.samples or SHAPES[a.shape]["samples"][stage]
+    if shape["data"] == "demo":
+        with open(os.path.join(ROOT, STAGES[stage]["data"])) as f:
+            records = json.load(f)[:n]
+        ds = VLMDataset(records, tok, proc, STAGES[stage]["template"], model.num_image_tokens, 2048,
+                        os.path.join(ROOT, "demo/images"))
+        t0 = time.perf_counter()
+        items = [ds[i] for i in range(len(ds))]
+        return items, ds.lengths, (time.perf_counter() - t0) / len(items)
+    g, items, k = torch.Generator().manual_seed(0), [], model.num_image_tokens
+    for prompt, answer in synthetic_lengths(a.shape, stage, n):
+        ids = torch.randint(0, len(tok), (k + prompt + answer,), generator=g)
+        ids[:k] = IMAGE_TOKEN_INDEX   # the image first, as the original moves it to the front of its turn
+        labels = torch.full_like(ids, -100)
+        labels[-answer:] = ids[-answer:]
+        items.append({"input_ids": ids, "labels": labels, "pixel_values": torch.randn(3, *model.image_size, generator=g)})
+    return items, [len(x["input_ids"]) for x in items], None
+
+
+def original_batches(lengths, mb, seed, by_modality):
+    """The original's sampler on one process: random order; with group_by_modality_length (its finetune) images
+    and text-only samples apart, but no grouping by length (its megabatch is one batch)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    parts = [[i for i, n in enumerate(lengths) if n > 0], [i for i, n in enumerate(lengths) if n <= 0]] \
+        if by_modality else [list(range(len(lengths)))]
+    batches = []
+    for part in parts:
+        part = [part[i] for i in torch.randperm(len(part), generator=g).tolist()]
+        batches += [part[i:i + mb] for i in range(0, len(part), mb)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def rss(field="VmRSS"):
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
 
 
 def reset_peak(device):
     """Start a fresh peak-memory window (the step's, not the model build's transients)."""
     if device != "cpu":
-        torch.cuda.reset_peak_memory_stats()
-        return
+        return __import__("torch").cuda.reset_peak_memory_stats()
     try:
         with open("/proc/self/clear_refs", "w") as f:   # Linux: resets VmHWM to the current RSS
             f.write("5")
@@ -70,262 +181,313 @@ def reset_peak(device):
         pass   # no reset: the peak then also covers building the model
 
 
-def peak_memory(device):
-    if device != "cpu":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+def original_loss(model, b):
+    """The original's forward on a batch: every row through the tower (a zero image where it has none), every
+    position's logits over the whole vocabulary, their mean cross-entropy. (Same value as ours: tested.)"""
+    import torch
+    import torch.nn.functional as F
+    has = (b["input_ids"] == -200).any(1)
+    full = torch.zeros(len(has), 3, *model.image_size, device=b["input_ids"].device, dtype=model.vision_tower.dtype)
+    if b["images"] is not None:
+        full[has] = b["images"].to(full.dtype)
+    with torch.no_grad():   # frozen, and under reentrant checkpointing: no autograd
+        feats = model.vision_tower(full)
+    embeds = model.embed(b["input_ids"], image_features=model.connector(feats)[has])
+    logits = model.language_model(inputs_embeds=embeds, attention_mask=b["attention_mask"]).logits.float()
+    return F.cross_entropy(logits[:, :-1].contiguous().view(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1))
 
 
-# --------------------------------------------------------------------------------------- the bench model
-SIZES = {  # hidden, layers, heads, FFN of the LLM; the same of the tower; image px; vocabulary
-    "bench": dict(llm=(384, 6, 6, 1024), tower=(256, 4, 4, 1024), px=224, vocab=32000),
-    "tiny": dict(llm=(64, 2, 2, 128), tower=(32, 1, 2, 64), px=64, vocab=1024),   # tests/test_perf.py: seconds
-}
-
-
-def make_base(root, size="bench", seed=0):
-    """The bench model's parts, random init, saved like Hub checkpoints (built once per root, reused)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipImageProcessor, SiglipVisionConfig, \
-        SiglipVisionModel
-    if os.path.isfile(f"{root}/siglip/config.json"):
-        return
-    torch.manual_seed(seed)
-    (h, n, heads, ffn), (vh, vn, vheads, vffn), px = SIZES[size]["llm"], SIZES[size]["tower"], SIZES[size]["px"]
-    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "demo/tokenizer"))  # 525 real tokens; logits over 32k
-    LlamaForCausalLM(LlamaConfig(vocab_size=SIZES[size]["vocab"], hidden_size=h, intermediate_size=ffn,
-                                 num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=heads,
-                                 max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-                     ).save_pretrained(f"{root}/llm")
-    tok.save_pretrained(f"{root}/llm")
-    SiglipVisionModel(SiglipVisionConfig(hidden_size=vh, intermediate_size=vffn, num_hidden_layers=vn,
-                                         num_attention_heads=vheads, image_size=px, patch_size=16)
-                      ).save_pretrained(f"{root}/siglip")
-    SiglipImageProcessor(size={"height": px, "width": px}).save_pretrained(f"{root}/siglip")
-
-
-def build(root, opts, dtype):
+def run_variant(a, stage, variant):
+    """One variant of one stage in this process: warm-up, the timed steps; returns the measurements."""
+    import torch
+    from data import collate
+    from flops import flop_profile, train_flops
     from model import ModelArgs, build_model
-    # the original runs every tower layer (and the post-norm): as costly as keeping all layers here
-    layer = -2 if "tower" in opts else -1
-    model, tok, proc = build_model(ModelArgs(llm=f"{root}/llm", vision_tower=f"{root}/siglip", dtype=dtype,
-                                             vision_feature_layer=layer))
-    model.tower_no_grad = "tower" in opts
-    model.supervised_only_loss = "loss" in opts
-    return model, tok, proc
-
-
-# ---------------------------------------------------------------------------------------- one variant
-def run_train(a, stage, opts):
-    """One variant in this process: returns its measurements."""
-    from data import VLMDataset, collate
-    from model import FeatureCache, image_size
     from train import grouped_batches
     torch.manual_seed(0)
-    spec = STAGES[stage]
-    before = rss_now()
-    model, tok, proc = build(a.root, opts, a.dtype)
-    model.to(a.device)
+    original, device = variant == "original", a.device
+    # the original runs every tower layer and the post-norm: as costly as keeping all of them (layer -1)
+    model, tok, proc = build_model(ModelArgs(llm=f"{a.root}/llm", vision_tower=f"{a.root}/siglip", dtype=a.dtype,
+                                             vision_feature_layer=-1 if original else -2,
+                                             legacy_patch_drop=SHAPES[a.shape]["legacy_patch_drop"]))
+    model.to(device)
     for name, part in [("llm", model.language_model), ("vision_tower", model.vision_tower),
                        ("connector", model.connector)]:
-        part.requires_grad_(name in spec["tune"])
-    # model FLOPs count the useful work only: the truncated tower, real images (not the zero ones)
-    profile = flop_profile(model, image_size(proc))
-    if "tower" not in opts:
-        profile["per_image"] = image_flops(build(a.root, ["tower"], a.dtype)[0].to(a.device), image_size(proc))
-    ds = VLMDataset(os.path.join(ROOT, spec["data"]), tok, proc, spec["template"], model.num_image_tokens, 2048,
-                    os.path.join(ROOT, "demo/images"))
-    batches = grouped_batches(ds.lengths, a.micro_batch, seed=0, group_by_length="group" in opts)
-    batches = batches[:a.warmup + a.steps]
-    cache = None
-    if "cache" in opts:   # filled before timing, as train.py does before a stage (its cost is reported apart)
-        cache = ds.feature_cache = FeatureCache(os.path.join(a.root, "cache"), model, proc)
-        t0 = time.time()
-        cache.fill(model, [ds.records[i]["image"] for b in batches for i in b if ds.records[i].get("image")],
-                   os.path.join(ROOT, "demo/images"))
-        fill_s = time.time() - t0
-    data = [collate([ds[i] for i in b], tok.pad_token_id) for b in batches]
-    if "compile" in opts:   # as train.py --compile
-        model.language_model.get_decoder().compile()
-    if "ckpt" in opts:      # as train.py --gradient_checkpointing
+        part.requires_grad_(name in STAGES[stage]["trains"])
+    items, lengths, read_s = samples(a, stage, model, tok, proc)
+    batches = original_batches(lengths, a.micro_batch, 0, stage == "finetune") if original else \
+        grouped_batches(lengths, a.micro_batch, seed=0)
+    data = [collate([items[i] for i in b], tok.pad_token_id) for b in batches]
+    if "cache" in variant:   # the tower's outputs, computed before timing, as a FeatureCache hands them over
+        for b in data:
+            with torch.no_grad():
+                b["tower_features"] = None if b["images"] is None else model.vision_tower(b["images"].to(device))
+            b["images"] = None
+    if original or "ckpt" in variant:   # the original's scripts: --gradient_checkpointing True
         model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.language_model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=False)
-    model.train()   # as train.py: HF checkpointing only recomputes in train mode
-    reset_peak(a.device)   # the window: warm-up (optimizer state appears) and timed steps
-    sync = torch.cuda.synchronize if a.device != "cpu" else (lambda: None)
+    model.train()   # HF checkpointing only recomputes in train mode
+    autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled="bf16" in variant)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
 
-    def step(b):
-        b = {k: v.to(a.device) if torch.is_tensor(v) else v for k, v in b.items()}
-        feats, images = None, b["images"]
-        if "no_zero" not in opts and cache is None:   # the original: every row through the tower, zeros if no image
-            has = (b["input_ids"] == -200).any(1)
-            full = torch.zeros(len(has), 3, *image_size(proc), device=a.device)
-            if images is not None:
-                full[has] = images
-            feats, images = model.encode_images(full)[has], None
-        out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=images, image_features=feats,
-                    tower_features=b["tower_features"])
-        (out["loss_sum"] / out["num_tokens"].clamp(min=1)).backward()
+    def step(b, mark=lambda name: None):   # mark: the profile's clock at the end of each phase
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        with autocast:
+            if original:
+                loss = original_loss(model, b)
+            else:
+                out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"],
+                            tower_features=b["tower_features"])
+                loss = out["loss_sum"] / out["num_tokens"].clamp(min=1)
+        mark("loss")
+        loss.backward()
+        mark("backward")
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("optimizer")
 
+    with torch.no_grad():   # weights may still be file-mapped, paged in by the first step: page them in now
+        sum(float(p.sum()) for p in model.parameters())
+    process_peak, base = rss("VmHWM"), rss() if device == "cpu" else torch.cuda.memory_allocated() / 2 ** 20
+    reset_peak(device)   # the step's window: warm-up (the optimizer state appears) and the timed steps
     for b in data[:a.warmup]:
         step(b)
-    timed, dt = data[a.warmup:], float("inf")
-    for _ in range(a.rounds):   # the same timed steps a few times; the fastest round counts (timeit's rule)
-        sync()
-        t0 = time.perf_counter()
-        for b in timed:
-            step(b)
-        sync()
-        dt = min(dt, time.perf_counter() - t0)
-    samples = sum(b["input_ids"].shape[0] for b in timed)
-    tokens = sum(int(b["attention_mask"].sum()) for b in timed)
-    padded = sum(b["attention_mask"].numel() for b in timed)
-    flops = sum(train_flops(profile, b["attention_mask"], b["labels"],
-                            b["tower_features"].shape[0] if b["tower_features"] is not None else
-                            0 if b["images"] is None else b["images"].shape[0], tower_runs=cache is None)
-                for b in timed)
-    result = {"samples_s": samples / dt, "tokens_s": tokens / dt, "flops_s": flops / dt,
-              "padding": 1 - tokens / padded, "peak_mib": peak_memory(a.device), "seconds": dt,
-              "step_mib": peak_memory(a.device) - (before if a.device == "cpu" else 0)}
-    if cache is not None:
-        result["cache_fill_s"] = fill_s
-    return result
-
-
-def run_eval(a, batch_size, new_tokens):
-    """Batched greedy answers to demo VQA questions through evaluate.answer (the real code path)."""
-    import evaluate
-    torch.manual_seed(0)
-    model, tok, proc = build(a.root, OPTS, a.dtype)
-    model.to(a.device)
-    for p in model.connector.parameters():   # a random connector makes every answer alike; vary it a little
-        p.data.normal_(0, 0.5)
-    items = evaluate.load_questions("vqav2", os.path.join(ROOT, "demo/eval/vqav2/llava_vqav2_demo_val.jsonl"))
-    items = items[:a.eval_questions]
-    with tempfile.TemporaryDirectory() as tmp:
-        evaluate.answer(model, tok, proc, items[:batch_size], os.path.join(ROOT, "demo/images"), "phi",
-                        os.path.join(tmp, "warm.jsonl"), batch_size, new_tokens, min_new_tokens=new_tokens)
-        dt = float("inf")
-        for r in range(a.rounds):   # the fastest round counts
-            t0 = time.perf_counter()
-            rows = evaluate.answer(model, tok, proc, items, os.path.join(ROOT, "demo/images"), "phi",
-                                   os.path.join(tmp, f"a{r}.jsonl"), batch_size, new_tokens, min_new_tokens=new_tokens)
-            dt = min(dt, time.perf_counter() - t0)
-    return {"samples_s": len(rows) / dt, "tokens_s": len(rows) * new_tokens / dt, "peak_mib": peak_memory(a.device),
-            "seconds": dt, "answers": [r["text"] for r in rows]}
-
-
-def run_loss(a, chunked, rows=1024, dim=256, vocab=256000):
-    """The LM-head loss alone at Gemma's vocabulary, forward + backward: the supervised positions' logits at once
-    (model.chunked_loss = False) or LinearCrossEntropy's chunks (the default)."""
-    import torch.nn.functional as F
-    from model import LOSS_CHUNK, LinearCrossEntropy
-    torch.manual_seed(0)
-    weight = torch.randn(vocab, dim, device=a.device, requires_grad=True)
-    hidden = torch.randn(rows, dim, device=a.device, requires_grad=True)
-    targets = torch.randint(0, vocab, (rows,), device=a.device)
-    before = rss_now() if a.device == "cpu" else torch.cuda.memory_allocated() / 2 ** 20
-    reset_peak(a.device)
+    sync()
     t0 = time.perf_counter()
-    if chunked:
-        loss = LinearCrossEntropy.apply(hidden, weight, None, targets, None, LOSS_CHUNK // vocab, True)
-    else:
-        loss = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
-    loss.backward()
-    if a.device != "cpu":
-        torch.cuda.synchronize()
-    return {"seconds": time.perf_counter() - t0, "step_mib": peak_memory(a.device) - before, "loss": float(loss)}
+    for b in data:
+        step(b)
+    sync()
+    dt = time.perf_counter() - t0
+    peak = rss("VmHWM") if device == "cpu" else torch.cuda.max_memory_allocated() / 2 ** 20
+    tokens, padded = sum(float(b["attention_mask"].sum()) for b in data), sum(b["attention_mask"].numel() for b in data)
+    out = dict(samples_s=len(items) / dt, padding=1 - tokens / padded, seconds=dt, step_mib=peak - base,
+               proc_mib=max(process_peak, rss("VmHWM")))
+    if not original:   # model FLOPs of the useful work: the original's rows take ours' (the same samples)
+        profile = flop_profile(model, model.image_size)
+        parts = [train_flops(profile, b["attention_mask"], b["labels"], int((b["input_ids"] == -200).any(1).sum()),
+                             "cache" not in variant, parts=True) for b in data]
+        out["flop_parts"] = {k: sum(p[k] for p in parts) for k in parts[0]}
+        out["flops"] = sum(out["flop_parts"].values())
+    if variant == "ours" and a.profile:
+        out["profile"] = profile_step(model, step, data, items, batches, tok, read_s, sync)
+    return out
 
 
-# ------------------------------------------------------------------------------------------ the driver
-def variant(a, kind, arg):
-    """Run one variant in a fresh process (clean peak memory); returns its JSON."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_variant", json.dumps([kind, arg])] + a.passthrough
+def profile_step(model, step, data, items, batches, tok, read_s, sync, repeats=3):
+    """Where a step's time goes (seconds, median of `repeats` runs of the longest batch): the tower, connector and
+    decoder timed by forward hooks; the head from the decoder's end to the loss (its backward runs there too:
+    LinearCrossEntropy forms its gradients in the forward); the backward (LLM and connector); the optimizer with
+    clipping; "data": reading the batch's samples (decoding, preprocessing, tokenising) and collating them."""
+    from data import collate
+    now = lambda: (sync(), time.perf_counter())[1]  # noqa: E731
+    marks, handles, runs = {}, [], []
+    for name, m in [("tower", model.vision_tower), ("connector", model.connector),
+                    ("LLM forward", model.language_model.get_decoder())]:
+        handles.append(m.register_forward_pre_hook(lambda m, a, name=name: marks.__setitem__(name + "<", now())))
+        handles.append(m.register_forward_hook(lambda m, a, o, name=name: marks.__setitem__(name + ">", now())))
+    i = max(range(len(data)), key=lambda i: float(data[i]["attention_mask"].sum()))
+    try:
+        for _ in range(repeats):
+            marks.clear()
+            marks["start"] = now()
+            step(data[i], lambda name: marks.__setitem__(name, now()))
+            t = {k: marks.get(k + ">", 0.0) - marks.get(k + "<", 0.0) for k in ("tower", "connector", "LLM forward")}
+            t["head (+ its backward)"] = marks["loss"] - marks["LLM forward>"]
+            t["backward"] = marks["backward"] - marks["loss"]
+            t["optimizer"] = marks["optimizer"] - marks["backward"]
+            t["step"] = marks["optimizer"] - marks["start"]
+            runs.append(t)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {k: statistics.median(t[k] for t in runs) for k in runs[0]}
+    if read_s is not None:   # synthetic samples cost nothing to make: no data time for them
+        t0 = time.perf_counter()
+        collate([items[j] for j in batches[i]], tok.pad_token_id)
+        out["data"] = read_s * len(batches[i]) + time.perf_counter() - t0
+    return out
+
+
+# ------------------------------------------------------------------------------------ the driver
+HWM = "print('VmHWM', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')), file=sys.stderr)"
+
+
+def python(*args, code=None):
+    """`python script args` (or `python -c code`) that prints its own peak RSS at exit (a child's ru_maxrss also
+    counts the parent's RSS at the fork, so the kernel's figure would be this process's)."""
+    run = code or "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    return [sys.executable, "-c", f"import atexit, runpy, sys; atexit.register(lambda: {HWM}); {run}", *args]
+
+
+def command(cmd):
+    """Run a command (from python()) to its end: (seconds, its peak RSS in MiB, its output)."""
+    t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    dt = time.perf_counter() - t0
     if out.returncode:
-        raise RuntimeError(f"variant {kind} {arg} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{' '.join(cmd)[-300:]} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
+    return dt, int(out.stderr.rsplit("VmHWM ", 1)[1].split()[0]) / 1024, out.stdout
+
+
+def spread(xs):
+    return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]" if len(xs) > 1 else f"{xs[0]:.2f}"
+
+
+def bench_shape(a, shape, peaks):
+    """Every stage of a shape: the variants alternating over the rounds (each in a fresh process), then the table,
+    the FLOP shares and the profile of our step. peaks: the matmul peaks measured so far (the best counts)."""
+    from flops import matmul_peak
+    report, spec = {}, dict(shape=shape, root=os.path.join(a.root, shape), device=a.device, dtype=a.dtype,
+                            micro_batch=a.micro_batch, warmup=a.warmup, samples=a.samples)
+    for stage in a.stages:
+        runs = {v: [] for v in a.variants}
+        for r in range(a.rounds):
+            peaks.append(matmul_peak(getattr(__import__("torch"), a.dtype), a.device))
+            for v in a.variants if r % 2 == 0 else a.variants[::-1]:
+                child = dict(spec, stage=stage, variant=v, profile=v == "ours" and r == a.rounds - 1)
+                runs[v].append(json.loads(command(python(__file__, "--_child", json.dumps(child)))[2].splitlines()[-1]))
+        peak, base, ours = max(peaks), runs.get("original"), runs["ours"]
+        print(f"\n{shape} / {stage}: {a.samples or SHAPES[shape]['samples'][stage]} samples, micro-batch "
+              f"{a.micro_batch}, {a.dtype}, {a.rounds} rounds, matmul peak {peak / 1e9:.0f} GFLOP/s\n{'variant':<11}"
+              f"{'samples/s':>10}{'x orig [range]':>20}{'MFU':>7}{'padding':>9}{'step MiB':>10}{'x orig':>8}{'proc MiB':>10}")
+        for v, xs in runs.items():
+            med = lambda key: statistics.median(x[key] for x in xs)  # noqa: E731
+            ratio = spread([x["samples_s"] / o["samples_s"] for x, o in zip(xs, base)]) if base else ""
+            x_mem = med("step_mib") / statistics.median(o["step_mib"] for o in base) if base else float("nan")
+            mfu = statistics.median(x.get("flops", ours[0]["flops"]) / x["seconds"] for x in xs) / (
+                a.peak_bf16 if "bf16" in v else peak)   # each in its own dtype's peak
+            print(f"{v:<11}{med('samples_s'):>10.2f}{ratio:>20}{100 * mfu:>6.1f}%{100 * xs[0]['padding']:>8.1f}%"
+                  f"{med('step_mib'):>10.0f}{x_mem:>8.2f}{med('proc_mib'):>10.0f}")
+        share = {k: v / ours[-1]["flops"] for k, v in ours[-1]["flop_parts"].items()}
+        print("model FLOPs of our step: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items()))
+        prof = ours[-1].get("profile")
+        if prof:
+            named = sum(v for k, v in prof.items() if k not in ("step", "data"))
+            print("our step, its longest batch, ms: " + ", ".join(f"{k} {1e3 * v:.0f}" for k, v in prof.items()) +
+                  f" ({100 * named / prof['step']:.0f}% of the step named)" + "; data synthetic" * ("data" not in prof))
+        report[stage] = {"runs": runs, "flop_shares": share, "profile": prof}
+    return report
+
+
+def chat_model(a):
+    """The demo's trained model when demo.py has run, else a model of its kind (tiny_original's parts, random)."""
+    demo = os.path.join(ROOT, "out/demo/2_finetune")
+    if os.path.isfile(os.path.join(demo, "train_config.json")):
+        return demo, "out/demo/2_finetune"
+    out, base = os.path.join(a.root, "chat-model"), os.path.join(a.root, "tiny_original")
+    if not os.path.isfile(os.path.join(out, "train_config.json")):
+        from model import ModelArgs, build_model, save_pretrained
+        make_base(base, "tiny_original")
+        save_pretrained(*build_model(ModelArgs(llm=f"{base}/llm", vision_tower=f"{base}/siglip")), out)
+        with open(os.path.join(out, "train_config.json"), "w") as f:
+            json.dump({"template": "phi"}, f)
+    return out, "tiny_original's parts, random weights (out/demo/2_finetune not built)"
+
+
+def startup(a):
+    """`--help` of every script, chat.py answering one question, and the imports under them: seconds and peak RSS,
+    the commands alternating over the rounds."""
+    with open(os.path.join(ROOT, "demo/pretrain.json")) as f:
+        image = os.path.join(ROOT, "demo/images", json.load(f)[0]["image"])
+    model_dir, which = chat_model(a)
+    cmds = {f"{s} --help": python(s, "--help") for s in ("train.py", "bench.py", "chat.py", "evaluate.py",
+                                                         "convert.py", "check_data.py", "demo.py")}
+    cmds.update({"chat.py, one 8-token answer": python("chat.py", "--model", model_dir, "--image", image, "--prompt",
+                                                       "What digit is this?", "--max-new-tokens", "8", "--no-stream"),
+                 "python -c 'import torch'": python(code="import torch"), "python -c 'import model'": python(code="import model")})
+    res = {k: [] for k in cmds}
+    for _ in range(a.rounds):
+        for k, cmd in cmds.items():
+            res[k].append(command(cmd)[:2])
+    print(f"\nstart-up (median [lowest-highest] of {a.rounds}; chat model: {which})\n{'command':<34}{'seconds':>20}"
+          f"{'peak RSS MiB':>14}  target")
+    for k, xs in res.items():
+        target = "2 s" if k.endswith("--help") else "5 s" if k.startswith("chat") else ""
+        print(f"{k:<34}{spread([x[0] for x in xs]):>20}{statistics.median(x[1] for x in xs):>14.0f}  {target}")
+    return res
+
+
+def train_runs(a):
+    """train.py end to end on tiny_original as a user runs it, a process per stage (pretrain on the 200 captions,
+    then finetune from it on the 240 conversations; fp32, batch 8, no loader workers: every byte is in the measured
+    process), checkpointing on (the original's setting) and off (ours' choice); peak RSS from the kernel."""
+    root = os.path.join(a.root, "tiny_original")
+    make_base(root, "tiny_original")
+    args = [f"--llm={root}/llm", f"--vision_tower={root}/siglip", "--legacy_patch_drop=true", "--bf16=false",
+            "--micro_batch_size=8", "--global_batch_size=8", "--num_workers=0", "--log_every=1000", "--overwrite"]
+    for stage, n in SHAPES["tiny_original"]["samples"].items():
+        with open(os.path.join(ROOT, STAGES[stage]["data"])) as f:
+            records = json.load(f)[:n]
+        with open(os.path.join(root, f"{stage}{n}.json"), "w") as f:
+            json.dump(records, f)
+        args += [f"--data_{stage}={root}/{stage}{n}.json", f"--images_{stage}={ROOT}/demo/images"]
+    stage_args = {"pretrain": "--stages=[{'name': 'pretrain', 'template': 'pretrain', 'tune_llm': 'frozen', "
+                              "'tune_vision_tower': 'frozen', 'tune_connector': 'full', 'lr': 1e-3}]",
+                  "finetune": "--stages=[{'name': 'finetune', 'template': 'phi', 'tune_llm': 'full', "
+                              "'tune_vision_tower': 'frozen'}]"}
+    results = {}
+    for r in range(a.rounds):
+        for ckpt in ("true", "false") if r % 2 == 0 else ("false", "true"):
+            for stage in ("pretrain", "finetune"):   # finetune starts from this round's pretrained model
+                init = [f"--init_from={root}/run/{r}_{ckpt}_pretrain/1_pretrain"] * (stage == "finetune")
+                _, mib, text = command(python("train.py", *args, stage_args[stage], *init,
+                                              f"--out_dir={root}/run/{r}_{ckpt}_{stage}", f"--gradient_checkpointing={ckpt}"))
+                sps = float(text.rsplit(" samples/s", 1)[0].rsplit("| ", 1)[1])
+                results.setdefault(f"{stage}, checkpointing {ckpt}", []).append((sps, mib))
+    print(f"\ntrain.py on tiny_original, whole runs, {a.rounds} rounds alternating; x orig: against issue #18's "
+          f"measurement of the original's code\n{'run':<30}{'samples/s':>20}{'x orig':>8}{'peak RSS MiB':>24}{'x orig':>8}")
+    for k, xs in results.items():
+        o = ISSUE_ORIGINAL[k.split(",")[0]]
+        sps, mib = [x[0] for x in xs], [x[1] for x in xs]
+        print(f"{k:<30}{spread(sps):>20}{statistics.median(sps) / o['samples_s']:>8.2f}{spread(mib):>24}"
+              f"{statistics.median(mib) / o['rss_mib']:>8.2f}")
+    return results
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=None, help="bench model and feature cache (default: out/bench[-tiny])")
-    p.add_argument("--size", default="bench", choices=list(SIZES), help="tiny: a seconds-long smoke run (tests)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None,
-                   help="float32 | bfloat16 (default: bfloat16 on GPU; on CPU the one with the higher matmul peak)")
+    p.add_argument("--shapes", default=",".join(REPRESENTATIVE), help=f"comma-separated, of {', '.join(SHAPES)}")
+    p.add_argument("--stages", default="pretrain,finetune")
+    p.add_argument("--variants", default="original,ours,ours+ckpt",
+                   help="comma-separated: original, ours, ours+ckpt, ours+cache, ours+bf16")
+    p.add_argument("--only", default="train,startup", help="comma-separated: train (the shapes), startup, run")
+    p.add_argument("--rounds", type=int, default=3, help="alternating repetitions of every measurement")
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3, help="times the timed steps run; the fastest round counts")
-    p.add_argument("--only", default="pretrain,finetune,eval,loss")
-    p.add_argument("--variants", default="", help="comma-separated optimisation sets to run, e.g. 'none,all,loss'")
-    p.add_argument("--eval-questions", type=int, default=32)
-    p.add_argument("--new-tokens", default="1,8,64", help="answer lengths to time (forced: min = max new tokens)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (of the same batches)")
+    p.add_argument("--samples", type=int, default=0, help="samples per stage (0: the shape's own)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if there is one)")
+    p.add_argument("--dtype", default="float32", help="weights: float32 | bfloat16 (ours+bf16 autocasts fp32 ones)")
+    p.add_argument("--root", default=os.path.join(ROOT, "out", "bench"), help="the shapes' models, one folder each")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
-    a, _ = p.parse_known_args(argv)
-    a.root = a.root or os.path.join(ROOT, "out", "bench" if a.size == "bench" else f"bench-{a.size}")
-    if a._variant:   # a child (its dtype set by the parent): one measurement, JSON on the last stdout line
-        kind, arg = json.loads(a._variant)
-        result = (run_eval(a, *arg) if kind == "eval" else run_loss(a, arg) if kind == "loss" else
-                  run_train(a, kind, arg))
-        print(json.dumps(result))
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)   # --help ends here, before torch loads
+    if a._child:   # one measurement; JSON on the last stdout line
+        spec = json.loads(a._child)
+        print(json.dumps(run_variant(argparse.Namespace(**spec), spec["stage"], spec["variant"])))
         return None
-    os.makedirs(a.root, exist_ok=True)
-    make_base(a.root, a.size)
-    peaks = {"bfloat16": matmul_peak(torch.bfloat16, a.device, n=None if a.device != "cpu" else 512)}
-    if a.device == "cpu":
-        peaks["float32"] = matmul_peak(torch.float32, a.device)
-    a.dtype = a.dtype or max(peaks, key=peaks.get)
-    if a.dtype not in peaks:
-        peaks[a.dtype] = matmul_peak(getattr(torch, a.dtype), a.device)
-    peak, peak_bf16 = peaks[a.dtype], peaks["bfloat16"]
-    a.passthrough = [x for x in (argv if argv is not None else sys.argv[1:]) if not x.startswith("--_variant")]
-    a.passthrough += ["--dtype", a.dtype]
-    print(f"{a.device} {a.dtype}: measured matmul peak " +
-          ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()) + f"; {torch.get_num_threads()} threads")
-    best = [o for o in OPTS if o not in ("compile", "ckpt")]
-    sets = {"none": [], **{f"+{o}": [o] for o in OPTS}, "all": best, "all+compile": best + ["compile"],
-            "all+ckpt": best + ["ckpt"]}
-    if a.variants:
-        sets = {k: v for k, v in sets.items() if k in a.variants.split(",")}
-    report = {"device": a.device, "dtype": a.dtype, "peak_flops": peak, "peak_flops_bf16": peak_bf16}
-    for stage in [s for s in ("pretrain", "finetune") if s in a.only.split(",")]:
-        rows = {}
-        for name, opts in sets.items():
-            rows[name] = r = variant(a, stage, opts)
-            r["mfu"] = r["flops_s"] / peak
-        base = rows.get("none")
-        print(f"\n{stage} (micro-batch {a.micro_batch}, {a.steps} timed steps, best of {a.rounds} rounds)\n"
-              f"{'variant':<13}{'samples/s':>10}{'tokens/s':>10}{'MFU':>7}{'padding':>9}{'peak MiB':>10}"
-              f"{'step MiB':>10}{'x samples/s':>12}{'x memory':>10}")
-        for name, r in rows.items():
-            print(f"{name:<13}{r['samples_s']:>10.2f}{r['tokens_s']:>10.0f}{100 * r['mfu']:>6.1f}%"
-                  f"{100 * r['padding']:>8.1f}%{r['peak_mib']:>10.0f}{r['step_mib']:>10.0f}" +
-                  (f"{r['samples_s'] / base['samples_s']:>12.2f}{r['step_mib'] / base['step_mib']:>10.2f}"
-                   if base else ""))
-        report[stage] = rows
-    for n in [int(x) for x in a.new_tokens.split(",")] if "eval" in a.only.split(",") else []:
-        one, batched = variant(a, "eval", [1, n]), variant(a, "eval", [16, n])
-        same = one.pop("answers") == batched.pop("answers")
-        print(f"\neval ({a.eval_questions} questions, {n} new tokens each): batch 1 {one['samples_s']:.2f} "
-              f"samples/s | batch 16 {batched['samples_s']:.2f} samples/s | x{batched['samples_s'] / one['samples_s']:.2f}"
-              f" | identical answers: {same}")
-        report[f"eval_{n}"] = {"batch1": one, "batch16": batched, "identical_answers": same}
-    if "loss" in a.only.split(","):
-        whole, chunked = variant(a, "loss", False), variant(a, "loss", True)
-        print(f"\nLM-head loss, 1024 supervised tokens x 256k vocabulary (forward + backward): logits at once "
-              f"{whole['step_mib']:.0f} MiB {whole['seconds']:.2f} s | chunked {chunked['step_mib']:.0f} MiB "
-              f"{chunked['seconds']:.2f} s | x memory {chunked['step_mib'] / whole['step_mib']:.2f}, "
-              f"x time {chunked['seconds'] / whole['seconds']:.2f}")
-        report["loss"] = {"logits_at_once": whole, "chunked": chunked}
+    import torch
+    from flops import matmul_peak
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    a.stages, a.variants, only = a.stages.split(","), a.variants.split(","), a.only.split(",")
+    peaks = {d: matmul_peak(getattr(torch, d), a.device) for d in ("float32", "bfloat16")}
+    a.peak_bf16 = peaks["bfloat16"]
+    if "ours+bf16" in a.variants and a.device == "cpu" and peaks["bfloat16"] <= peaks["float32"]:
+        print(f"ours+bf16 left out: bf16 matmuls ({peaks['bfloat16'] / 1e9:.0f} GFLOP/s) are no faster than fp32 here")
+        a.variants.remove("ours+bf16")
+    print(f"{a.device}: {__import__('flops').machine_name(torch.device(a.device))}, {torch.get_num_threads()} threads; "
+          "matmul peak " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+    report = {"device": a.device, "dtype": a.dtype, "peak_flops": peaks}
+    for shape in a.shapes.split(",") if "train" in only else []:
+        os.makedirs(os.path.join(a.root, shape), exist_ok=True)
+        make_base(os.path.join(a.root, shape), shape)
+        report[shape] = bench_shape(a, shape, [peaks[a.dtype]])
+    if "startup" in only:
+        report["startup"] = startup(a)
+    if "run" in only:
+        report["run"] = train_runs(a)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,8 +1,13 @@
 """The optimisations leave results unchanged, and the speed accounting is right: cached tower features give the
 same loss and gradients as running the tower; the cache is keyed by everything the features depend on; the
-analytic FLOP count matches torch's FlopCounterMode; an interrupted cache fill leaves no partial entries; the bench
-driver runs end to end."""
+analytic FLOP count matches torch's FlopCounterMode; an interrupted cache fill leaves no partial entries; the
+bench's shapes keep the FLOP shares of the models they stand for and run; its re-created original loop computes our
+loss; the scripts start without the heavy packages and a plain training run never imports peft, bitsandbytes or
+DeepSpeed."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bench
+import flops
 from data import VLMDataset, collate
 from model import FeatureCache, ModelArgs, build_model, image_size
 from conftest import write_dataset
@@ -92,16 +98,18 @@ def test_flop_accounting_matches_torch_flop_counter(tiny_llms, tiny_towers, tmp_
     same = [i for i in range(len(ds)) if len(ds[i]["input_ids"]) == len(ds[1]["input_ids"])][:2]
     batch = collate([ds[i] for i in same], tok.unk_token_id)
     assert bool(batch["attention_mask"].all())   # no padding: every counted token is real
-    profile = bench.flop_profile(model, image_size(proc))
+    profile = flops.flop_profile(model, image_size(proc))
     with FlopCounterMode(display=False) as counter:
         model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
               images=batch["images"])["loss_sum"].backward()
-    ours = bench.train_flops(profile, batch["attention_mask"], batch["labels"], len(same))
+    ours = flops.train_flops(profile, batch["attention_mask"], batch["labels"], len(same))
     assert ours == pytest.approx(counter.get_total_flops(), rel=0.05)
+    parts = flops.train_flops(profile, batch["attention_mask"], batch["labels"], len(same), parts=True)
+    assert set(parts) == set(flops.PARTS) and sum(parts.values()) == pytest.approx(ours)
 
 
 def test_matmul_peak_is_measured():
-    peak = bench.matmul_peak(torch.float32, n=256, seconds=0.2)
+    peak = flops.matmul_peak(torch.float32, n=256, seconds=0.2)
     assert 1e8 < peak < 1e14
 
 
@@ -139,23 +147,125 @@ def test_cached_feature_training_equals_uncached_step_for_step(tiny_llms, tiny_t
     assert after == before   # reused, not rewritten
 
 
-def test_bench_driver_end_to_end_on_the_tiny_model(tmp_path):
-    """`python bench.py` as a user runs it (each variant in its own process), shrunk to seconds: every row has
-    its measurements, grouping removes the padding, and batched answers equal one-by-one answers."""
-    r = bench.main(["--size", "tiny", "--root", str(tmp_path), "--only", "pretrain,finetune,eval",
-                    "--variants", "none,all", "--steps", "1", "--warmup", "1", "--rounds", "2",
-                    "--micro-batch", "2", "--new-tokens", "2", "--eval-questions", "4",
-                    "--out", str(tmp_path / "r.json")])
-    assert r["dtype"] in ("float32", "bfloat16") and r["peak_flops"] > 1e9
+def test_phi2_shape_keeps_the_full_size_shares():
+    """The scaled Phi-2 + SigLIP-so400m shape: each part's share of a step's model FLOPs (tower, LLM body,
+    attention, head; the connector within 1.5 points), image vs text tokens and answer vs prompt as at full size."""
+    shape = bench.SHAPES["phi2_siglip"]
     for stage in ("pretrain", "finetune"):
-        assert set(r[stage]) == {"none", "all"}
-        for row in r[stage].values():
-            assert row["samples_s"] > 0 and row["tokens_s"] > row["samples_s"] and 0 < row["mfu"] < 1.5
-            assert 0 <= row["padding"] < 1 and row["step_mib"] > 0 and row["peak_mib"] > row["step_mib"]
-        assert "cache_fill_s" in r[stage]["all"] and "cache_fill_s" not in r[stage]["none"]
-    assert r["finetune"]["all"]["padding"] < r["finetune"]["none"]["padding"]
-    assert r["eval_2"]["identical_answers"] and r["eval_2"]["batch16"]["samples_s"] > 0
-    assert os.path.isfile(tmp_path / "r.json")
+        full_len = bench.synthetic_lengths("phi2_siglip", stage, 400, scale=1)
+        small_len = bench.synthetic_lengths("phi2_siglip", stage, 400)
+        full = bench.shares(bench.analytic_profile(*shape["full"], stage), full_len, 729)
+        small = bench.shares(bench.analytic_profile(shape["llm"], shape["tower"], stage), small_len, 81)
+        for part in ("tower", "llm", "attention", "head"):
+            assert small[part] == pytest.approx(full[part], rel=0.1), (stage, part)
+        assert abs(small["connector"] - full["connector"]) < 0.015
+        text = lambda lens, i: sum(x[i] for x in lens) / len(lens)  # noqa: E731
+        assert 81 / (text(small_len, 0) + text(small_len, 1)) == pytest.approx(
+            729 / (text(full_len, 0) + text(full_len, 1)), rel=0.1)
+        if stage == "finetune":
+            assert text(small_len, 1) / text(small_len, 0) == pytest.approx(text(full_len, 1) / text(full_len, 0),
+                                                                            rel=0.1)
+
+
+@pytest.fixture(scope="module")
+def smoke_base(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("bench") / "smoke")
+    bench.make_base(root, "smoke")
+    return root
+
+
+def test_analytic_flops_match_the_built_model(smoke_base):
+    """analytic_profile (sizes alone, how the full-size shares are computed) == flop_profile of the built model."""
+    model, _, _ = build_model(ModelArgs(llm=f"{smoke_base}/llm", vision_tower=f"{smoke_base}/siglip"))
+    for stage, trains in (("pretrain", ("connector",)), ("finetune", ("llm", "connector"))):
+        for name, part in [("llm", model.language_model), ("vision_tower", model.vision_tower),
+                           ("connector", model.connector)]:
+            part.requires_grad_(name in trains)
+        built = flops.flop_profile(model, model.image_size)
+        spec = bench.analytic_profile(bench.SHAPES["smoke"]["llm"], bench.SHAPES["smoke"]["tower"], stage)
+        for k in ("dec", "head", "layers", "dec_trainable", "d_attn", "llm_trains", "conn_trains", "tower_trains"):
+            assert built[k] == spec[k], (stage, k)
+        assert built["per_image"] == pytest.approx(spec["per_image"], rel=0.01)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_bench_variants_run_and_the_original_loop_computes_our_loss(smoke_base, stage):
+    """Every variant of a bench step runs on the smoke shape, and original_loss (every row through the tower, zero
+    images for text-only rows, logits at every position, mean cross-entropy) equals ours, gradients too."""
+    from argparse import Namespace
+    a = Namespace(shape="smoke", root=smoke_base, device="cpu", dtype="float32", micro_batch=2, warmup=1,
+                  samples=3, profile=True)
+    for variant in ("original", "ours", "ours+ckpt", "ours+cache"):
+        r = bench.run_variant(a, stage, variant)
+        assert r["samples_s"] > 0 and r["step_mib"] >= 0 and r["proc_mib"] > 0, variant
+        assert variant == "original" or r["flops"] == pytest.approx(sum(r["flop_parts"].values()))
+        assert ("profile" in r) == (variant == "ours")
+    torch.manual_seed(0)
+    model, tok, proc = build_model(ModelArgs(llm=f"{smoke_base}/llm", vision_tower=f"{smoke_base}/siglip"))
+    model.vision_tower.requires_grad_(False)
+    items, _, _ = bench.samples(a, stage, model, tok, proc)
+    text_only = dict(items[0], pixel_values=None, labels=items[0]["labels"][model.num_image_tokens:],
+                     input_ids=items[0]["input_ids"][model.num_image_tokens:])
+    for rows in (items[:2], [text_only, items[1]], [text_only]):
+        b = collate(rows, tok.pad_token_id)
+        grads = []
+        for original in (True, False):
+            model.zero_grad()
+            loss = bench.original_loss(model, b) if original else (lambda o: o["loss_sum"] / o["num_tokens"])(
+                model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"]))
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in model.connector.parameters() if p.grad is not None]))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+        for g0, g1 in zip(grads[0][1], grads[1][1]):
+            torch.testing.assert_close(g0, g1, rtol=1e-4, atol=1e-6)
+
+
+def test_bench_driver_end_to_end(tmp_path):
+    """`python bench.py` as a user runs it (each variant in its own process), shrunk to seconds."""
+    r = bench.main(["--shapes", "smoke", "--root", str(tmp_path), "--stages", "finetune", "--only", "train",
+                    "--variants", "original,ours", "--rounds", "1", "--samples", "2", "--micro-batch", "2",
+                    "--out", str(tmp_path / "r.json")])
+    assert r["dtype"] == "float32" and r["peak_flops"]["float32"] > 1e9
+    runs = r["smoke"]["finetune"]["runs"]
+    assert set(runs) == {"original", "ours"} and all(x[0]["samples_s"] > 0 for x in runs.values())
+    assert r["smoke"]["finetune"]["profile"]["step"] > 0 and os.path.isfile(tmp_path / "r.json")
+
+
+HEAVY = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "deepspeed")
+
+
+@pytest.mark.parametrize("script", ["train.py", "bench.py", "chat.py"])
+def test_help_loads_no_heavy_package(script):
+    """--help is answered from the standard library alone (no torch: it takes seconds to import)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import runpy, sys\nsys.argv = [sys.argv[1], '--help']\ntry:\n    runpy.run_path(sys.argv[0], "
+            f"run_name='__main__')\nexcept SystemExit:\n    pass\nprint([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code, script], capture_output=True, text=True, cwd=root, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]" and "--" in out.stdout   # the help, printed
+
+
+def test_a_plain_training_run_imports_no_peft_bitsandbytes_or_deepspeed(tiny_llms, tiny_towers, tmp_path):
+    """A stage without LoRA / QLoRA / ZeRO never imports peft or bitsandbytes (peft alone is 0.4 GB and seconds),
+    nor DeepSpeed while it trains and checkpoints (Accelerate's get_state_dict, at the final save, imports it
+    wherever it is installed); importing train.py, recipes.py or checkpoints.py does not load torch."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data, images = write_dataset(str(tmp_path / "d"), n=4, text_only=1)
+    args = [f"--llm={tiny_llms['llama']}", f"--vision_tower={tiny_towers['siglip']}", "--template=llama",
+            f"--data_finetune={data}", f"--images_finetune={images}", f"--out_dir={tmp_path / 'out'}", "--bf16=false",
+            "--num_workers=0", "--max_length=256", "--global_batch_size=2", "--micro_batch_size=2", "--max_steps=2",
+            "--save_every=1", "--peak_flops=1e10", "--threads=1",
+            "--stages=[{'name': 'finetune', 'tune_llm': 'full', 'tune_vision_tower': 'frozen'}]"]
+    code = ("import sys, json\nimport train, recipes, checkpoints\nlight = 'torch' not in sys.modules\n"
+            "import accelerate\nreal, seen = accelerate.Accelerator.get_state_dict, []\n"
+            "accelerate.Accelerator.get_state_dict = lambda *a, **k: seen.append('deepspeed' in sys.modules) or "
+            "real(*a, **k)\ntrain.main(json.loads(sys.argv[1]))\n"
+            "print(json.dumps([light, seen, [m for m in ('peft', 'bitsandbytes') if m in sys.modules]]))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, cwd=root,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    light, seen, loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert light and seen and not any(seen) and loaded == []   # seen: DeepSpeed loaded at each get_state_dict
 
 
 @pytest.mark.parametrize("cap", [None, 2.0])
