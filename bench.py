@@ -26,8 +26,8 @@ a zero image; logits at every position over the whole vocabulary, then their mea
 batches in random order (finetune: images and text-only apart, its modality grouping); AdamW. Not modelled:
 DeepSpeed, HF Trainer's overhead, data-loader workers, its Python splice loop, torch 2.0 / transformers 4.40.
 "ours" is train.py's step: the tower truncated at the feature layer, no zero images, the LM head only at
-supervised positions and chunked, length-grouped batches, no checkpointing (the step fits; "ours+ckpt": with it,
-the original's setting). Extras: "ours+cache" (tower outputs computed before timing, as model.FeatureCache gives
+supervised positions and chunked, length-grouped batches, no checkpointing (what train.py's default, auto, picks
+when a measured step fits, as here; "ours+ckpt": with it, the original's setting). Extras: "ours+cache" (tower outputs computed before timing, as model.FeatureCache gives
 them), "ours+bf16" (bf16 autocast; left out unless this CPU's measured bf16 matmul peak beats fp32).
 
 Every loop gets the same samples, collated before timing (the data path is timed in the profile). Each variant runs
@@ -165,22 +165,6 @@ def original_batches(lengths, mb, seed, by_modality):
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
-def rss(field="VmRSS"):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-
-
-def reset_peak(device):
-    """Start a fresh peak-memory window (the step's, not the model build's transients)."""
-    if device != "cpu":
-        return __import__("torch").cuda.reset_peak_memory_stats()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:   # Linux: resets VmHWM to the current RSS
-            f.write("5")
-    except OSError:
-        pass   # no reset: the peak then also covers building the model
-
-
 def original_loss(model, b):
     """The original's forward on a batch: every row through the tower (a zero image where it has none), every
     position's logits over the whole vocabulary, their mean cross-entropy. (Same value as ours: tested.)"""
@@ -201,7 +185,7 @@ def run_variant(a, stage, variant):
     """One variant of one stage in this process: warm-up, the timed steps; returns the measurements."""
     import torch
     from data import collate
-    from flops import flop_profile, train_flops
+    from flops import flop_profile, in_use, peak_since_reset, reset_peak, rss_mib, train_flops
     from model import ModelArgs, build_model
     from train import grouped_batches
     torch.manual_seed(0)
@@ -251,8 +235,9 @@ def run_variant(a, stage, variant):
 
     with torch.no_grad():   # weights may still be file-mapped, paged in by the first step: page them in now
         sum(float(p.sum()) for p in model.parameters())
-    process_peak, base = rss("VmHWM"), rss() if device == "cpu" else torch.cuda.memory_allocated() / 2 ** 20
-    reset_peak(device)   # the step's window: warm-up (the optimizer state appears) and the timed steps
+    dev = torch.device(device)
+    process_peak, base = rss_mib("VmHWM"), in_use(dev)
+    reset_peak(dev)   # the step's window: warm-up (the optimizer state appears) and the timed steps
     for b in data[:a.warmup]:
         step(b)
     sync()
@@ -261,10 +246,10 @@ def run_variant(a, stage, variant):
         step(b)
     sync()
     dt = time.perf_counter() - t0
-    peak = rss("VmHWM") if device == "cpu" else torch.cuda.max_memory_allocated() / 2 ** 20
+    peak = peak_since_reset(dev)
     tokens, padded = sum(float(b["attention_mask"].sum()) for b in data), sum(b["attention_mask"].numel() for b in data)
     out = dict(samples_s=len(items) / dt, padding=1 - tokens / padded, seconds=dt, step_mib=peak - base,
-               proc_mib=max(process_peak, rss("VmHWM")))
+               proc_mib=max(process_peak, rss_mib("VmHWM")))
     if not original:   # model FLOPs of the useful work: the original's rows take ours' (the same samples)
         profile = flop_profile(model, model.image_size)
         parts = [train_flops(profile, b["attention_mask"], b["labels"], int((b["input_ids"] == -200).any(1).sum()),
@@ -413,7 +398,8 @@ def startup(a):
 def train_runs(a):
     """train.py end to end on tiny_original as a user runs it, a process per stage (pretrain on the 200 captions,
     then finetune from it on the 240 conversations; fp32, batch 8, no loader workers: every byte is in the measured
-    process), checkpointing on (the original's setting) and off (ours' choice); peak RSS from the kernel."""
+    process), checkpointing on (the original's setting) and auto (train.py's default: a measured step decides);
+    peak RSS from the kernel."""
     root = os.path.join(a.root, "tiny_original")
     make_base(root, "tiny_original")
     args = [f"--llm={root}/llm", f"--vision_tower={root}/siglip", "--legacy_patch_drop=true", "--bf16=false",
@@ -430,7 +416,7 @@ def train_runs(a):
                               "'tune_vision_tower': 'frozen'}]"}
     results = {}
     for r in range(a.rounds):
-        for ckpt in ("true", "false") if r % 2 == 0 else ("false", "true"):
+        for ckpt in ("true", "auto") if r % 2 == 0 else ("auto", "true"):
             for stage in ("pretrain", "finetune"):   # finetune starts from this round's pretrained model
                 init = [f"--init_from={root}/run/{r}_{ckpt}_pretrain/1_pretrain"] * (stage == "finetune")
                 _, mib, text = command(python("train.py", *args, stage_args[stage], *init,

@@ -147,3 +147,53 @@ def fastest_threads(width, rows):
             k += 1
         times[n] = (time.perf_counter() - t0) / k
     return min(times, key=times.get)
+
+
+# ----------------------------------------------------------------------------- memory
+def rss_mib(field="VmRSS"):
+    """This process's resident memory (VmHWM: its peak) in MiB, from Linux's /proc; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak(device):
+    """Start a fresh peak-memory window; False where the peak cannot be reset (then it covers the whole process)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:   # Linux: VmHWM back to the current RSS
+            f.write("5")
+        return rss_mib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def peak_since_reset(device):
+    """MiB: the peak since reset_peak (GPU: allocated by torch; CPU: the process's RSS)."""
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else rss_mib("VmHWM")
+
+
+def in_use(device):
+    return torch.cuda.memory_allocated(device) / 2 ** 20 if device.type == "cuda" else rss_mib()
+
+
+def free_mib(device):
+    """MiB a step may still take: the GPU's free memory plus what torch holds unused; on a CPU, the kernel's
+    MemAvailable, or less under a cgroup (container) limit."""
+    if device.type == "cuda":
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device)) / 2 ** 20
+    with open("/proc/meminfo") as f:
+        free = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                free = min(free, (int(limit) - int(g.read())) / 2 ** 20)
+    except (OSError, ValueError):
+        pass
+    return free

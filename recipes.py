@@ -74,7 +74,7 @@ DEFAULTS = dict(
     max_steps=0,                      # > 0: stop after this many optimizer steps (per stage)
     bf16=True,                        # bf16 autocast (CPU and GPU)
     fp16=False,                       # fp16 autocast, GPU only
-    gradient_checkpointing=False,
+    gradient_checkpointing="auto",    # of the LLM's layers; auto: on if a measured step would not fit in memory
     compile=False,                    # torch.compile the LLM
     max_nonfinite_steps=3,            # a non-finite loss or gradient norm skips the step; this many in a row stop
     peak_flops=0.0,                   # FLOP/s for the MFU in the log; 0 = this machine's matmul peak, measured once
@@ -131,6 +131,8 @@ class ConfigError(ValueError):
 
 def coerce(key, value, default):
     """A command-line string (or config-file value) as the type of the default."""
+    if key == "gradient_checkpointing" and default == "auto":   # true / false / auto (decided from a measured step)
+        return "auto" if str(value).lower() == "auto" else coerce(key, value, False)
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -138,7 +140,7 @@ def coerce(key, value, default):
             return True
         if str(value).lower() in ("false", "0", "no"):
             return False
-        raise ConfigError(f"--{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"--{key}: expected true/false{'/auto' * (key == 'gradient_checkpointing')}, got {value!r}")
     if isinstance(default, (int, float)) and not isinstance(value, bool):
         try:
             v = float(value)
@@ -336,7 +338,7 @@ def lora_targets(module):
 def wrap_lora(module, cfg, task_type=None, quantized=False):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     if quantized:   # fp32 norms, input grads for checkpointing: PEFT's recipe for k-bit bases
-        module = prepare_model_for_kbit_training(module, use_gradient_checkpointing=cfg.get("gradient_checkpointing", False))
+        module = prepare_model_for_kbit_training(module, use_gradient_checkpointing=cfg["gradient_checkpointing"] is True)
     config = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                         target_modules=cfg.get("lora_target_modules") or lora_targets(module), task_type=task_type)
     return get_peft_model(module, config)

@@ -75,6 +75,58 @@ def report_skipped(dataset, work_dir, main):
               f"read: unreadable images, answers truncated away); see {work_dir.removesuffix('.partial')}/skipped.json")
 
 
+def final_state(accelerator, model, raw):
+    """The whole model's weights for the final save. Sharded runs (DeepSpeed, FSDP): Accelerate gathers the shards,
+    a collective every rank joins. Others: the model's own state dict, which is what Accelerate would return, but
+    its get_state_dict imports DeepSpeed wherever it is installed just to unwrap the model (18 MB, 0.3 s)."""
+    if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+        return accelerator.get_state_dict(model)
+    return raw.state_dict()
+
+
+def checkpoint_layers(llm):
+    llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    llm.enable_input_require_grads()   # checkpointing through a frozen embedding
+
+
+def checkpointing_needed(accelerator, model, dataset, collate_fn, mb, trainable):
+    """gradient_checkpointing="auto": one forward and backward of the stage's longest micro-batch without
+    checkpointing (the RNG untouched, its gradients dropped), its peak memory measured. Checkpointing goes on when
+    that peak, plus the optimizer state still to come (two values per trained weight), with a quarter to spare,
+    would not fit in the memory free on the device (a CPU's RSS: times the processes sharing it). Any rank's "no
+    room" turns it on for all. Returns (on, why)."""
+    import torch
+    from data import DataError
+    from flops import free_mib, in_use, peak_since_reset, reset_peak
+    device, batch = accelerator.device, []
+    for i in sorted(range(len(dataset)), key=lambda i: -abs(dataset.lengths[i])):
+        try:
+            batch.append(dataset.sample(i))   # not dataset[i]: a bad record is logged once, by the loop
+        except DataError:
+            continue
+        if len(batch) == mb:
+            break
+    rows, b = len(batch), {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_fn(batch).items()}
+    before, need, out = in_use(device), math.inf, None
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if reset_peak(device):
+                with accelerator.autocast():
+                    out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"],
+                                tower_features=b["tower_features"])
+                accelerator.backward(out["loss_sum"] / out["num_tokens"].clamp(min=1))
+                state = sum(2 * p.numel() * p.element_size() for p in trainable) / 2 ** 20
+                need = 1.25 * (peak_since_reset(device) - before + state)
+    except torch.OutOfMemoryError:
+        pass
+    model.zero_grad(set_to_none=True)
+    del b, batch, out
+    free = free_mib(device) / (accelerator.num_processes if device.type == "cpu" else 1)
+    on = bool(accelerator.reduce(torch.tensor(float(need > free), device=device), "sum") > 0)
+    why = f"{need:.0f} MiB with a quarter to spare" if math.isfinite(need) else "not measurable here"
+    return on, f"a step of the {rows} longest samples without it: {why}; {free:.0f} MiB free"
+
+
 @contextlib.contextmanager
 def gathered(module):
     """ZeRO-3 partitions weights at load: whole for the duration of the block (a no-op otherwise)."""
@@ -121,9 +173,8 @@ def train_stage(cfg, accelerator, init, stage_dir):
     if main:
         print(f"\n=== stage {cfg['stage']}: from {init or 'pretrained parts'} -> {stage_dir}")
     apply_recipe(model, cfg, verbose=main)
-    if cfg["gradient_checkpointing"]:
-        model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.language_model.enable_input_require_grads()   # checkpointing through a frozen embedding
+    if cfg["gradient_checkpointing"] is True:
+        checkpoint_layers(model.language_model)
 
     data, images = cfg[f"data_{cfg['data']}"], cfg[f"images_{cfg['data']}"]   # checked by check_settings
     dataset = VLMDataset(data, tokenizer, processor, cfg["template"], model.num_image_tokens, cfg["max_length"],
@@ -185,6 +236,14 @@ def train_stage(cfg, accelerator, init, stage_dir):
     raw = model
     model, optimizer = accelerator.prepare(model, optimizer)   # the scheduler is ours: stepped once per step
     trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()   # from_pretrained leaves the LLM in eval mode: no dropout, and HF checkpointing stays off
+    if cfg["gradient_checkpointing"] == "auto":   # decided from a measured step, before a resume restores the RNG
+        on, why = (False, "DeepSpeed's backward steps its optimizer, so no step is measured; set true for it") \
+            if ds is not None else checkpointing_needed(accelerator, model, dataset, collate_fn, mb, trainable)
+        if on:
+            checkpoint_layers(raw.language_model)
+        if main:
+            print(f"gradient checkpointing {'on' if on else 'off'} (auto: {why})")
 
     step, history = 0, []   # history: the losses before this run's first step (a resumed stage's)
     ckpt = latest_checkpoint(work_dir) if cfg["resume"] else None
@@ -219,7 +278,6 @@ def train_stage(cfg, accelerator, init, stage_dir):
         val_loader = accelerator.prepare_data_loader(DataLoader(val_set, batch_size=mb, collate_fn=collate_fn,
                                                                 generator=torch.Generator()))
 
-    model.train()   # from_pretrained leaves the LLM in eval mode: no dropout, and HF checkpointing stays off
     losses, t0, seen, tokens, flops, bad_in_row = [], time.time(), 0, 0, 0.0, 0
     from tqdm.auto import tqdm   # on a terminal: a bar with epoch, loss, samples/s and ETA; the log lines go above it
     bar = tqdm(total=total, initial=step, desc=cfg["stage"], unit="step", disable=not (main and sys.stderr.isatty()))
@@ -290,7 +348,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     accelerator.wait_for_everyone()
     report_skipped(dataset, work_dir, main)
     check_finite(accelerator, trainable, f"the final save of stage {cfg['stage']}")
-    state = accelerator.get_state_dict(model)   # a collective: gathers ZeRO-3 / FSDP shards
+    state = final_state(accelerator, model, raw)
     if main:   # everything into the working folder, train_config.json last, then one rename
         os.makedirs(work_dir, exist_ok=True)
         with open(os.path.join(work_dir, "losses.json"), "w") as f:

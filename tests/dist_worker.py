@@ -7,7 +7,7 @@ PLAN.json: {"out": dir, "fsdp_cpu": bool, "jobs": [{"name": ..., "argv": [train.
 "expect_error": bool, "kill_after": null | [stage, step]}, ...]}. The jobs run one after another in this process
 through train.main: process start-up (imports, gloo / DeepSpeed init) is ~90% of a 3-step tiny run on 2 cores, so
 one launch serves several runs. Every rank writes, at the end of every stage (where train.py calls
-accelerator.get_state_dict):
+train.final_state):
 
     <out>/<job>/rank<r>/<n>_<stage>.safetensors   every parameter, full values (ZeRO-3 / FSDP shards gathered)
     <out>/<job>/rank<r>/<n>_<stage>.json          distributed type, world, trainable and optimizer parameter names
@@ -87,30 +87,29 @@ def record(accelerator, model, where):
 
 
 class Recorder:
-    """Patches train.train_stage (to know the stage) and Accelerator.get_state_dict (to dump at the end of it)."""
+    """Patches train.train_stage (to know the stage) and train.final_state (to dump at the end of it)."""
 
     def __init__(self, job_dir):
         self.job_dir, self.stage_dir = job_dir, None
 
     def __enter__(self):
-        import accelerate
         import train
-        self.train, self.cls = train, accelerate.Accelerator
-        self.real_stage, self.real_gsd = train.train_stage, accelerate.Accelerator.get_state_dict
+        self.train = train
+        self.real_stage, self.real_final = train.train_stage, train.final_state
 
         def train_stage(cfg, accelerator, init, stage_dir):
             self.stage_dir = stage_dir
             return self.real_stage(cfg, accelerator, init, stage_dir)
 
-        def get_state_dict(acc, model, unwrap=True):
+        def final_state(acc, model, raw):
             name = os.path.basename(self.stage_dir)
             record(acc, model, os.path.join(self.job_dir, f"rank{acc.process_index}", name))
-            return self.real_gsd(acc, model, unwrap)
-        train.train_stage, self.cls.get_state_dict = train_stage, get_state_dict
+            return self.real_final(acc, model, raw)
+        train.train_stage, train.final_state = train_stage, final_state
         return self
 
     def __exit__(self, *exc):
-        self.train.train_stage, self.cls.get_state_dict = self.real_stage, self.real_gsd
+        self.train.train_stage, self.train.final_state = self.real_stage, self.real_final
 
 
 # ----------------------------------------------------------------------------- test-only hooks

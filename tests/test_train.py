@@ -10,7 +10,7 @@ from conftest import write_dataset
 
 import train
 from model import ModelArgs, build_model, load_pretrained
-from recipes import apply_recipe
+from recipes import ConfigError, apply_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -303,6 +303,37 @@ def test_training_mode_dropout_and_checkpointing_are_live(tiny_llms, tiny_towers
                  "--max_steps=1", f"--gradient_checkpointing={ckpt}")
         layers = len(calls) // runs
         assert calls and all(calls) and layers * runs == len(calls) and layers == 2, (ckpt, calls)
+
+
+def test_auto_checkpointing_is_decided_from_a_measured_step(tiny_llms, tiny_towers, dataset, tmp_path, monkeypatch,
+                                                             capsys):
+    """--gradient_checkpointing=auto (the default) runs one forward and backward of the longest micro-batch without
+    it and measures its memory: with room it stays off (the trial's forward, then each layer once per micro-batch),
+    with no room it goes on (each layer twice); the losses equal those of an explicit false either way."""
+    import flops
+    from transformers.models.llama.modeling_llama import LlamaMLP   # one call per decoder layer and pass
+    calls, forward = [], LlamaMLP.forward
+    monkeypatch.setattr(LlamaMLP, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    losses = {}
+    for name, ckpt, free, layer_calls in [("false", "false", None, 2 * 2), ("room", "auto", None, 2 + 2 * 2),
+                                          ("no room", "auto", 0.0, 2 + 2 * 2 * 2)]:
+        if free is not None:
+            monkeypatch.setattr(flops, "free_mib", lambda device: free)
+        calls.clear()
+        _, res = finetune(tiny_llms, tiny_towers, dataset, tmp_path / name.replace(" ", "_"), "--max_steps=2",
+                          "--global_batch_size=2", "--micro_batch_size=2", f"--gradient_checkpointing={ckpt}")
+        out = capsys.readouterr().out
+        assert len(calls) == layer_calls, (name, len(calls))
+        if ckpt == "auto":
+            line = next(x for x in out.splitlines() if x.startswith("gradient checkpointing"))
+            assert line.startswith(f"gradient checkpointing {'on' if free == 0 else 'off'} (auto: a step of the 2 "
+                                   "longest samples without it: "), line
+            assert float(line.split("without it: ")[1].split(" MiB")[0]) > 0
+        losses[name] = res["finetune"]
+    assert losses["room"] == losses["false"]
+    torch.testing.assert_close(torch.tensor(losses["no room"]), torch.tensor(losses["false"]), rtol=1e-6, atol=0)
+    with pytest.raises(ConfigError, match="expected true/false/auto, got 'sometimes'"):
+        finetune(tiny_llms, tiny_towers, dataset, tmp_path / "bad", "--gradient_checkpointing=sometimes")
 
 
 def test_validation_loss_and_gradient_checkpointing(tiny_llms, tiny_towers, dataset, tmp_path, capsys):
