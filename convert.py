@@ -5,34 +5,27 @@ Checkpoints in and out: TinyLLaVA Factory's layouts <-> ours, and export to tran
     python convert.py to-tinyllava SRC DST [--max-length 3072]  # one of ours -> the original's Hub release layout
     python convert.py to-llava SRC DST [--no-verify]            # ours or an original -> LlavaForConditionalGeneration
 
-convert.load_pretrained (for callers that take the original's layouts: chat.py, evaluate.py, train.py --init_from;
-model.load_pretrained too once this module is imported, which registers the reader in model.FOREIGN_LAYOUTS) reads
-ours and, directly, the original's layouts (reference §7.1; offline, no remote code), from a folder or a Hub id
-(folders.resolve): the release (config.json model_type "tinyllava", safetensors, sharded or not, or .bin), the
-pretrain stage (language_model/, vision_tower/, connector/ with pytorch_model.bin, read with weights_only=True) and
-LoRA output (that plus PEFT adapters, merged on load). It computes what the original does: `patch` always drops the
-first token (legacy_patch_drop: SigLIP 729 -> 728), the tower after the feature layer is dropped (it never reaches the
-output). Template: the config's conv_version, else "pretrain" for the pretrain layout, else the vicuna-style one with
-the tokenizer's EOS. Image processor: the directory's, else the Hub cache's, else the tower's stock one rebuilt from
-its config. from-tinyllava also writes train_config.json (the template) for train.py, evaluate.py and chat.py. A
-checkpoint is read inside its folder only (a shard or tokenizer / tower folder it names elsewhere is refused; Hub ids:
-the local cache only); its code runs only with --trust-remote-code, and a folder's own .py files never run. Outputs
-hold no half-written file and no code but ours: to-tinyllava and from-tinyllava write our modeling code and auto_map
-(folders.hf_files), so transformers loads them with trust_remote_code=True, as the original's releases.
+convert.load_pretrained (chat.py, evaluate.py, train.py --init_from) reads ours and the original's layouts (reference
+§7.1; offline, no remote code) from a folder or a Hub id (folders.resolve): the release (config.json model_type
+"tinyllava", safetensors, sharded or not, or .bin), the pretrain stage (language_model/, vision_tower/, connector/,
+pytorch_model.bin read with weights_only=True) and LoRA output (PEFT adapters, merged on load). It computes what the
+original does: `patch` always drops the first token (legacy_patch_drop: SigLIP 729 -> 728). Template: the config's
+conv_version, else "pretrain" for the pretrain layout, else the vicuna-style one with the tokenizer's EOS. A checkpoint
+is read inside its folder only (Hub ids: the local cache only); its code runs only with --trust-remote-code, a folder's
+.py files never. Outputs hold no half-written file and no code but ours (our modeling code and auto_map, loaded with
+trust_remote_code=True as the original's releases); from-tinyllava also writes train_config.json (the template).
 
-Export to LlavaForConditionalGeneration keeps the logits: the tower is saved cut after the feature layer (Llava reads
-the last one); Llava's "default" strategy drops the first token (our CLS drop or the legacy SigLIP drop), "full"
-keeps all. Not exportable (llava_blockers says which applies):
+Export to LlavaForConditionalGeneration keeps the logits: the tower is cut after the feature layer (Llava reads the
+last); Llava's "default" strategy drops the first token (CLS or legacy SigLIP drop). Not exportable (llava_blockers):
     MoF (vision_tower2)                Llava has one vision tower
     connector other than mlp2x_gelu    Llava's projector is Linear -> GELU -> Linear per token, nothing else
     Phi LLMs (phi-2)                   their LM head has a bias; Llava's lm_head has none
     Gemma-2 soft-capping, OpenELM      Llava runs AutoModel + its own plain head: no soft-cap, no remote code
     template "auto"                    the tokenizer's own template cannot place Llava's image items
     image_aspect_ratio "pad"           the exported processor would not pad to a square first
-What Llava cannot express, our folder itself runs under plain transformers (trust_remote_code=True). Training
-tokenized each side of the image separately (the original's tokenizer_image_token), which gives Llama-style
-tokenizers a "▁" after the image; LlavaProcessor tokenizes in one pass, so the exported chat template writes
-"<image> " where that reproduces the training ids (checked on a probe conversation).
+What Llava cannot express, our folder runs under plain transformers (trust_remote_code=True). Training tokenized each
+side of the image apart (the original's tokenizer_image_token): Llama-style tokenizers get a "▁" after the image, so
+the exported chat template writes "<image> " where that reproduces the training ids (checked on a probe conversation).
 """
 import argparse
 import copy
@@ -40,6 +33,26 @@ import json
 import math
 import os
 import re
+
+
+def cli():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("from-tinyllava", "to-tinyllava", "to-llava"):
+        s = sub.add_parser(name)
+        s.add_argument("src"), s.add_argument("dst")
+        s.add_argument("--template", default=None, help="chat template (default: the model's own)")
+        if name == "to-tinyllava":
+            s.add_argument("--max-length", type=int, default=None, help="tokenizer_model_max_length to record")
+        if name == "to-llava":
+            s.add_argument("--no-verify", action="store_true", help="skip the logits check against the export")
+        s.add_argument("--trust-remote-code", action="store_true",
+                       help="run the LLM's own code (OpenELM); off: no code from a checkpoint or the Hub runs")
+    return p
+
+
+if __name__ == "__main__":
+    cli().parse_args()   # --help and a mistyped command end here, before torch and transformers load (6 s)
 
 import torch
 from safetensors.torch import load_file
@@ -457,21 +470,8 @@ def export_llava(model, tokenizer, processor, out_dir, template, verify=True):
           f"{image_id}, {model.num_image_tokens} per image, chat template {template!r})")
 
 
-# ----------------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    for name in ("from-tinyllava", "to-tinyllava", "to-llava"):
-        s = sub.add_parser(name)
-        s.add_argument("src")
-        s.add_argument("dst")
-        s.add_argument("--template", default=None, help="chat template (default: the model's own)")
-        if name == "to-tinyllava":
-            s.add_argument("--max-length", type=int, default=None, help="tokenizer_model_max_length to record")
-        if name == "to-llava":
-            s.add_argument("--no-verify", action="store_true", help="skip the logits check against the export")
-        s.add_argument("--trust-remote-code", action="store_true",
-                       help="run the LLM's own code (OpenELM); off: no code from a checkpoint or the Hub runs")
+    p = cli()   # defined at the top, so that --help answers before the imports
     a = p.parse_args(argv)
     a.src = resolve(a.src)   # a Hub id: its snapshot in the cache
     src, dst = os.path.realpath(a.src), os.path.realpath(a.dst)

@@ -234,9 +234,10 @@ def test_bench_driver_end_to_end(tmp_path):
 HEAVY = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "deepspeed")
 
 
-@pytest.mark.parametrize("script", ["train.py", "bench.py", "chat.py"])
+@pytest.mark.parametrize("script", ["train.py", "bench.py", "chat.py", "evaluate.py", "check_data.py", "demo.py",
+                                    "convert.py"])
 def test_help_loads_no_heavy_package(script):
-    """--help is answered from the standard library alone (no torch: it takes seconds to import)."""
+    """--help of every script is answered from the standard library alone (no torch: it takes seconds to import)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import runpy, sys\nsys.argv = [sys.argv[1], '--help']\ntry:\n    runpy.run_path(sys.argv[0], "
             f"run_name='__main__')\nexcept SystemExit:\n    pass\nprint([m for m in {HEAVY!r} if m in sys.modules])")
