@@ -2,40 +2,37 @@
 Speed and memory of training on shapes that stand for real runs, ours against a re-creation of the original's
 loop, alternating in one run; where our step's time goes; how fast the scripts start.
 
-    python bench.py                              # the representative shapes + start-up times (~25 min on 2 cores)
+    python bench.py                       # the representative shapes + start-up times (~25 min on 2 cores)
     python bench.py --shapes tiny_original --stages finetune --rounds 5
-    python bench.py --shapes head_heavy          # the earlier bench model, a labelled extra (its head > its LLM)
-    python bench.py --only startup,run           # start-up; train.py end to end on tiny_original (peak RSS)
+    python bench.py --shapes head_heavy   # the issue-#7 bench model, a labelled extra (its head costs more than its LLM)
+    python bench.py --only run,eval       # train.py end to end on tiny_original; issue #7's answering and loss
     python bench.py --variants original,ours,ours+cache,ours+bf16 --device cuda --micro-batch 16
 
-Shapes (SHAPES). phi2_siglip is TinyLLaVA-Phi-2-SigLIP (Phi-2: 2560 x 32 layers, 51,200-token vocabulary; SigLIP-
-so400m: 1152 x 27 layers, 384 px / patch 14 = 729 image tokens) scaled down: widths and token counts / 9, layer
-counts / 4, vocabulary / 36. Every part's FLOPs per sample (LLM body, attention, head, tower) and bytes (weights,
-activations, logits, optimizer state) then shrink alike, so each keeps its share (tests/test_perf.py checks the
-FLOP shares against the full-size shape); only the connector, which has no layers to drop, grows from 0.3% to 1.3%
-of the FLOPs. Its text is synthetic, lengths assumed at full size (not measured on the real data): captions of 8-24
-tokens; prompts of 40-260 and answers of 10-110 tokens, every sample with an image. tiny_original is the original's
-own tiny setup: Llama 256 x 4 layers, 688-token vocabulary, SigLIP 256 x 4 layers at 224 px / patch 16 (195 image
-tokens: the original's first-patch drop, kept by both loops here), the demo's first 200 captions and 240
-conversations (5% text-only), batch 8, fp32. head_heavy: the earlier bench model, whose 32k head outweighs its LLM.
+Shapes (SHAPES). phi2_siglip: TinyLLaVA-Phi-2-SigLIP (Phi-2 2560 x 32 layers, 51,200 vocabulary; SigLIP-so400m
+1152 x 27 layers, 729 image tokens) with widths and token counts / 9, layers / 4, vocabulary / 36, so each part
+(LLM body, attention, head, tower) keeps its share of the FLOPs and bytes (tests/test_perf.py checks the shares
+against full size; the connector grows from 0.3% to 1.3%). Synthetic text, lengths assumed at full size: captions
+of 8-24 tokens, prompts of 40-260 and answers of 10-110. tiny_original: the original's own tiny setup, Llama 256 x 4
+layers, 688 vocabulary, SigLIP 256 x 4 at 224 px / patch 16 (195 image tokens after the original's first-patch drop),
+the demo's first 200 captions and 240 conversations (5% text-only), batch 8, fp32.
 
-The original's loop, re-created (its code is not available here): what HF Trainer runs for TinyLLaVA Factory at
-its scripts' settings. Gradient checkpointing of the LLM's layers; the frozen tower then runs without autograd (as
-reentrant checkpointing runs it) but whole: every layer and the post-norm; text-only rows go through the tower on
-a zero image; logits at every position over the whole vocabulary, then their mean cross-entropy (original_loss);
-batches in random order (finetune: images and text-only apart, its modality grouping); AdamW. Not modelled:
-DeepSpeed, HF Trainer's overhead, data-loader workers, its Python splice loop, torch 2.0 / transformers 4.40.
-"ours" is train.py's step: the tower truncated at the feature layer, no zero images, the LM head only at
-supervised positions and chunked, length-grouped batches, no checkpointing (what train.py's default, auto, picks
-when a measured step fits, as here; "ours+ckpt": with it, the original's setting). Extras: "ours+cache" (tower outputs computed before timing, as model.FeatureCache gives
-them), "ours+bf16" (bf16 autocast; left out unless this CPU's measured bf16 matmul peak beats fp32).
+The original's loop, re-created (its code cannot run here): what HF Trainer runs for TinyLLaVA Factory at its
+scripts' settings. Checkpointing of the LLM's layers; the frozen tower whole (every layer, the post-norm) without
+autograd; text-only rows through the tower on a zero image; logits at every position over the whole vocabulary and
+their mean cross-entropy; random batches (finetune: modality-grouped); AdamW; HF's gelu_new as written. Not
+modelled: DeepSpeed, HF Trainer's overhead, loader workers, its Python splice loop, torch 2.0 / transformers 4.40.
+"ours" is train.py's step: the tower cut at the feature layer, no zero images, the LM head only at supervised
+positions and chunked, length-grouped batches, gelu_new as one kernel, no checkpointing (what train.py's default,
+auto, picks when a measured step fits, as here; "ours+ckpt": with it). Extras: "ours+cache" (tower outputs from
+model.FeatureCache), "ours+bf16" (bf16 autocast; only where this CPU's bf16 matmul peak beats fp32).
 
-Every loop gets the same samples, collated before timing (the data path is timed in the profile). Each variant runs
-in its own process; the variants alternate, --rounds times, the order reversed every other round. samples/s: median
-over rounds; x orig: median of the per-round ratios [lowest-highest]. MFU: model FLOPs (flops.py: the useful work,
-the same for every loop on the same samples) / time / the best matmul peak measured in this run, in its dtype.
-step MiB: the step's own memory (activations, gradients, optimizer state): peak RSS over the warm-up and timed steps
-above the RSS just before them, model and data resident (GPU: allocated); proc MiB: the process's peak RSS.
+Every loop gets the same samples, collated before timing. Each variant runs in its own process; they alternate,
+--rounds times, the order reversed every other round. samples/s: median over rounds; x orig: median of the per-round
+ratios [lowest-highest]. MFU: model FLOPs (flops.py: the useful work, the same for every loop) / time / the best
+matmul peak measured in this run, in its dtype. step MiB: the peak of the step's live tensors (activations,
+gradients, optimizer state, logits; not the weights) in the first, untimed step, on the longest batch
+(flops.TensorMemory: what a GPU's allocator would hold). RSS+ MiB: peak RSS over the steps above the RSS before
+them, which adds the allocator's cache, fragmentation and the first step's lazy start-up; proc MiB: peak RSS.
 """
 import argparse
 import json
@@ -70,38 +67,12 @@ ISSUE_ORIGINAL = dict(pretrain=dict(samples_s=3.85, rss_mib=536), finetune=dict(
 
 
 # ------------------------------------------------------------------------------------ shapes and their FLOPs
-def analytic_profile(llm, tower, stage):
-    """flops.flop_profile of a shape from its sizes alone (no model built), for the share check at full size."""
-    (family, d, layers, _, ffn, vocab), (dv, lv, _, fv, px, patch) = llm, tower
-    n = (px // patch) ** 2
-    tower_f = 2 * n * 3 * patch * patch * dv + (lv - 1) * (2 * n * (4 * dv * dv + 2 * dv * fv) + 4 * n * n * dv)
-    dec = layers * (4 * d * d + (2 if family == "phi" else 3) * d * ffn)   # q k v o + the MLP (Llama: gated)
-    full = stage == "finetune"
-    return dict(tower_trains=False, conn_trains=True, llm_trains=full, dec=dec, head=d * vocab, layers=layers,
-                dec_trainable=dec * full, head_trains=full, d_attn=d, supervised_only=True,
-                per_image=(tower_f, 2 * n * (dv * d + d * d)))
-
-
 def synthetic_lengths(shape, stage, n, scale=None, seed=0):
     """(prompt, answer) text tokens of n samples, drawn in the shape's full-size ranges and divided by its scale."""
     import random
     rng, s = random.Random(seed), scale or SHAPES[shape]["scale"]
     (p0, p1), (a0, a1) = SHAPES[shape]["text"][stage]
     return [(round(rng.randint(p0, p1) / s), max(1, round(rng.randint(a0, a1) / s))) for _ in range(n)]
-
-
-def shares(profile, lengths, n_image_tokens):
-    """Each part's share of a step's model FLOPs (flops.PARTS) for samples of these (prompt, answer) lengths."""
-    import torch
-    from flops import train_flops
-    total = {}
-    for prompt, answer in lengths:
-        mask = torch.ones(1, n_image_tokens + prompt + answer)
-        labels = torch.full(mask.shape, -100)
-        labels[0, -answer:] = 0
-        for k, v in train_flops(profile, mask, labels, 1, parts=True).items():
-            total[k] = total.get(k, 0.0) + v
-    return {k: v / sum(total.values()) for k, v in total.items()}
 
 
 def make_base(root, shape, seed=0):
@@ -185,11 +156,13 @@ def run_variant(a, stage, variant):
     """One variant of one stage in this process: warm-up, the timed steps; returns the measurements."""
     import torch
     from data import collate
-    from flops import flop_profile, in_use, peak_since_reset, reset_peak, rss_mib, train_flops
+    from flops import TensorMemory, flop_profile, in_use, peak_since_reset, reset_peak, rss_mib, train_flops
     from model import ModelArgs, build_model
     from train import grouped_batches
     torch.manual_seed(0)
     original, device = variant == "original", a.device
+    import model as model_py
+    model_py.FUSED_GELU = not original   # the original runs HF's gelu_new as it is written: eight ops
     # the original runs every tower layer and the post-norm: as costly as keeping all of them (layer -1)
     model, tok, proc = build_model(ModelArgs(llm=f"{a.root}/llm", vision_tower=f"{a.root}/siglip", dtype=a.dtype,
                                              vision_feature_layer=-1 if original else -2,
@@ -238,7 +211,9 @@ def run_variant(a, stage, variant):
     dev = torch.device(device)
     process_peak, base = rss_mib("VmHWM"), in_use(dev)
     reset_peak(dev)   # the step's window: warm-up (the optimizer state appears) and the timed steps
-    for b in data[:a.warmup]:
+    with TensorMemory() as tensors:   # the first step, untimed, on the longest batch: its tensors' peak
+        step(max(data, key=lambda b: float(b["attention_mask"].sum())))
+    for b in data[:a.warmup - 1]:
         step(b)
     sync()
     t0 = time.perf_counter()
@@ -248,8 +223,8 @@ def run_variant(a, stage, variant):
     dt = time.perf_counter() - t0
     peak = peak_since_reset(dev)
     tokens, padded = sum(float(b["attention_mask"].sum()) for b in data), sum(b["attention_mask"].numel() for b in data)
-    out = dict(samples_s=len(items) / dt, padding=1 - tokens / padded, seconds=dt, step_mib=peak - base,
-               proc_mib=max(process_peak, rss_mib("VmHWM")))
+    out = dict(samples_s=len(items) / dt, padding=1 - tokens / padded, seconds=dt, step_mib=tensors.peak / 2 ** 20,
+               rss_step_mib=peak - base, proc_mib=max(process_peak, rss_mib("VmHWM")))
     if not original:   # model FLOPs of the useful work: the original's rows take ours' (the same samples)
         profile = flop_profile(model, model.image_size)
         parts = [train_flops(profile, b["attention_mask"], b["labels"], int((b["input_ids"] == -200).any(1).sum()),
@@ -337,7 +312,8 @@ def bench_shape(a, shape, peaks):
         peak, base, ours = max(peaks), runs.get("original"), runs["ours"]
         print(f"\n{shape} / {stage}: {a.samples or SHAPES[shape]['samples'][stage]} samples, micro-batch "
               f"{a.micro_batch}, {a.dtype}, {a.rounds} rounds, matmul peak {peak / 1e9:.0f} GFLOP/s\n{'variant':<11}"
-              f"{'samples/s':>10}{'x orig [range]':>20}{'MFU':>7}{'padding':>9}{'step MiB':>10}{'x orig':>8}{'proc MiB':>10}")
+              f"{'samples/s':>10}{'x orig [range]':>20}{'MFU':>7}{'padding':>9}{'step MiB':>10}{'x orig':>8}{'RSS+ MiB':>10}"
+              f"{'proc MiB':>10}")
         for v, xs in runs.items():
             med = lambda key: statistics.median(x[key] for x in xs)  # noqa: E731
             ratio = spread([x["samples_s"] / o["samples_s"] for x, o in zip(xs, base)]) if base else ""
@@ -345,7 +321,7 @@ def bench_shape(a, shape, peaks):
             mfu = statistics.median(x.get("flops", ours[0]["flops"]) / x["seconds"] for x in xs) / (
                 a.peak_bf16 if "bf16" in v else peak)   # each in its own dtype's peak
             print(f"{v:<11}{med('samples_s'):>10.2f}{ratio:>20}{100 * mfu:>6.1f}%{100 * xs[0]['padding']:>8.1f}%"
-                  f"{med('step_mib'):>10.0f}{x_mem:>8.2f}{med('proc_mib'):>10.0f}")
+                  f"{med('step_mib'):>10.0f}{x_mem:>8.2f}{med('rss_step_mib'):>10.0f}{med('proc_mib'):>10.0f}")
         share = {k: v / ours[-1]["flops"] for k, v in ours[-1]["flop_parts"].items()}
         print("model FLOPs of our step: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items()))
         prof = ours[-1].get("profile")
@@ -380,18 +356,19 @@ def startup(a):
     model_dir, which = chat_model(a)
     cmds = {f"{s} --help": python(s, "--help") for s in ("train.py", "bench.py", "chat.py", "evaluate.py",
                                                          "convert.py", "check_data.py", "demo.py")}
-    cmds.update({"chat.py, one 8-token answer": python("chat.py", "--model", model_dir, "--image", image, "--prompt",
-                                                       "What digit is this?", "--max-new-tokens", "8", "--no-stream"),
-                 "python -c 'import torch'": python(code="import torch"), "python -c 'import model'": python(code="import model")})
+    cmds["chat.py, one 8-token answer"] = python("chat.py", "--model", model_dir, "--image", image, "--prompt",
+                                                 "What digit is this?", "--max-new-tokens", "8", "--no-stream")
+    for code in ("import torch", "from transformers import PreTrainedModel", "import model"):   # the floor under chat
+        cmds[f"python -c '{code}'"] = python(code=code)
     res = {k: [] for k in cmds}
     for _ in range(a.rounds):
         for k, cmd in cmds.items():
             res[k].append(command(cmd)[:2])
-    print(f"\nstart-up (median [lowest-highest] of {a.rounds}; chat model: {which})\n{'command':<34}{'seconds':>20}"
+    print(f"\nstart-up (median [lowest-highest] of {a.rounds}; chat model: {which})\n{'command':<50}{'seconds':>20}"
           f"{'peak RSS MiB':>14}  target")
     for k, xs in res.items():
         target = "2 s" if k.endswith("--help") else "5 s" if k.startswith("chat") else ""
-        print(f"{k:<34}{spread([x[0] for x in xs]):>20}{statistics.median(x[1] for x in xs):>14.0f}  {target}")
+        print(f"{k:<50}{spread([x[0] for x in xs]):>20}{statistics.median(x[1] for x in xs):>14.0f}  {target}")
     return res
 
 
@@ -433,16 +410,60 @@ def train_runs(a):
     return results
 
 
+def eval_and_loss(a):
+    """Issue #7's two. Greedy answering through evaluate.answer (head_heavy's parts, its connector spread out so that
+    answers differ; 32 of the demo's VQA questions), batch 1 against 16, whose answers must be identical. The LM-head
+    loss alone at Gemma's 256k vocabulary, forward and backward (1,024 tokens, hidden 256): the logits at once against
+    LinearCrossEntropy's chunks; peak tensor memory (flops.TensorMemory), of which the weight gradient is 250 MiB."""
+    import tempfile
+    import torch
+    import torch.nn.functional as F
+    import evaluate
+    from flops import TensorMemory
+    from model import LOSS_CHUNK, LinearCrossEntropy, ModelArgs, build_model
+    root, out = os.path.join(a.root, "head_heavy"), {}
+    make_base(root, "head_heavy")
+    torch.manual_seed(0)
+    model, tok, proc = build_model(ModelArgs(llm=f"{root}/llm", vision_tower=f"{root}/siglip"))
+    for p in model.to(a.device).connector.parameters():
+        p.data.normal_(0, 0.5)
+    items = evaluate.load_questions("vqav2", os.path.join(ROOT, "demo/eval/vqav2/llava_vqav2_demo_val.jsonl"))[:32]
+    print(f"\nevaluate.answer, {len(items)} questions, fastest of {a.rounds} rounds\n{'new tokens':<12}"
+          f"{'batch 1 samples/s':>19}{'batch 16 samples/s':>20}{'ratio':>7}  answers")
+    with tempfile.TemporaryDirectory() as tmp:
+        for new in (1, 8, 64):
+            for bs in (1, 16):
+                runs = []
+                for r in range(a.rounds + 1):   # the first warms up
+                    t0 = time.perf_counter()
+                    rows = evaluate.answer(model, tok, proc, items, os.path.join(ROOT, "demo/images"), "phi",
+                                           f"{tmp}/{bs}_{new}_{r}.jsonl", bs, new, min_new_tokens=new)
+                    runs.append((time.perf_counter() - t0, [x["text"] for x in rows]))
+                out[f"{new} tokens, batch {bs}"] = (len(items) / min(dt for dt, _ in runs[1:]), runs[-1][1])
+            (one, ans1), (many, ans16) = out[f"{new} tokens, batch 1"], out[f"{new} tokens, batch 16"]
+            print(f"{new:<12}{one:>19.2f}{many:>20.2f}{many / one:>7.2f}  {'identical' if ans1 == ans16 else 'DIFFER'}")
+    g = torch.Generator().manual_seed(0)
+    w, h, targets = torch.randn(256000, 256, generator=g), torch.randn(1024, 256), torch.randint(0, 256000, (1024,))
+    for name in ("logits at once", "chunked"):
+        wg, hg, t0 = w.clone().requires_grad_(), h.clone().requires_grad_(), time.perf_counter()
+        with TensorMemory() as mem:
+            (LinearCrossEntropy.apply(hg, wg, None, targets, None, LOSS_CHUNK // 256000, True) if name == "chunked"
+             else F.cross_entropy(F.linear(hg, wg), targets, reduction="sum")).backward()
+        out[name] = (time.perf_counter() - t0, mem.peak / 2 ** 20)
+        print(f"LM-head loss, 1,024 tokens x 256k vocabulary, {name}: {out[name][0]:.2f} s, {out[name][1]:.0f} MiB")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(REPRESENTATIVE), help=f"comma-separated, of {', '.join(SHAPES)}")
     p.add_argument("--stages", default="pretrain,finetune")
     p.add_argument("--variants", default="original,ours,ours+ckpt",
                    help="comma-separated: original, ours, ours+ckpt, ours+cache, ours+bf16")
-    p.add_argument("--only", default="train,startup", help="comma-separated: train (the shapes), startup, run")
+    p.add_argument("--only", default="train,startup", help="comma-separated: train (the shapes), startup, run, eval")
     p.add_argument("--rounds", type=int, default=3, help="alternating repetitions of every measurement")
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (of the same batches)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps (the first, on the longest batch, measures memory)")
     p.add_argument("--samples", type=int, default=0, help="samples per stage (0: the shape's own)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if there is one)")
     p.add_argument("--dtype", default="float32", help="weights: float32 | bfloat16 (ours+bf16 autocasts fp32 ones)")
@@ -470,10 +491,8 @@ def main(argv=None):
         os.makedirs(os.path.join(a.root, shape), exist_ok=True)
         make_base(os.path.join(a.root, shape), shape)
         report[shape] = bench_shape(a, shape, [peaks[a.dtype]])
-    if "startup" in only:
-        report["startup"] = startup(a)
-    if "run" in only:
-        report["run"] = train_runs(a)
+    for part, measure in [("startup", startup), ("run", train_runs), ("eval", eval_and_loss)]:
+        report.update({part: measure(a)} if part in only else {})
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)

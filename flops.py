@@ -19,6 +19,9 @@ import time
 
 import torch
 import torch.nn as nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 CORES = torch.get_num_threads()   # torch's default, before any stage sets it
 PARTS = ("tower", "connector", "llm", "attention", "head")
@@ -80,6 +83,30 @@ def train_flops(f, attention_mask, labels, n_images, tower_runs=True, parts=Fals
                attention=attn * (1 + 2 * grads_flow),
                head=2.0 * f["head"] * n_head * (passes + (f["llm_trains"] and f["head_trains"])))
     return out if parts else sum(out.values())
+
+
+def analytic_profile(llm, tower, stage):
+    """flop_profile of a shape from its sizes alone (no model built), for the share check at full size."""
+    (family, d, layers, _, ffn, vocab), (dv, lv, _, fv, px, patch) = llm, tower
+    n = (px // patch) ** 2
+    tower_f = 2 * n * 3 * patch * patch * dv + (lv - 1) * (2 * n * (4 * dv * dv + 2 * dv * fv) + 4 * n * n * dv)
+    dec = layers * (4 * d * d + (2 if family == "phi" else 3) * d * ffn)   # q k v o + the MLP (Llama: gated)
+    full = stage == "finetune"
+    return dict(tower_trains=False, conn_trains=True, llm_trains=full, dec=dec, head=d * vocab, layers=layers,
+                dec_trainable=dec * full, head_trains=full, d_attn=d, supervised_only=True,
+                per_image=(tower_f, 2 * n * (dv * d + d * d)))
+
+
+def shares(profile, lengths, n_image_tokens):
+    """Each part's share of a step's model FLOPs (PARTS) for samples of these (prompt, answer) lengths."""
+    total = {}
+    for prompt, answer in lengths:
+        mask = torch.ones(1, n_image_tokens + prompt + answer)
+        labels = torch.full(mask.shape, -100)
+        labels[0, -answer:] = 0
+        for k, v in train_flops(profile, mask, labels, 1, parts=True).items():
+            total[k] = total.get(k, 0.0) + v
+    return {k: v / sum(total.values()) for k, v in total.items()}
 
 
 # ----------------------------------------------------------------------------- this machine
@@ -150,6 +177,32 @@ def fastest_threads(width, rows):
 
 
 # ----------------------------------------------------------------------------- memory
+class TensorMemory(TorchDispatchMode):
+    """The peak of the tensor memory made inside the block (activations, gradients, optimizer state, logits;
+    weights made before it do not count), as a GPU's allocator counts it but on any device: every op's output
+    storage, from the op that makes it until it is freed (seen at the next op). RSS adds the allocator's cache, the
+    first step's lazy start-up and fragmentation, all the same for any loop in the process."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.bytes, self.peak = {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for k in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.bytes -= self.live.pop(k)[1]
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and not t.is_meta}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                st = t.untyped_storage()   # views and in-place results share an input's storage: not new memory
+                if st.data_ptr() and st.data_ptr() not in self.live and st.data_ptr() not in inputs:
+                    self.live[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
+                    self.bytes += st.nbytes()
+        self.peak = max(self.peak, self.bytes)
+        return out
+
+
 def rss_mib(field="VmRSS"):
     """This process's resident memory (VmHWM: its peak) in MiB, from Linux's /proc; None elsewhere."""
     try:

@@ -262,6 +262,21 @@ def load_tokenizer(path, trust_remote_code=False):
     return tok
 
 
+FUSED_GELU = True   # False: HF's own gelu_new, op for op (bench.py's re-created original loop sets it)
+
+
+def fuse_gelu(module):
+    """gelu_new (Phi, Phi-2) as one kernel. HF writes this tanh approximation of GELU as eight elementwise ops,
+    each a tensor autograd keeps; F.gelu(approximate="tanh") is the same function (HF's GELUTanh: equal within
+    float rounding, 2.4e-7 here) at 2.3x the speed forward and backward and a fraction of the memory. The saved
+    config keeps "gelu_new", so the checkpoint is unchanged for every other reader."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
+
+
 def _build(args, text_config=None, vision_configs=None, llm_kwargs=None, lm_weights=None):
     """Shared by build_model (weights from the Hub/dirs) and load_pretrained (architecture from saved configs,
     LLM weights handed over as a state dict so from_pretrained can still quantise them)."""
@@ -285,6 +300,8 @@ def _build(args, text_config=None, vision_configs=None, llm_kwargs=None, lm_weig
         if info["missing_keys"] or info["unexpected_keys"]:
             raise ValueError(f"saved LLM weights do not fit its config: missing {sorted(info['missing_keys'])[:5]}, "
                              f"unexpected {sorted(info['unexpected_keys'])[:5]}")
+    if FUSED_GELU:
+        fuse_gelu(lm)
     paths = [args.vision_tower] + ([args.vision_tower2] if args.vision_tower2 else [])
     towers, has_cls = [], []
     for i, path in enumerate(paths):

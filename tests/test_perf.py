@@ -154,8 +154,8 @@ def test_phi2_shape_keeps_the_full_size_shares():
     for stage in ("pretrain", "finetune"):
         full_len = bench.synthetic_lengths("phi2_siglip", stage, 400, scale=1)
         small_len = bench.synthetic_lengths("phi2_siglip", stage, 400)
-        full = bench.shares(bench.analytic_profile(*shape["full"], stage), full_len, 729)
-        small = bench.shares(bench.analytic_profile(shape["llm"], shape["tower"], stage), small_len, 81)
+        full = flops.shares(flops.analytic_profile(*shape["full"], stage), full_len, 729)
+        small = flops.shares(flops.analytic_profile(shape["llm"], shape["tower"], stage), small_len, 81)
         for part in ("tower", "llm", "attention", "head"):
             assert small[part] == pytest.approx(full[part], rel=0.1), (stage, part)
         assert abs(small["connector"] - full["connector"]) < 0.015
@@ -182,7 +182,7 @@ def test_analytic_flops_match_the_built_model(smoke_base):
                            ("connector", model.connector)]:
             part.requires_grad_(name in trains)
         built = flops.flop_profile(model, model.image_size)
-        spec = bench.analytic_profile(bench.SHAPES["smoke"]["llm"], bench.SHAPES["smoke"]["tower"], stage)
+        spec = flops.analytic_profile(bench.SHAPES["smoke"]["llm"], bench.SHAPES["smoke"]["tower"], stage)
         for k in ("dec", "head", "layers", "dec_trainable", "d_attn", "llm_trains", "conn_trains", "tower_trains"):
             assert built[k] == spec[k], (stage, k)
         assert built["per_image"] == pytest.approx(spec["per_image"], rel=0.01)
@@ -337,3 +337,55 @@ def test_linear_cross_entropy_under_bf16_autocast_is_closer_to_float32():
     for ours, theirs, want in zip(grads(True, True), grads(False, True), exact):
         assert ours.dtype == want.dtype
         assert (ours - want).abs().max() <= (theirs - want).abs().max() * 1.01 + 1e-6
+
+
+def test_phi_gelu_runs_as_one_kernel_and_keeps_the_logits_and_gradients(tiny_llms, tiny_towers, tmp_path):
+    """Phi's gelu_new (eight elementwise ops in HF's code) runs as F.gelu(approximate="tanh"): the same function,
+    so the logits and gradients equal HF's own op for op within float rounding; the saved config still says
+    gelu_new (every other reader builds the checkpoint as before)."""
+    import model as model_py
+    from transformers.activations import GELUTanh, NewGELUActivation
+    args = model_py.ModelArgs(llm=tiny_llms["phi"], vision_tower=tiny_towers["siglip"])
+    ids = torch.randint(0, 100, (2, 12))
+
+    def run(fused):
+        model_py.FUSED_GELU = fused
+        try:
+            torch.manual_seed(0)
+            m, tok, proc = model_py.build_model(args)
+        finally:
+            model_py.FUSED_GELU = True
+        acts = {type(x) for x in m.language_model.modules()} & {GELUTanh, NewGELUActivation}
+        logits = m.language_model(input_ids=ids).logits
+        logits.square().mean().backward()
+        return m, tok, proc, acts, logits.detach(), [p.grad for p in m.language_model.parameters()]
+    m, tok, proc, acts, logits, grads = run(True)
+    _, _, _, acts_hf, logits_hf, grads_hf = run(False)
+    assert acts == {GELUTanh} and acts_hf == {NewGELUActivation}
+    torch.testing.assert_close(logits, logits_hf, rtol=1e-5, atol=1e-6)
+    for g, want in zip(grads, grads_hf):
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+    model_py.save_pretrained(m, tok, proc, str(tmp_path / "saved"))
+    with open(tmp_path / "saved" / "config.json") as f:
+        assert json.load(f)["text_config"]["hidden_act"] == "gelu_new"
+
+
+def test_tensor_memory_counts_what_a_step_makes_and_frees():
+    """bench.py's step memory: tensors made inside the block, each from its op until it is freed; views and in-place
+    results of tensors made outside (the weights) are not new memory; a backward's gradients count."""
+    from flops import TensorMemory
+    mib = 1000 * 1000 * 4 / 2 ** 20
+    w = torch.randn(1000, 1000, requires_grad=True)
+    with TensorMemory() as m:
+        wt = w.t()                 # a view of an outside tensor: nothing new
+        a = torch.zeros(1000, 1000)
+        a.add_(1)                  # in place: nothing new
+        b = a * 2
+        del a
+        c = b + 1                  # a freed first: two live, never three
+        del wt
+    assert m.peak == pytest.approx(2 * mib * 2 ** 20) and m.bytes == pytest.approx(2 * mib * 2 ** 20)
+    del b, c
+    with TensorMemory() as m:      # x, relu(x) (kept for the backward); then its gradients: ones, relu's, w.grad
+        (w @ w).relu().sum().backward()
+    assert 3 * mib <= m.peak / 2 ** 20 <= 5 * mib
