@@ -22,8 +22,8 @@ autograd; text-only rows through the tower on a zero image; logits at every posi
 their mean cross-entropy; random batches (finetune: modality-grouped); AdamW; HF's gelu_new as written. Not
 modelled: DeepSpeed, HF Trainer's overhead, loader workers, its Python splice loop, torch 2.0 / transformers 4.40.
 "ours" is train.py's step: the tower cut at the feature layer, no zero images, the LM head only at supervised
-positions and chunked, length-grouped batches, gelu_new as one kernel, no checkpointing (what train.py's default,
-auto, picks when a measured step fits, as here; "ours+ckpt": with it). Extras: "ours+cache" (tower outputs from
+positions and chunked, length-grouped batches, gelu_new as one kernel, fused AdamW, no checkpointing (what
+train.py's default, auto, picks when a measured step fits, as here; "ours+ckpt": with it). Extras: "ours+cache" (tower outputs from
 model.FeatureCache), "ours+bf16" (bf16 autocast; only where this CPU's bf16 matmul peak beats fp32).
 
 Every loop gets the same samples, collated before timing. Each variant runs in its own process; they alternate,
@@ -184,7 +184,7 @@ def run_variant(a, stage, variant):
         model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.language_model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=False)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=not original)   # as train.py; the original: HF Trainer's for-loop
     model.train()   # HF checkpointing only recomputes in train mode
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled="bf16" in variant)
     sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
