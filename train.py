@@ -91,13 +91,14 @@ def checkpoint_layers(llm):
 
 def checkpointing_needed(accelerator, model, dataset, collate_fn, mb, trainable):
     """gradient_checkpointing="auto": one forward and backward of the stage's longest micro-batch without
-    checkpointing (the RNG untouched, its gradients dropped), its peak memory measured. Checkpointing goes on when
-    that peak, plus the optimizer state still to come (two values per trained weight), with a quarter to spare,
-    would not fit in the memory free on the device (a CPU's RSS: times the processes sharing it). Any rank's "no
-    room" turns it on for all. Returns (on, why)."""
+    checkpointing (the RNG untouched, its gradients dropped), its peak memory measured (GPU: allocated; CPU: its live
+    tensors, flops.TensorMemory, which leaves the process's peak-RSS record alone). Checkpointing goes on when that
+    peak, plus the optimizer state still to come (two values per trained weight), with a quarter to spare, would not
+    fit in the memory free on the device (a CPU's: shared by its processes). Any rank's "no room" turns it on for
+    all. Returns (on, why)."""
     import torch
     from data import DataError
-    from flops import free_mib, in_use, peak_since_reset, reset_peak
+    from flops import TensorMemory, free_mib
     device, batch = accelerator.device, []
     for i in sorted(range(len(dataset)), key=lambda i: -abs(dataset.lengths[i])):
         try:
@@ -106,25 +107,29 @@ def checkpointing_needed(accelerator, model, dataset, collate_fn, mb, trainable)
             continue
         if len(batch) == mb:
             break
-    rows, b = len(batch), {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_fn(batch).items()}
-    before, need, out = in_use(device), math.inf, None
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if reset_peak(device):
+    need, cuda = math.inf, device.type == "cuda"
+    if batch:
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_fn(batch).items()}
+        before = torch.cuda.memory_allocated(device) if cuda else 0
+        torch.cuda.reset_peak_memory_stats(device) if cuda else None
+        try:
+            with torch.random.fork_rng(devices=[device] if cuda else []), \
+                    contextlib.nullcontext() if cuda else TensorMemory() as tensors:
                 with accelerator.autocast():
                     out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"],
                                 tower_features=b["tower_features"])
                 accelerator.backward(out["loss_sum"] / out["num_tokens"].clamp(min=1))
-                state = sum(2 * p.numel() * p.element_size() for p in trainable) / 2 ** 20
-                need = 1.25 * (peak_since_reset(device) - before + state)
-    except torch.OutOfMemoryError:
-        pass
-    model.zero_grad(set_to_none=True)
-    del b, batch, out
-    free = free_mib(device) / (accelerator.num_processes if device.type == "cpu" else 1)
+                del out
+            peak = torch.cuda.max_memory_allocated(device) - before if cuda else tensors.peak
+            need = 1.25 * (peak + sum(2 * p.numel() * p.element_size() for p in trainable)) / 2 ** 20
+        except torch.OutOfMemoryError:
+            pass
+        model.zero_grad(set_to_none=True)
+        del b
+    free = free_mib(device) / (1 if cuda else accelerator.num_processes)
     on = bool(accelerator.reduce(torch.tensor(float(need > free), device=device), "sum") > 0)
-    why = f"{need:.0f} MiB with a quarter to spare" if math.isfinite(need) else "not measurable here"
-    return on, f"a step of the {rows} longest samples without it: {why}; {free:.0f} MiB free"
+    why = f"{need:.0f} MiB with a quarter to spare" if math.isfinite(need) else "no step could be measured"
+    return on, f"a step of the {len(batch)} longest samples without it: {why}; {free:.0f} MiB free"
 
 
 @contextlib.contextmanager
