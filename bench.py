@@ -364,11 +364,11 @@ def startup(a):
     for _ in range(a.rounds):
         for k, cmd in cmds.items():
             res[k].append(command(cmd)[:2])
-    print(f"\nstart-up (median [lowest-highest] of {a.rounds}; chat model: {which})\n{'command':<50}{'seconds':>20}"
+    print(f"\nstart-up (median [lowest-highest] of {a.rounds}; chat model: {which})\n{'command':<54}{'seconds':>20}"
           f"{'peak RSS MiB':>14}  target")
     for k, xs in res.items():
         target = "2 s" if k.endswith("--help") else "5 s" if k.startswith("chat") else ""
-        print(f"{k:<50}{spread([x[0] for x in xs]):>20}{statistics.median(x[1] for x in xs):>14.0f}  {target}")
+        print(f"{k:<54}{spread([x[0] for x in xs]):>20}{statistics.median(x[1] for x in xs):>14.0f}  {target}")
     return res
 
 
