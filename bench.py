@@ -375,8 +375,7 @@ def startup(a):
 def train_runs(a):
     """train.py end to end on tiny_original as a user runs it, a process per stage (pretrain on the 200 captions,
     then finetune from it on the 240 conversations; fp32, batch 8, no loader workers: every byte is in the measured
-    process), checkpointing on (the original's setting) and auto (train.py's default: a measured step decides);
-    peak RSS from the kernel."""
+    process), checkpointing on (the original's setting) and auto (train.py's default); peak RSS from the kernel."""
     root = os.path.join(a.root, "tiny_original")
     make_base(root, "tiny_original")
     args = [f"--llm={root}/llm", f"--vision_tower={root}/siglip", "--legacy_patch_drop=true", "--bf16=false",
@@ -411,10 +410,8 @@ def train_runs(a):
 
 
 def eval_and_loss(a):
-    """Issue #7's two. Greedy answering through evaluate.answer (head_heavy's parts, its connector spread out so that
-    answers differ; 32 of the demo's VQA questions), batch 1 against 16, whose answers must be identical. The LM-head
-    loss alone at Gemma's 256k vocabulary, forward and backward (1,024 tokens, hidden 256): the logits at once against
-    LinearCrossEntropy's chunks; peak tensor memory (flops.TensorMemory), of which the weight gradient is 250 MiB."""
+    """Issue #7's two: greedy answers through evaluate.answer at batch 1 and 16 (head_heavy's parts, a spread-out
+    connector, 32 demo questions); the LM-head loss at a 256k vocabulary, logits at once against chunked."""
     import tempfile
     import torch
     import torch.nn.functional as F

@@ -389,3 +389,30 @@ def test_tensor_memory_counts_what_a_step_makes_and_frees():
     with TensorMemory() as m:      # x, relu(x) (kept for the backward); then its gradients: ones, relu's, w.grad
         (w @ w).relu().sum().backward()
     assert 3 * mib <= m.peak / 2 ** 20 <= 5 * mib
+
+
+def test_fused_adamw_as_train_py_builds_it_equals_the_for_loop_one():
+    """train.py's AdamW is torch's fused kernel (outside DeepSpeed / FSDP): with its parameter groups (per component,
+    decay / no decay) and clipping, five steps give the for-loop AdamW's weights within float rounding."""
+    import copy
+    import types
+    from recipes import DEFAULTS, param_groups
+    torch.manual_seed(0)
+    parts = dict(language_model=nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8)),
+                 vision_tower=nn.Linear(4, 16).requires_grad_(False), connector=nn.Linear(16, 16))
+    cfg = {**DEFAULTS, "lr": 1e-2, "weight_decay": 0.1}
+    weights = {}
+    for fused in (False, True):
+        m = types.SimpleNamespace(**copy.deepcopy(parts))
+        opt = torch.optim.AdamW(param_groups(m, cfg), betas=(0.9, 0.999), fused=fused)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            m.language_model(m.connector(torch.randn(4, 16, generator=g))).square().mean().backward()
+            torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        weights[fused] = [p.detach() for part in (m.language_model, m.connector) for p in part.parameters()]
+    for a, b in zip(weights[False], weights[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    before = [p for part in ("language_model", "connector") for p in parts[part].parameters()]
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(weights[True], before))   # every weight trained
