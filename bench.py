@@ -22,17 +22,14 @@ autograd; text-only rows through the tower on a zero image; logits at every posi
 their mean cross-entropy; random batches (finetune: modality-grouped); AdamW; HF's gelu_new as written. Not
 modelled: DeepSpeed, HF Trainer's overhead, loader workers, its Python splice loop, torch 2.0 / transformers 4.40.
 "ours" is train.py's step: the tower cut at the feature layer, no zero images, the LM head only at supervised
-positions and chunked, length-grouped batches, gelu_new as one kernel, fused AdamW, no checkpointing (what
-train.py's default, auto, picks when a measured step fits, as here; "ours+ckpt": with it). Extras: "ours+cache" (tower outputs from
-model.FeatureCache), "ours+bf16" (bf16 autocast; only where this CPU's bf16 matmul peak beats fp32).
+positions and chunked, length-grouped batches, gelu_new as one kernel, fused AdamW, no checkpointing (auto's
+choice when the step fits; "ours+ckpt": on). Extras: "ours+cache" (model.FeatureCache), "ours+bf16" (autocast).
 
-Every loop gets the same samples, collated before timing. Each variant runs in its own process; they alternate,
---rounds times, the order reversed every other round. samples/s: median over rounds; x orig: median of the per-round
-ratios [lowest-highest]. MFU: model FLOPs (flops.py: the useful work, the same for every loop) / time / the best
-matmul peak measured in this run, in its dtype. step MiB: the peak of the step's live tensors (activations,
-gradients, optimizer state, logits; not the weights) in the first, untimed step, on the longest batch
-(flops.TensorMemory: what a GPU's allocator would hold). RSS+ MiB: peak RSS over the steps above the RSS before
-them, which adds the allocator's cache, fragmentation and the first step's lazy start-up; proc MiB: peak RSS.
+Same samples for every loop, collated before timing; each variant in its own process, alternating --rounds times.
+samples/s: median; x orig: median of per-round ratios [lowest-highest]. MFU: model FLOPs (flops.py) / time / the
+best matmul peak of the run, in its dtype. step MiB: peak of the step's live tensors, not the weights (first step,
+longest batch; flops.TensorMemory: what a GPU allocator holds). RSS+ MiB: peak RSS over the steps above the RSS
+before them (+ allocator cache, fragmentation, lazy start-up); proc MiB: the process's peak RSS.
 """
 import argparse
 import json
@@ -59,6 +56,7 @@ SHAPES = {
         samples=dict(pretrain=4, finetune=4), text=dict(pretrain=((0, 0), (2, 6)), finetune=((4, 12), (2, 6)))),
 }
 REPRESENTATIVE = ["phi2_siglip", "tiny_original"]
+VARIANTS, PARTS = ("original", "ours", "ours+ckpt", "ours+cache", "ours+bf16"), ("train", "startup", "run", "eval")
 STAGES = {"pretrain": dict(template="pretrain", data="demo/pretrain.json", trains=("connector",)),
           "finetune": dict(template="phi", data="demo/finetune.json", trains=("llm", "connector"))}
 # The original's code on tiny_original, measured by issue #18's author on a 2-core machine like this one (it cannot
@@ -455,9 +453,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(REPRESENTATIVE), help=f"comma-separated, of {', '.join(SHAPES)}")
     p.add_argument("--stages", default="pretrain,finetune")
-    p.add_argument("--variants", default="original,ours,ours+ckpt",
-                   help="comma-separated: original, ours, ours+ckpt, ours+cache, ours+bf16")
-    p.add_argument("--only", default="train,startup", help="comma-separated: train (the shapes), startup, run, eval")
+    p.add_argument("--variants", default="original,ours,ours+ckpt", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--only", default="train,startup", help=f"comma-separated, of {', '.join(PARTS)} (train: the shapes)")
     p.add_argument("--rounds", type=int, default=3, help="alternating repetitions of every measurement")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (the first, on the longest batch, measures memory)")
@@ -468,6 +465,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)   # --help ends here, before torch loads
+    for key, valid in [("shapes", SHAPES), ("stages", STAGES), ("variants", VARIANTS), ("only", PARTS)]:
+        if set(getattr(a, key).split(",")) - set(valid):   # a mistyped name: one line, before torch loads
+            p.error(f"--{key} {getattr(a, key)}: each must be one of {', '.join(valid)}")
     if a._child:   # one measurement; JSON on the last stdout line
         spec = json.loads(a._child)
         print(json.dumps(run_variant(argparse.Namespace(**spec), spec["stage"], spec["variant"])))

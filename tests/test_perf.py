@@ -416,3 +416,11 @@ def test_fused_adamw_as_train_py_builds_it_equals_the_for_loop_one():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     before = [p for part in ("language_model", "connector") for p in parts[part].parameters()]
     assert all((a - b).abs().max() > 1e-3 for a, b in zip(weights[True], before))   # every weight trained
+
+
+@pytest.mark.parametrize("arg", ["--shapes=phi2_siglip,bogus", "--only=train,bogus", "--variants=ours,xx",
+                                 "--stages=pretrain,warmup"])
+def test_bench_refuses_a_mistyped_name_in_one_line(arg):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "bench.py", arg], capture_output=True, text=True, cwd=root, timeout=60)
+    assert out.returncode == 2 and "each must be one of" in out.stderr and "Traceback" not in out.stderr
