@@ -236,12 +236,19 @@ def in_use(device):
 
 def free_mib(device):
     """MiB a step may still take: the GPU's free memory plus what torch holds unused; on a CPU, the kernel's
-    MemAvailable, or less under a cgroup (container) limit."""
+    MemAvailable, or less under a cgroup (container) limit; without /proc (macOS), half the machine's memory;
+    0 where nothing tells (checkpointing then goes on)."""
     if device.type == "cuda":
         return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
                 - torch.cuda.memory_allocated(device)) / 2 ** 20
-    with open("/proc/meminfo") as f:
-        free = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024
+    except (OSError, StopIteration):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 / 2 ** 20
+        except (AttributeError, ValueError, OSError):
+            return 0.0
     try:
         with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
             limit = f.read().strip()

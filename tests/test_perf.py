@@ -424,3 +424,21 @@ def test_bench_refuses_a_mistyped_name_in_one_line(arg):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "bench.py", arg], capture_output=True, text=True, cwd=root, timeout=60)
     assert out.returncode == 2 and "each must be one of" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_free_memory_without_proc_falls_back_to_half_the_machine_then_to_none(monkeypatch):
+    """auto checkpointing on a CPU compares a step with flops.free_mib: MemAvailable on Linux; on a system without
+    /proc (macOS) half the physical memory; where nothing tells, 0 (checkpointing goes on)."""
+    import builtins
+    linux = flops.free_mib(torch.device("cpu"))
+    real_open = builtins.open
+
+    def no_proc(path, *a, **k):
+        if str(path).startswith("/proc/"):
+            raise OSError("no /proc here")
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(builtins, "open", no_proc)
+    half = flops.free_mib(torch.device("cpu"))
+    assert 0 < linux and half == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 / 2 ** 20
+    monkeypatch.delattr(os, "sysconf")
+    assert flops.free_mib(torch.device("cpu")) == 0.0
