@@ -2,7 +2,7 @@
 Speed and memory of training on shapes that stand for real runs, ours against a re-creation of the original's
 loop, alternating in one run; where our step's time goes; how fast the scripts start.
 
-    python bench.py                       # the representative shapes + start-up times (~25 min on 2 cores)
+    python bench.py                       # the representative shapes + start-up times (~15 min on 2 cores)
     python bench.py --shapes tiny_original --stages finetune --rounds 5
     python bench.py --shapes head_heavy   # the issue-#7 bench model, a labelled extra (its head costs more than its LLM)
     python bench.py --only run,eval       # train.py end to end on tiny_original; issue #7's answering and loss
