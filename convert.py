@@ -62,7 +62,7 @@ from data import TEMPLATES, ChatTemplate, IMAGE_PLACEHOLDER, encode, get_templat
 from folders import auto_map, hf_files, read_json, resolve, save_files, write_file
 from folders import chat_template as llava_chat_template   # no tokenizer: LlavaProcessor adds its own special tokens
 import model as model_py
-from model import DTYPES, FOREIGN_LAYOUTS, PIXELS, assemble, image_size, load_tokenizer, save_pretrained
+from model import DTYPES, PIXELS, assemble, image_size, load_tokenizer, save_pretrained
 from modeling_tinyllava_nano import TOWERS
 
 SUBDIRS = ("language_model", "vision_tower", "connector")
@@ -287,9 +287,6 @@ def load_tinyllava(path, llm_kwargs=None, trust_remote_code=False, **overrides):
     print(f"loaded TinyLLaVA Factory {layout} layout from {path}: {connector}, {model.num_image_tokens} image tokens, "
           f"template {model.template!r}; {dropped} unused tower tensors dropped")
     return model, tokenizer, processor
-
-
-FOREIGN_LAYOUTS.append((is_tinyllava_factory, load_tinyllava))   # model.load_pretrained reads them too from now on
 
 
 def model_template(path, model, template=None):

@@ -24,8 +24,8 @@ A saved folder is also a transformers model (modeling_tinyllava_nano.py, copied 
 connectors): AutoModelForCausalLM / AutoModelForImageTextToText / AutoProcessor load it once this module is imported,
 or anywhere with trust_remote_code=True; its chat template and generation_config.json are training's prompt and
 evaluation's decoding (folders.py writes these; folders.save_adapter a LoRA stage as a PEFT adapter of that model).
-Our own loaders never import a folder's .py. Foreign layouts (TinyLLaVA Factory's) are convert.py's, which registers
-its reader in FOREIGN_LAYOUTS: model.py never imports convert.py.
+Our own loaders never import a folder's .py. Foreign layouts (TinyLLaVA Factory's) are read by
+convert.load_pretrained, which reads ours too: model.py never imports convert.py.
 """
 import json
 import os
@@ -365,22 +365,17 @@ def save_pretrained(model, tokenizer, processor, out_dir, state_dict=None, templ
 
 # -------------------- Loading ---------------------------------------------------------------------------------------
 
-FOREIGN_LAYOUTS = []   # [(is_it(path), load(path, **kwargs))]: convert.py adds TinyLLaVA Factory's layouts
-
-
 def load_pretrained(path, llm_kwargs=None, trust_remote_code=False, **overrides):
     """Load a save_pretrained folder, or a Hub id of one (resolve), offline: nothing but that snapshot is fetched, no
     code runs unless the caller passes trust_remote_code=True (the user's --trust-remote-code; never the checkpoint's
-    own config), and a folder's .py files are never imported. Layouts registered in FOREIGN_LAYOUTS (convert.py's:
-    TinyLLaVA Factory's) load through their reader. llm_kwargs go to the LLM's from_pretrained (quantization_config:
-    QLoRA on a previous stage's output)."""
+    own config), and a folder's .py files are never imported. TinyLLaVA Factory's layouts: convert.load_pretrained.
+    llm_kwargs go to the LLM's from_pretrained (quantization_config: QLoRA on a previous stage's output)."""
     path = resolve(path)
-    for is_it, load in FOREIGN_LAYOUTS:
-        if is_it(path):
-            return load(path, llm_kwargs=llm_kwargs, trust_remote_code=trust_remote_code, **overrides)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found: not a tinyllava-nano model directory")
+        hint = " (TinyLLaVA Factory's pretrain layout: convert.load_pretrained reads it)" * all(
+            os.path.isdir(os.path.join(path, d)) for d in ("language_model", "connector"))
+        raise FileNotFoundError(f"{cfg_path} not found: not a tinyllava-nano model directory{hint}")
     config = read_json(cfg_path)
     if config.get("model_type") != "tinyllava_nano":
         hint = " (a TinyLLaVA Factory checkpoint: convert.load_pretrained reads it)" * (config.get("model_type") ==

@@ -17,7 +17,8 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, 
 import convert
 from conftest import write_dataset
 from data import IMAGE_TOKEN_INDEX, TEMPLATES, ChatTemplate, encode, preprocess_image, render
-from model import ModelArgs, build_model, load_pretrained, save_pretrained
+from convert import load_pretrained   # ours and the original's layouts (model.load_pretrained: ours only)
+from model import ModelArgs, build_model, save_pretrained
 
 TOWER_CLS = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
 QUESTION = [{"from": "human", "value": "What is shown?\n<image>"}]   # the template moves the image to the front
@@ -349,3 +350,20 @@ def test_llava_chat_template_renders_our_templates(tiny_llms):
             chat = lambda msgs: tok.apply_chat_template(msgs, chat_template=jinja, tokenize=False)
             assert chat(messages) == render(conv, name, for_generation=True)[0], name
             assert chat(messages[:4]) == render(conv[:4], name)[0], name
+
+
+def test_our_loader_points_the_originals_layouts_to_convert(tiny_llms, tiny_towers, tmp_path):
+    """model.load_pretrained reads our folders only (it never imports convert.py); given one of the original's
+    layouts it says which loader reads it, in one line."""
+    import model as model_py
+    lm, vt, conn = original_parts(tiny_llms, tiny_towers, "llama", "siglip")
+    tok = AutoTokenizer.from_pretrained(tiny_llms["llama"])
+    os.makedirs(tmp_path / "release")
+    write_release(str(tmp_path / "release"), lm, vt, conn, original_config(lm, vt, tok), tok, shards=1)
+    with pytest.raises(ValueError, match="TinyLLaVA Factory checkpoint: convert.load_pretrained reads it"):
+        model_py.load_pretrained(str(tmp_path / "release"))
+    for sub in ("language_model", "connector"):
+        os.makedirs(tmp_path / "pretrain" / sub)
+    with pytest.raises(FileNotFoundError, match="pretrain layout: convert.load_pretrained reads it"):
+        model_py.load_pretrained(str(tmp_path / "pretrain"))
+    assert convert.load_pretrained(str(tmp_path / "release"))[0].num_image_tokens > 0

@@ -206,7 +206,7 @@ def release(tiny_llms, tiny_towers, tmp_path):
     d = tmp_path / "ck" / "release"
     d.mkdir(parents=True)
     write_release(str(d), lm, vt, conn, original_config(lm, vt, tok), tok, shards=2)
-    load_pretrained(str(d))   # as written, it loads
+    convert.load_pretrained(str(d))   # as written, it loads
     return d
 
 
@@ -219,7 +219,7 @@ def test_an_index_cannot_lead_outside_the_checkpoint(release, target):
         shutil.move(str(release / shard), str(release / target))
     index.write_text(json.dumps({"weight_map": {k: target if v == shard else v for k, v in weight_map.items()}}))
     with pytest.raises(ValueError, match=f"model.safetensors.index.json names '{target}', which is outside") as e:
-        load_pretrained(str(release))
+        convert.load_pretrained(str(release))
     assert one_line(e)
 
 
@@ -234,12 +234,12 @@ def test_tower_and_llm_folders_must_be_inside_the_checkpoint(release, tiny_llms,
     for value in (escape, place):
         edit_json(release / "config.json", **{field: value})
         with pytest.raises(ValueError, match="config.json names .*, which is outside") as e:
-            load_pretrained(str(release))
+            convert.load_pretrained(str(release))
         assert one_line(e)
     inner = release / "inner"   # inside the folder, it is read
     shutil.copytree(place, inner)
     edit_json(release / "config.json", **{field: str(inner)})
-    load_pretrained(str(release))
+    convert.load_pretrained(str(release))
 
 
 def test_convert_never_writes_into_its_source(saved, tmp_path, capsys):
