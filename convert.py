@@ -10,13 +10,15 @@ convert.load_pretrained (chat.py, evaluate.py, train.py --init_from) reads ours 
 "tinyllava", safetensors, sharded or not, or .bin), the pretrain stage (language_model/, vision_tower/, connector/,
 pytorch_model.bin read with weights_only=True) and LoRA output (PEFT adapters, merged on load). It computes what the
 original does: `patch` always drops the first token (legacy_patch_drop: SigLIP 729 -> 728). Template: the config's
-conv_version, else "pretrain" for the pretrain layout, else the vicuna-style one with the tokenizer's EOS. A checkpoint
+conv_version, else "pretrain" for the pretrain layout, else the vicuna-style one with the tokenizer's EOS. Image
+processor: the directory's, else the Hub cache's, else the tower's stock one rebuilt from its config. A checkpoint
 is read inside its folder only (Hub ids: the local cache only); its code runs only with --trust-remote-code, a folder's
 .py files never. Outputs hold no half-written file and no code but ours (our modeling code and auto_map, loaded with
 trust_remote_code=True as the original's releases); from-tinyllava also writes train_config.json (the template).
 
 Export to LlavaForConditionalGeneration keeps the logits: the tower is cut after the feature layer (Llava reads the
-last); Llava's "default" strategy drops the first token (CLS or legacy SigLIP drop). Not exportable (llava_blockers):
+last); Llava's "default" strategy drops the first token (CLS or legacy SigLIP drop), "full" keeps all. Not exportable
+(llava_blockers says which applies):
     MoF (vision_tower2)                Llava has one vision tower
     connector other than mlp2x_gelu    Llava's projector is Linear -> GELU -> Linear per token, nothing else
     Phi LLMs (phi-2)                   their LM head has a bias; Llava's lm_head has none
