@@ -139,7 +139,8 @@ def original_loss(model, b):
     position's logits over the whole vocabulary, their mean cross-entropy. (Same value as ours: tested.)"""
     import torch
     import torch.nn.functional as F
-    has = (b["input_ids"] == -200).any(1)
+    from data import IMAGE_TOKEN_INDEX
+    has = (b["input_ids"] == IMAGE_TOKEN_INDEX).any(1)
     full = torch.zeros(len(has), 3, *model.image_size, device=b["input_ids"].device, dtype=model.vision_tower.dtype)
     if b["images"] is not None:
         full[has] = b["images"].to(full.dtype)
@@ -153,10 +154,10 @@ def original_loss(model, b):
 def run_variant(a, stage, variant):
     """One variant of one stage in this process: warm-up, the timed steps; returns the measurements."""
     import torch
-    from data import collate
+    from data import IMAGE_TOKEN_INDEX, collate
     from flops import TensorMemory, flop_profile, in_use, peak_since_reset, reset_peak, rss_mib, train_flops
     from model import ModelArgs, build_model
-    from train import grouped_batches
+    from train import checkpoint_layers, grouped_batches
     torch.manual_seed(0)
     original, device = variant == "original", a.device
     import model as model_py
@@ -179,8 +180,7 @@ def run_variant(a, stage, variant):
                 b["tower_features"] = None if b["images"] is None else model.vision_tower(b["images"].to(device))
             b["images"] = None
     if original or "ckpt" in variant:   # the original's scripts: --gradient_checkpointing True
-        model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.language_model.enable_input_require_grads()
+        checkpoint_layers(model.language_model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=not original)   # as train.py; the original: HF Trainer's for-loop
     model.train()   # HF checkpointing only recomputes in train mode
@@ -225,7 +225,7 @@ def run_variant(a, stage, variant):
                rss_step_mib=peak - base, proc_mib=max(process_peak, rss_mib("VmHWM")))
     if not original:   # model FLOPs of the useful work: the original's rows take ours' (the same samples)
         profile = flop_profile(model, model.image_size)
-        parts = [train_flops(profile, b["attention_mask"], b["labels"], int((b["input_ids"] == -200).any(1).sum()),
+        parts = [train_flops(profile, b["attention_mask"], b["labels"], int((b["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum()),
                              "cache" not in variant, parts=True) for b in data]
         out["flop_parts"] = {k: sum(p[k] for p in parts) for k in parts[0]}
         out["flops"] = sum(out["flop_parts"].values())

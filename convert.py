@@ -61,7 +61,7 @@ from safetensors.torch import load_file
 from transformers import CONFIG_MAPPING, AddedToken, AutoImageProcessor
 
 from data import TEMPLATES, ChatTemplate, IMAGE_PLACEHOLDER, encode, get_template, render
-from folders import auto_map, hf_files, read_json, resolve, save_files, write_file
+from folders import auto_map, hf_files, is_pretrain_layout, read_json, resolve, save_files, write_file
 from folders import chat_template as llava_chat_template   # no tokenizer: LlavaProcessor adds its own special tokens
 import model as model_py
 from model import DTYPES, PIXELS, assemble, image_size, load_tokenizer, save_pretrained
@@ -80,11 +80,7 @@ PREFERRED_TEMPLATE = {"phi": "phi", "stablelm": "phi", "llama": "llama", "gemma"
 def is_tinyllava_factory(path):
     """A directory in one of the original's layouts (release, pretrain sub-directories, LoRA)."""
     cfg = os.path.join(path, "config.json")
-    return (os.path.isfile(cfg) and read_json(cfg).get("model_type") == "tinyllava") or _has_subdirs(path)
-
-
-def _has_subdirs(path):
-    return all(os.path.isdir(os.path.join(path, d)) for d in ("language_model", "connector"))
+    return (os.path.isfile(cfg) and read_json(cfg).get("model_type") == "tinyllava") or is_pretrain_layout(path)
 
 
 def inside(root, name, source):
@@ -140,7 +136,7 @@ def merge_lora(weights, path):
 def read_tinyllava(path):
     """(the original's config dict, its weights under the original's key names, layout name)."""
     cfg = read_json(os.path.join(path, "config.json")) if os.path.isfile(os.path.join(path, "config.json")) else {}
-    if _has_subdirs(path):
+    if is_pretrain_layout(path):
         layout, weights = "pretrain", {}
         for sub in [s for s in SUBDIRS if os.path.isdir(os.path.join(path, s))]:
             d = os.path.join(path, sub)

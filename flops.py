@@ -10,7 +10,8 @@ the activation gradients that flow through them to a trainable part below. Work 
 (recomputation under gradient checkpointing, zero images, padding, logits nobody needs) is not model FLOPs.
 
 The peak, and the thread count train.py picks on a CPU, are measured once per machine and cached in
-$XDG_CACHE_HOME/tinyllava-nano/machine.json (see `measured`). A module of its own so that train.py and bench.py
+$XDG_CACHE_HOME/tinyllava-nano/machine.json (see `measured`). Memory: TensorMemory (a step's live tensors, for
+auto checkpointing and bench.py), RSS and free memory. A module of its own so that train.py and bench.py
 both use it without importing each other (bench.py imports train.py; train.py never imports bench.py).
 """
 import json

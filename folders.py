@@ -5,6 +5,7 @@ imports model.py or convert.py):
 
     write_file(path, text | {name: tensor} | fn)    save_files(out_dir, *objs_with_save_pretrained, files={name: text})
     resolve("org/name") -> a snapshot folder (cache first, offline-friendly)
+    is_pretrain_layout(path)                    # TinyLLaVA Factory's pretrain-stage folders (convert.py reads them)
     chat_template("phi", tokenizer) -> Jinja    hf_files(tokenizer, template, num_image_tokens, aspect) -> (objs, files)
     save_adapter(model, out_dir, base)          # a LoRA stage as one PEFT adapter of the whole model (see there)
 
@@ -58,6 +59,11 @@ def write_file(path, content):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise OSError(f"could not write {path}: {e}") from None
+
+
+def is_pretrain_layout(path):
+    """TinyLLaVA Factory's pretrain-stage layout: language_model/ and connector/ sub-folders, no config of ours."""
+    return all(os.path.isdir(os.path.join(path, d)) for d in ("language_model", "connector"))
 
 
 def read_json(path):

@@ -41,7 +41,7 @@ from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfi
 
 from connectors import build_connector
 from data import IGNORE_INDEX
-from folders import auto_map, hf_files, read_json, resolve, save_files, write_file
+from folders import auto_map, hf_files, is_pretrain_layout, read_json, resolve, save_files, write_file
 from modeling_tinyllava_nano import VisionTower  # noqa: F401 (model.VisionTower, as before)
 from modeling_tinyllava_nano import (TinyLlavaNanoConfig, TinyLlavaNanoForConditionalGeneration,
                                      TinyLlavaNanoProcessor, make_vision_tower, splice, tower_kind,
@@ -373,8 +373,7 @@ def load_pretrained(path, llm_kwargs=None, trust_remote_code=False, **overrides)
     path = resolve(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        hint = " (TinyLLaVA Factory's pretrain layout: convert.load_pretrained reads it)" * all(
-            os.path.isdir(os.path.join(path, d)) for d in ("language_model", "connector"))
+        hint = is_pretrain_layout(path) * " (TinyLLaVA Factory's pretrain layout: convert.load_pretrained reads it)"
         raise FileNotFoundError(f"{cfg_path} not found: not a tinyllava-nano model directory{hint}")
     config = read_json(cfg_path)
     if config.get("model_type") != "tinyllava_nano":
