@@ -10,14 +10,17 @@
 
 Public API (each docstring gives the details)
     IGNORE_INDEX = -100, IMAGE_TOKEN_INDEX = -200, IMAGE_PLACEHOLDER = "<image>", DataError(ValueError).code
-    read_records(path) -> records, parsed;  load_records(path) -> records, parsed and checked (check_data.scan)
+    read_records(path) -> records, parsed;  load_records(path) -> records, parsed and checked (records.py: the
+        record checks, re-exported here with DataError, BadLine, IMAGE_PLACEHOLDER)
     TEMPLATES: name -> ChatTemplate | HFChatTemplate;  get_template;  render -> (text, supervised character spans)
     encode(conversations, template, tokenizer, num_image_tokens, max_length=None, for_generation=False)
         -> {"input_ids": LongTensor[T], "labels": LongTensor[T]}
-    load_image(path) -> PIL.Image (RGB);  preprocess_image(image, processor, aspect="square"|"pad") -> Tensor[3, H, W]
+    load_image(path, aspect) -> PIL.Image (RGB);  preprocess_image(image, processor, aspect="square"|"pad")
+        -> Tensor[3, H, W]
     VLMDataset(...)[i] -> {"input_ids", "labels", "pixel_values": Tensor[3, H, W] | None, "tower_features", "id",
         "skipped"};  .lengths;  .skipped: [(index, id, problem)] left out at load;  read_skip_log(*paths)
     collate(batch, pad_token_id, padding_side) -> {"input_ids", "attention_mask", "labels", "images", ...}
+    check(records, image_folder, tokenizer, ...) -> {"problems", "notes", "lengths", ...}: what training refuses
 
 Text format (TinyLLaVA Factory, = LLaVA-1.5 vicuna_v1 with the LLM's own EOS; LLaVA "plain" for pretraining):
     SYSTEM USER: <image>\\n{q1} ASSISTANT: {a1}<eos>USER: {q2} ASSISTANT: {a2}<eos>
@@ -35,18 +38,19 @@ rows carry no image at all, so the vision tower never runs on them), tokenizers 
 
 import json
 import os
-from collections import namedtuple
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageFile
 
-from check_data import scan
+from records import (IMAGE_PLACEHOLDER, NOT_BAD, BadLine, DataError, _error, _id, _json, _turns, _where,  # noqa: F401
+                     load_records, read_records, record_problems, scan)   # (re-exported: data.DataError, ...)
 
 IGNORE_INDEX = -100  # label of tokens that take no loss (torch CrossEntropyLoss default ignore_index)
 IMAGE_TOKEN_INDEX = -200  # sentinel id at image positions; model.py writes image features there (LLaVA's value)
-IMAGE_PLACEHOLDER = "<image>"
 
 # Over these limits an image is a bad sample (image-too-large): training images are far smaller (COCO 640 px, SAM
 # 1500x2250); a 100 KB PNG may declare 30000x30000 (2.7 GB as RGB). PIL's limits: 89 Mpx warns, 179 Mpx raises.
@@ -54,91 +58,6 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 # "pad" puts the image on a max(w, h)-sided square, held as float32 by the processor: a 1x15000 image (147 bytes)
 # took 3.5 GB, one padded to 8192 px takes 0.9 GB. (Resizing before padding would change every image's pixels.)
 MAX_PAD_SIDE = 8192
-
-
-class DataError(ValueError):
-    """A record cannot be a training sample: the message names file, record index and id; .code the problem."""
-
-    def __init__(self, message, code="bad-record"):
-        super().__init__(message)
-        self.code = code
-
-
-BadLine = namedtuple("BadLine", "lineno error")   # a JSONL line that is not JSON, kept in place: indices stay
-
-
-def _id(record):
-    return record.get("id") if isinstance(record, dict) else None
-
-
-def _where(source, index, record) -> str:
-    at = f"line {record.lineno}" if isinstance(record, BadLine) else f"id={_id(record)!r}"
-    return f"{source}: record {index} ({at})"
-
-
-# ---- Records -----------------------------------------------------------------------------------------------------
-def read_records(path) -> list:
-    """Parse a LLaVA-format JSON list or JSONL file (no validation); a JSONL line that is not JSON becomes a
-    BadLine in its place, so the lines after it are still read. Bytes that are not UTF-8 become lone surrogates."""
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
-        text = f.read()
-    records = _json(text)
-    if isinstance(records, BadLine) and text.lstrip().startswith("["):
-        raise DataError(f"{path}: invalid JSON at line {records.lineno}: {records.error}", "bad-json")
-    # one object is a one-line JSONL file if it is a record; {"data": [...]} or a pretty-printed record is not
-    if isinstance(records, dict) and ("conversations" not in records or "\n" in text.strip()):
-        raise DataError(f"{path}: the top level must be a list of records (a JSON list, or JSONL: one record per "
-                        f"line), not an object with keys {', '.join(map(repr, list(records)[:5]))}", "bad-top-level")
-    if not isinstance(records, list):  # JSONL: one record per non-empty line (not splitlines: "\u2028" is no end)
-        records = [_json(line, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-    if not records:
-        raise DataError(f"{path}: no records", "no-records")
-    return records
-
-
-def _json(text, lineno=1):
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:   # RecursionError: nested too deeply
-        return BadLine(lineno + getattr(e, "lineno", 1) - 1, getattr(e, "msg", "nested too deeply"))
-
-
-def load_records(path) -> list[dict]:
-    """read_records + scan: DataError at the first bad record (fail at startup, not at step 90k)."""
-    records = read_records(path)
-    for i, record, problems in scan(records):
-        if problems:
-            raise _error(path, i, record, problems)
-    return records
-
-
-def _error(source, index, record, problems) -> DataError:   # one line: where, then each problem and its code
-    return DataError(f"{_where(source, index, record)}: {'; '.join(f'{m} [{c}]' for c, m in problems)}", problems[0][0])
-
-
-def _turns(conversations, for_generation) -> list[tuple[str, str | None]]:
-    """[{"from", "value"}, ...] -> [(question, answer)]; the answer of the last pair is None for generation."""
-    msgs = list(conversations)
-    # The original (TinyLLaVA `_get_list_from_message`) drops a first message that is not from the human, which
-    # is how per-sample system prompts end up ignored. We keep that for parity with released checkpoints, but a
-    # first message from the assistant is refused: dropping it would train on a conversation cut in the middle.
-    skipped = int(bool(msgs) and msgs[0].get("from") not in ("human", "gpt"))
-    msgs = msgs[skipped:]
-    if for_generation and msgs and msgs[-1].get("from") == "gpt" and msgs[-1].get("value") is None:
-        msgs = msgs[:-1]
-    if not msgs:
-        raise DataError("empty conversations", "empty-conversation")
-    for t, m in enumerate(msgs):
-        expected = "human" if t % 2 == 0 else "gpt"
-        if m.get("from") != expected:
-            code = "starts-with-assistant" if t == 0 and m.get("from") == "gpt" else "turns-not-alternating"
-            raise DataError(f"turn {t + skipped} is from {m.get('from')!r}, expected {expected!r} "
-                            "(turns must alternate human/gpt, starting with human)", code)
-    if for_generation != (len(msgs) % 2 == 1):
-        want = "a human turn (the question to answer)" if for_generation else "a gpt turn"
-        raise DataError(f"conversations must end with {want}", "unanswered-last-turn")
-    values = [m["value"] for m in msgs] + ([None] if for_generation else [])
-    return list(zip(values[0::2], values[1::2]))
 
 
 # ---- Chat templates (strings from TinyLLaVA Factory data/template/*.py, see reference §5.3) ----------------------
@@ -302,17 +221,26 @@ def encode(conversations, template, tokenizer, num_image_tokens, max_length=None
 
 
 # ---- Images ------------------------------------------------------------------------------------------------------
-def load_image(path) -> Image.Image:
-    """`path` as RGB, or DataError: image-missing, -not-a-file, -too-large, -truncated (never grey), -unreadable."""
+def load_image(path, aspect="square") -> Image.Image:
+    """`path` as RGB, or DataError: image-missing, -not-a-file (a directory, FIFO, device or socket: only a regular
+    file is opened, since opening a FIFO waits for a writer forever), -too-large (over MAX_IMAGE_PIXELS; with aspect
+    "pad" also a padded square over MAX_PAD_SIDE; from the header, before decoding), -truncated (never grey),
+    -unreadable."""
     truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # whoever set it
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotAFile(next((what for test, what in NOT_REGULAR.items() if test(mode)), "not a regular file")
+                            + ", not a regular file")
         with Image.open(path) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, over data.MAX_IMAGE_PIXELS")
+            if aspect == "pad" and _pad_problem(*im.size):
+                raise Image.DecompressionBombError(_pad_problem(*im.size))
             return im.convert("RGB")
     except Exception as e:  # noqa: BLE001 - whatever a decoder throws at a bad file, it is this file's problem
         code = ("image-missing" if isinstance(e, (FileNotFoundError, NotADirectoryError)) else
-                "image-not-a-file" if isinstance(e, IsADirectoryError) else
+                "image-not-a-file" if isinstance(e, (IsADirectoryError, _NotAFile)) else
                 "image-too-large" if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)) else
                 "image-truncated" if "truncated" in str(e).lower() else "image-unreadable")
         raise DataError(f"cannot read image {path}: {e}", code) from None
@@ -320,16 +248,28 @@ def load_image(path) -> Image.Image:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 
 
+class _NotAFile(OSError):
+    pass
+
+
+NOT_REGULAR = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device",
+               stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+
+
+def _pad_problem(w, h):   # why "pad" refuses a w x h image, or None
+    if max(w, h) > MAX_PAD_SIDE:
+        return (f"a {w}x{h} image cannot be padded: its {max(w, h)}x{max(w, h)} square is over data.MAX_PAD_SIDE = "
+                f"{MAX_PAD_SIDE}")
+
+
 def preprocess_image(image: Image.Image, processor, aspect="square") -> torch.Tensor:
     """PIL image -> (3, H, W) float tensor. "square": the processor's own resize/crop (TinyLLaVA's default);
     "pad": LLaVA's expand2square first, centring the image on a square canvas filled with the mean colour (DataError
     when that square's side would exceed MAX_PAD_SIDE)."""
     if aspect == "pad":
-        w, h = image.size
-        side = max(w, h)
-        if side > MAX_PAD_SIDE:
-            raise DataError(f"a {w}x{h} image cannot be padded: its {side}x{side} square is over data.MAX_PAD_SIDE "
-                            f"= {MAX_PAD_SIDE}", "image-too-large")
+        (w, h), side = image.size, max(image.size)
+        if _pad_problem(w, h):
+            raise DataError(_pad_problem(w, h), "image-too-large")
         fill = tuple(int(255 * m) for m in processor.image_mean)  # SigLIP -> (127,127,127), CLIP -> (122,116,104)
         canvas = Image.new(image.mode, (side, side), fill)
         canvas.paste(image, ((side - w) // 2, (side - h) // 2))
@@ -357,8 +297,8 @@ class VLMDataset(torch.utils.data.Dataset):
         records = read_records(records) if isinstance(records, (str, os.PathLike)) else records
         self.records, self.origin, self.skipped, self.skip_log, dups = [], [], [], skip_log, []
         for i, record, problems in scan(records, allow_outside_images):
-            dups += [i] * any(c == "duplicate-id" for c, _ in problems)   # listed by the check, trained on (below)
-            problems = [(c, m) for c, m in problems if c != "duplicate-id"]
+            dups += [i] * any(c in NOT_BAD for c, _ in problems)   # listed by the check, trained on (below)
+            problems = [(c, m) for c, m in problems if c not in NOT_BAD]
             if not problems:
                 self.records.append(record)
                 self.origin.append(i)   # index in the source file, for messages
@@ -419,7 +359,7 @@ class VLMDataset(torch.utils.data.Dataset):
                 if self.feature_cache is not None:
                     feats = self.feature_cache.load(self.image_folder, record["image"])
                 if feats is None:
-                    image = load_image(os.path.join(self.image_folder, record["image"]))
+                    image = load_image(os.path.join(self.image_folder, record["image"]), self.image_aspect_ratio)
                     if self.feature_cache is not None:
                         raise DataError(f"image {record['image']} is not in the feature cache "
                                         f"{self.feature_cache.dir}", "feature-cache-miss")
@@ -479,3 +419,48 @@ def collate(batch, pad_token_id, padding_side="right") -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images,
             "tower_features": feats if len(feats) else None,
             "skipped": [x for s in batch for x in s.get("skipped", ())]}
+
+
+# ---- The data check (check_data.py prints it) ----------------------------------------------------------------------
+def check(records, image_folder=None, tokenizer=None, template="phi", num_image_tokens=0, max_length=None,
+          allow_outside_images=False, on_problem=None, progress=False, image_aspect_ratio="square"):
+    """Every record as training reads it (scan, then load_image and encode with training's settings) -> {"problems":
+    [(index, id, code, message)], "notes": [(index, id, message)], "lengths": [tokens], "over_max_length": n, ...};
+    on_problem(index, record, code, message) is called as each problem or note (code "note") is found."""
+    from tqdm import tqdm
+    problems, notes, lengths, over = [], [], [], 0
+    bar = tqdm(total=len(records), unit=" records", file=sys.stderr, disable=not progress)
+    for i, r, found in scan(records, allow_outside_images):
+        rid = r.get("id") if isinstance(r, dict) else None
+        good = lambda: all(c in NOT_BAD for c, _ in found)  # noqa: E731 - a record training keeps, so far
+        try:
+            if good() and image_folder is not None and r.get("image") is not None:   # training: when read
+                try:
+                    load_image(os.path.join(image_folder, r["image"]), image_aspect_ratio)
+                except DataError as e:
+                    found.append((e.code, str(e)))
+            if good() and r["conversations"][0]["from"] != "human":
+                notes.append((i, rid, f"first message is from {r['conversations'][0]['from']!r}: dropped, as the "
+                                      "original does"))
+                if on_problem:
+                    on_problem(i, r, "note", notes[-1][2])
+            if good() and tokenizer is not None:
+                try:
+                    n = len(encode(r["conversations"], template, tokenizer, num_image_tokens)["input_ids"])
+                    lengths.append(n)
+                    if max_length and n > max_length:
+                        over += 1
+                        encode(r["conversations"], template, tokenizer, num_image_tokens, max_length)
+                except DataError as e:
+                    found.append((e.code, str(e)))
+        except Exception as e:  # noqa: BLE001 - the check reports what it cannot handle and goes on
+            found.append(("internal-error", f"{type(e).__name__}: {e}"))
+        for code, message in found:
+            problems.append((i, rid, code, message))
+            if on_problem:
+                on_problem(i, r, code, message)
+        bar.update()
+    bar.close()
+    image = sum(isinstance(r, dict) and r.get("image") is not None for r in records)
+    return {"records": len(records), "image": image, "text_only": len(records) - image, "problems": problems,
+            "notes": notes, "lengths": lengths, "over_max_length": over}

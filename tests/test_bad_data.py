@@ -17,6 +17,7 @@ from transformers import SiglipImageProcessor
 
 import check_data
 import data
+import records as records_py
 from data import DataError, VLMDataset, collate
 from tiny_tokenizers import make_tokenizer
 
@@ -149,7 +150,8 @@ def test_the_check_reports_every_bad_record_and_no_good_one(tok, tmp_path):
         found.setdefault(i, []).append(code)
     assert found == {i: [code] for i, code in bad.items()}     # recall and precision, with the code
     assert [n[1] for n in report["notes"]] == ["system-first"]
-    assert len(report["lengths"]) == len(good) + 1       # every record that tokenises (answer-truncated too)
+    # every record training keeps that tokenises: the good ones, the repeated id (trained on), answer-truncated
+    assert len(report["lengths"]) == len(good) + 2
 
 
 def test_the_check_prints_each_problem_with_index_id_and_code(tok, tmp_path, capsys):
@@ -276,8 +278,8 @@ def test_one_record_that_breaks_the_code_is_an_internal_error_not_a_crash(tok, t
     assert sample["id"] != "text" and sample["skipped"][0][0] == text and "TypeError" in sample["skipped"][0][2]
     with pytest.raises(DataError, match=r"record 0 \(id='text'\): TypeError: .* \[internal-error\]"):
         dataset([records[text]], images, tok, "error")[0]
-    real_problems = check_data.record_problems       # the same when the record checks themselves fail
-    monkeypatch.setattr(check_data, "record_problems",
+    real_problems = records_py.record_problems        # the same when the record checks themselves fail
+    monkeypatch.setattr(records_py, "record_problems",
                         lambda r, *a: 1 / 0 if r == records[text] else real_problems(r, *a))
     assert {i: c for i, _, c, _ in check_data.check(records)["problems"]}[text] == "internal-error"
     assert text in {i for i, _, _ in dataset(path, images, tok).skipped}
@@ -292,10 +294,10 @@ def test_the_check_streams_its_findings(tmp_path, monkeypatch, capsys):
     (tmp_path / "d.json").write_text(json.dumps(records))
     real = data.load_image
 
-    def load_image(p):
+    def load_image(p, *aspect):
         if p.endswith("last.png"):
             raise KeyboardInterrupt   # or a kill, an out-of-memory, a power cut
-        return real(p)
+        return real(p, *aspect)
     monkeypatch.setattr(data, "load_image", load_image)
     with pytest.raises(KeyboardInterrupt):
         check_data.main([str(tmp_path / "d.json"), "--image-folder", str(tmp_path)])
@@ -327,3 +329,87 @@ def test_training_under_skip_leaves_out_and_reports_every_bad_record(tiny_llms, 
     assert {r["index"] for r in rows} == {i for i, c in bad.items() if c not in TRAINED_ON}
     assert f"{len(bad) - 1} records of {path} skipped" in capsys.readouterr().out
     assert all(x == x for x in losses["finetune"])
+
+
+# ---- #23: what hung or was let through: a FIFO named .png, a square "pad" refuses, duplicate ids alone
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def one_image_set(root, name):
+    path = os.path.join(root, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump([{"id": name, "image": name, "conversations": conv(f"<image>\n{Q}", "A cat.")}], f)
+    return path
+
+
+def test_a_fifo_or_a_device_is_a_problem_not_a_hang(tok, tmp_path):
+    """Only regular files are opened: opening a FIFO waits for a writer forever (the check hung, and so would
+    training); a device (here /dev/zero through a link inside the image folder) is not an image either."""
+    import subprocess
+    import sys
+    import threading
+    images = tmp_path / "imgs"
+    images.mkdir()
+    os.mkfifo(images / "x.png")
+    os.symlink("/dev/zero", images / "zero.png")
+    path = one_image_set(tmp_path, "x.png")
+    try:   # the command line, as a user runs it
+        done = subprocess.run([sys.executable, "check_data.py", path, "--image-folder", str(images)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("check_data.py hung on a FIFO")
+    finally:
+        os.close(os.open(images / "x.png", os.O_RDWR | os.O_NONBLOCK))   # lets a blocked reader go
+    assert done.returncode == 1, done.stderr
+    assert (f"record 0 (id='x.png'): cannot read image {images}/x.png: a FIFO (named pipe), not a regular file "
+            "[image-not-a-file]") in done.stdout
+    report = check_data.check(data.read_records(one_image_set(tmp_path, "zero.png")), str(images))
+    assert [(p[2], p[3].split(": ")[-1]) for p in report["problems"]] == [
+        ("image-not-a-file", "a character device, not a regular file")]
+    got = []   # training reads images through the same data.load_image
+
+    def read():
+        try:
+            dataset(path, str(images), tok, "error")[0]
+        except DataError as e:
+            got.append(e)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    if reader.is_alive():
+        os.close(os.open(images / "x.png", os.O_RDWR | os.O_NONBLOCK))
+        pytest.fail("training's data reading hung on a FIFO")
+    assert got and got[0].code == "image-not-a-file" and "FIFO" in str(got[0])
+
+
+def test_the_check_refuses_what_pad_refuses_with_the_configs_setting(tiny_llms, tiny_towers, tok, tmp_path, capsys):
+    """A 1x15000 PNG (147 bytes) is fine square, but its padded square is over data.MAX_PAD_SIDE: training with
+    image_aspect_ratio="pad" refuses it, so the check with that config (or --image-aspect-ratio pad) does too."""
+    Image.new("RGB", (1, 15000)).save(tmp_path / "tall.png")
+    path = one_image_set(tmp_path, "tall.png")
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(f"llm = {tiny_llms['llama']!r}\nvision_tower = {tiny_towers['siglip']!r}\ntemplate = 'llama'\n"
+                   "image_aspect_ratio = 'pad'\n")
+    assert check_data.main([path, "--image-folder", str(tmp_path), "--config", str(cfg)]) == 1
+    said = ("record 0 (id='tall.png'): cannot read image {}/tall.png: a 1x15000 image cannot be padded: its "
+            "15000x15000 square is over data.MAX_PAD_SIDE = 8192 [image-too-large]").format(tmp_path)
+    assert said in capsys.readouterr().out
+    assert check_data.main([path, "--image-folder", str(tmp_path)]) == 0                      # square: fine
+    assert check_data.main([path, "--image-folder", str(tmp_path), "--image-aspect-ratio", "pad"]) == 1
+    proc = SiglipImageProcessor(size={"height": 16, "width": 16})
+    with pytest.raises(DataError, match=r"record 0 \(id='tall.png'\): .* cannot be padded.*\[image-too-large\]"):
+        VLMDataset(path, tok, proc, "llama", N_IMG, MAX_LEN, str(tmp_path), "pad")[0]   # training
+
+
+def test_repeated_ids_alone_are_listed_and_the_exit_status_is_0(tmp_path, capsys):
+    """The docs: a repeated id is listed but is not a bad sample, and the exit status is 1 only for a bad one."""
+    Image.new("RGB", (16, 16)).save(tmp_path / "ok.png")
+    record = {"id": "a", "image": "ok.png", "conversations": conv(f"<image>\n{Q}", "A cat.")}
+    (tmp_path / "dup.json").write_text(json.dumps([record, record]))
+    assert check_data.main([str(tmp_path / "dup.json"), "--image-folder", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "record 1 (id='a'): id 'a' is also the id of record 0 [duplicate-id]" in out
+    assert "1 with problems (0 bad; a repeated id alone is not)" in out and "      1  duplicate-id" in out
+    (tmp_path / "dup.json").write_text(json.dumps([record, record, {**record, "image": "nope.png"}]))
+    assert check_data.main([str(tmp_path / "dup.json"), "--image-folder", str(tmp_path)]) == 1
+    assert "2 with problems (1 bad; a repeated id alone is not)" in capsys.readouterr().out
