@@ -5,17 +5,17 @@ through the same code as the real configs, then score it on the held-out split w
     python demo.py                  # about 4 CPU-minutes (1 thread), no network; held-out accuracy >= 90 per type
     python demo.py --seed=1 --finetune.epochs=3    # any train.py key can be overridden, as with train.py
     python demo.py --resume         # continue an interrupted demo (otherwise each run starts over in out/demo/)
-    python demo.py --only-base      # only build and save the random-init base models in out/demo/base/
+    python demo.py --only-base      # only build and save the random-init base models in out/demo-base/
 
 The LLM (Llama architecture) and the SigLIP tower are built from the configs below with random weights and saved
-to out/demo/base/, then loaded back through from_pretrained like a Hub model (configs/demo.py names them).
+to out/demo-base/, then loaded back through from_pretrained like a Hub model (configs/demo.py names them).
 """
 import json
 import os
 import sys
 import time
 
-BASE = "out/demo/base"
+BASE = "out/demo-base"   # beside the run's out_dir, which holds only what train.py writes
 LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 TOWER = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=32,
              patch_size=16)   # 32 px in patches of 16: a 2x2 grid, 4 image tokens (3 of the 4 layers are used)
@@ -101,7 +101,7 @@ def main(argv):
     for stage, losses in results.items():
         print(f"{stage}: loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} ({len(losses)} steps)")
     scores = per_type(custom, pope)
-    with open(os.path.join(os.path.dirname(model_dir), "demo_scores.json"), "w") as f:
+    with open(os.path.join(model_dir, "demo_scores.json"), "w") as f:
         json.dump(scores, f, indent=1)
     print("held-out accuracy per question type (best constant answer): " + ", ".join(
         f"{k} {scores[k]:.1f} ({b:.1f})" for k, b in constant_baselines().items() if k in scores))
@@ -118,3 +118,6 @@ if __name__ == "__main__":
     except ConfigError as e:   # a mistake in the command: each problem on a line, no traceback (as train.py)
         print("\n".join(f"demo.py: error: {line}" for line in str(e).splitlines()), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:   # Ctrl-C: what was kept and the command that continues, in one line
+        from checkpoints import interrupted
+        sys.exit(interrupted("demo.py", sys.argv[1:]))

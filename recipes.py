@@ -81,18 +81,21 @@ DEFAULTS = dict(
                                       # (1 s) and cached in $XDG_CACHE_HOME/tinyllava-nano/machine.json
     seed=42,
     # --- output
-    out_dir="out/run",
+    out_dir="out/run",                # new or empty, or this run's own (its record: tinyllava_run.json)
     log_every=1,
     val_every=0,                      # steps; 0 = never
     val_batches=20,
     save_every=0,                     # checkpoint every N steps (0: only the final save)
-    keep_checkpoints=2,
+    keep_checkpoints=0,               # 0: only the newest while the stage trains, none once it is finished;
+                                      # N: the newest N, kept in the finished stage folder too
     tracker="",                       # "" | tensorboard | wandb (pip install tensorboard / wandb): tags
                                       # <stage>/loss, <stage>/lr, <stage>/val_loss over one step count for the run
     resume=False,                     # continue each stage from its latest checkpoint
     resume_allow="",                  # comma-separated settings whose change --resume accepts (e.g. "lr,max_steps");
-                                      # "rng": resume without a saved RNG state (not exact)
-    overwrite=False,                  # delete this run's stage folders in out_dir and start over
+                                      # "rng": resume without a saved RNG state; "data": on an edited data file
+                                      # (both not exact)
+    overwrite=False,                  # delete this run's stage folders in out_dir and start over (never a file
+                                      # a run did not write: out_dir with such files is refused)
 )
 
 TUNE_TYPES = ("frozen", "full", "partial:K", "lora", "qlora")
@@ -244,7 +247,7 @@ def stage_configs(cfg):
 
 # the lowest sensible value of each number (NaN fails too)
 MINIMA = dict(max_steps=0, epochs=1, micro_batch_size=1, global_batch_size=1, log_every=1, max_nonfinite_steps=1,
-              save_every=0, keep_checkpoints=1, val_every=0, val_batches=1, num_workers=0, max_length=1, lr=0.0,
+              save_every=0, keep_checkpoints=0, val_every=0, val_batches=1, num_workers=0, max_length=1, lr=0.0,
               lr_llm=0.0, lr_vision_tower=0.0, lr_connector=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=0.0,
               lora_r=1, seed=0, threads=0)
 
@@ -284,7 +287,7 @@ def check_settings(stage_cfgs, world=1):
     c = stage_cfgs[0]
     if c["resume"] and c["overwrite"]:
         problems["--resume and --overwrite contradict each other"] = []
-    for name in resume_allowed(c) - set(DEFAULTS) - {"rng", "processes"}:
+    for name in resume_allowed(c) - set(DEFAULTS) - {"rng", "processes", "data"}:
         problems[f"--resume_allow: {unknown(name)}"] = []
     msgs = [p if len(st) in (0, len(stage_cfgs)) else f"stage {'/'.join(st)}: {p}" for p, st in problems.items()]
     if msgs:

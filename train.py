@@ -27,7 +27,7 @@ import time
 from functools import partial
 
 from checkpoints import (check_finite, check_resume, finished, latest_checkpoint, plan_output,  # noqa: F401
-                         read_trainer_state, save_checkpoint)
+                         read_trainer_state, release_lock, save_checkpoint, stage_record, RUN)
 from recipes import (DEFAULTS, ConfigError, check_settings, cosine_with_warmup, load_config,  # noqa: F401
                      param_groups, stage_configs)
 
@@ -182,6 +182,9 @@ def train_stage(cfg, accelerator, init, stage_dir):
         checkpoint_layers(model.language_model)
 
     data, images = cfg[f"data_{cfg['data']}"], cfg[f"images_{cfg['data']}"]   # checked by check_settings
+    if main:   # into every checkpoint: --resume refuses a data file changed since (checkpoints.check_data_files)
+        from checkpoints import fingerprint
+        cfg["data_files"] = {f"data_{cfg['data']}": fingerprint(data)}
     dataset = VLMDataset(data, tokenizer, processor, cfg["template"], model.num_image_tokens, cfg["max_length"],
                          images or None, cfg["image_aspect_ratio"], cfg["bad_samples"],
                          allow_outside_images=cfg["allow_outside_images"],
@@ -363,7 +366,12 @@ def train_stage(cfg, accelerator, init, stage_dir):
             json.dump(history + losses, f)
         plot_losses(history + losses, os.path.join(work_dir, "loss.png"), f"stage {cfg['stage']}")
         final_save(raw, tokenizer, processor, work_dir, cfg, state, init)
+        for name in os.listdir(work_dir):   # a temp file an interrupted earlier save left: never in a finished folder
+            if name.endswith(".tmp") and os.path.isfile(os.path.join(work_dir, name)):
+                os.remove(os.path.join(work_dir, name))
         os.replace(work_dir, stage_dir)
+        if not cfg["keep_checkpoints"]:   # after the rename: a crash before it still has them to resume from
+            shutil.rmtree(os.path.join(stage_dir, "checkpoints"), ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return losses
@@ -437,7 +445,7 @@ def main(argv=None):
     stage_dirs = [os.path.join(cfg["out_dir"], f"{i + 1}_{s['stage']}") for i, s in enumerate(scfgs)]
     if cfg["fp16"] and not torch.cuda.is_available():
         raise ConfigError("fp16 needs a GPU (fp16 matmul on CPU runs at ~1 GFLOP/s); use --bf16=true")
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error(), hf_logging.disable_progress_bar()   # no "Loading weights" bar per load
     precision = "bf16" if cfg["bf16"] else "fp16" if cfg["fp16"] else "no"
     # CPU processes talk over gloo; without naming it, Accelerate+DeepSpeed see 1 process on every rank
     gloo = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -451,25 +459,24 @@ def main(argv=None):
                            "train alone. Without GPUs: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...")
     if several and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != DistributedType.FSDP:
         raise RuntimeError(f"an FSDP launch, but Accelerate set up {kind}: FSDP runs on GPUs only")
-    plan_output(cfg, scfgs, stage_dirs, accelerator)
-    if accelerator.is_main_process:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
-            json.dump(cfg, f, indent=1, default=str)
-    if cfg["tracker"]:
-        accelerator.init_trackers("tinyllava-nano", config={k: str(v) for k, v in cfg.items()})
-    init, results, step0 = cfg["init_from"], {}, 0
-    for scfg, stage_dir in zip(scfgs, stage_dirs):
-        scfg["step0"] = step0   # the tracker's step count runs on across stages
-        if finished(stage_dir):   # only with --resume: plan_output refused or deleted it otherwise
-            if accelerator.is_main_process:
-                print(f"stage {scfg['stage']} already finished in {stage_dir}; skipping")
-        else:
-            results[scfg["stage"]] = train_stage(scfg, accelerator, init, stage_dir)
-        init = stage_dir
-        with open(os.path.join(stage_dir, "losses.json")) as f:
-                step0 += len(json.load(f))
-    accelerator.end_training()
+    RUN.update(stage_dirs=stage_dirs, argv=argv)   # for the line an interrupted run ends with
+    plan_output(cfg, scfgs, stage_dirs, accelerator, argv)   # locks out_dir (checkpoints.RunLock) until the end
+    try:
+        if cfg["tracker"]:
+            accelerator.init_trackers("tinyllava-nano", config={k: str(v) for k, v in cfg.items()})
+        init, results, step0 = cfg["init_from"], {}, 0
+        for scfg, stage_dir in zip(scfgs, stage_dirs):
+            scfg["step0"] = step0   # the tracker's step count runs on across stages
+            if finished(stage_dir):   # only with --resume: plan_output refused or deleted it otherwise
+                if accelerator.is_main_process:
+                    print(f"stage {scfg['stage']} already finished in {stage_dir}; skipping")
+            else:
+                results[scfg["stage"]] = train_stage(scfg, accelerator, init, stage_dir)
+            init = stage_dir
+            step0 += len(stage_record(stage_dir)[1])
+        accelerator.end_training()
+    finally:
+        release_lock()
     return init, results
 
 
@@ -488,3 +495,6 @@ if __name__ == "__main__":
     except ConfigError as e:   # a mistake in the command or config: each problem on a line, no traceback
         print("\n".join(f"train.py: error: {line}" for line in str(e).splitlines()), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:   # Ctrl-C: one line (every rank gets it; the main one speaks), no traceback
+        from checkpoints import interrupted
+        sys.exit(interrupted("train.py"))

@@ -5,8 +5,8 @@
 # Pretrain as the paper: the LLM frozen, so the caption loss can only fall through the image tokens; the tower is
 # random too, so it trains with the connector; the captions ("7, red on black.") name the digit first. Finetune
 # as the paper: the tower frozen. Why the earlier recipe (everything trained in pretrain) was fragile: demo/README.md.
-llm = "out/demo/base/llm"               # written by demo.py (or demo.py --only-base) from a LlamaConfig
-vision_tower = "out/demo/base/siglip"   # written by demo.py from a SiglipVisionConfig
+llm = "out/demo-base/llm"               # written by demo.py (or demo.py --only-base) from a LlamaConfig
+vision_tower = "out/demo-base/siglip"   # written by demo.py from a SiglipVisionConfig
 connector = "mlp2x_gelu"
 template = "phi"                        # the demo tokenizer is phi-2 style: <|endoftext|> ends answers
 max_length = 256
@@ -27,4 +27,5 @@ bf16 = False                            # --bf16=true: autocast; as fast as fp32
 threads = 1                             # 2 threads took 5.7x the CPU time while other jobs ran (demo/README.md)
 num_workers = 0                         # loading in this process: no worker's extra CPU time
 log_every = 100
+save_every = 300                        # ~25 s of steps here: Ctrl-C + `python demo.py --resume` loses at most that
 out_dir = "out/demo"

@@ -211,7 +211,7 @@ def poison_loss(monkeypatch, from_call, to_call=10 ** 9):
 
 def test_a_nonfinite_step_is_skipped_and_counted(tiny_llms, tiny_towers, tmp_path, monkeypatch, capsys):
     data, images = write_dataset(str(tmp_path / "d"), n=12, text_only=0)
-    common = ["--global_batch_size=4", "--micro_batch_size=2", "--max_steps=4", "--save_every=1",
+    common = ["--global_batch_size=4", "--micro_batch_size=2", "--max_steps=4", "--save_every=1", "--keep_checkpoints=5",
               "--gradient_checkpointing=false"]   # no auto trial step: poison_loss counts the loop's forwards
     _, clean = run_main(train_args(tiny_llms, tiny_towers, data, images, tmp_path / "clean", *common))
     poison_loss(monkeypatch, 3, 4)                      # both micro-batches of step 2

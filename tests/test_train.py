@@ -344,8 +344,8 @@ def test_validation_loss_and_gradient_checkpointing(tiny_llms, tiny_towers, data
     out = capsys.readouterr().out
     vals = [float(line.split("val loss ")[1]) for line in out.splitlines() if "val loss" in line]
     assert len(vals) == 2 and all(v > 0 for v in vals)
-    with open(tmp_path / "v" / "config.json") as f:
-        assert json.load(f)["gradient_checkpointing"] is True          # the resolved config is saved
+    with open(tmp_path / "v" / "tinyllava_run.json") as f:
+        assert json.load(f)["config"]["gradient_checkpointing"] is True   # the resolved config is saved
 
 
 def test_watching_training_bar_tags_loss_png_and_cached_machine_numbers(tiny_llms, tiny_towers, dataset, tmp_path,
