@@ -1,5 +1,6 @@
 """
-The files of an evaluation, as evaluate.py reads and writes them: JSON / JSON-lines reading and atomic writes, each
+The files of an evaluation, as evaluate.py reads and writes them: JSON / JSON-lines reading and atomic writes (a
+disk error names the file: DiskError), the name every output file of a question set starts with (set_name), each
 benchmark's question file as LLaVA's scripts read it, a custom benchmark's references, LLaVA answer files (reused
 only with the settings that made them; the files of the processes of a multi-process run merged into one in question
 order), and answers in the files the official tools read (EvalAI's VQAv2 upload, MME's calculation.py, MM-Vet's).
@@ -8,8 +9,10 @@ import glob
 import hashlib
 import json
 import os
+import re
 import time
 from collections import Counter
+from contextlib import contextmanager
 
 from scorers import eval_ai_answer, mmmu_rng
 
@@ -17,11 +20,30 @@ MMMU_MULTI_IMAGE_OPEN = "INVALID GENERATION FOR MULTIPLE IMAGE INPUTS"
 SQA_SUFFIX = "Answer with the option's letter from the given choices directly."  # --single-pred-prompt
 
 
+class DiskError(OSError):
+    """A file of the evaluation could not be written or read (disk full, read-only, a folder in its place): one
+    line naming the file and the reason ("[Errno 28] No space left on device" alone names none)."""
+
+    def __str__(self):
+        return self.strerror
+
+
+@contextmanager
+def disk(path, doing="write"):
+    try:
+        yield
+    except DiskError:
+        raise
+    except OSError as e:
+        why = f"[Errno {e.errno}] {e.strerror}" if e.errno else str(e)
+        raise DiskError(e.errno, f"cannot {doing} {path}: {why}", str(path)) from e
+
+
 def read_json(path):
     """A JSON file, or JSON lines (.jsonl, and POPE's coco_pope_*.json, which are JSON lines named .json)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found (the README's benchmark table says where it comes from)")
-    with open(path) as f:
+    with disk(path, "read"), open(path) as f:
         text = f.read()
     if not path.endswith(".jsonl"):
         try:
@@ -39,10 +61,40 @@ def read_json(path):
 
 
 def write_json(path, obj=None, text=None):
-    """Written to a temporary file, then renamed over: a killed run leaves the old file or the new, never half."""
-    with open(f"{path}.tmp", "w") as f:
-        f.write(json.dumps(obj, indent=1) if text is None else text)
-    os.replace(f"{path}.tmp", path)
+    """Written to a temporary file, then renamed over: a killed run leaves the old file or the new, never half; a
+    full disk leaves the old file too (DiskError)."""
+    try:
+        with disk(path), open(f"{path}.tmp", "w") as f:
+            f.write(json.dumps(obj, indent=1) if text is None else text)
+        with disk(path):
+            os.replace(f"{path}.tmp", path)
+    except DiskError:
+        try:
+            os.remove(f"{path}.tmp")
+        except OSError:
+            pass
+        raise
+
+
+def append(path, text):
+    """`text` added to the end of `path` at once (answer files grow a window of answers at a time)."""
+    with disk(path), open(path, "a") as f:
+        f.write(text)
+
+
+def set_name(bench, questions, official):
+    """What every output file of a question set is named after (<name>_answers.jsonl, <name>_results.json, ...):
+    the benchmark's name for its `official` question file, so the official tools' file names hold
+    (vqav2_upload.json, mme_answers/, ...); else <bench>-<the file's name, or its folder's for a file named as the
+    official one>-<8 hex digits of its real path>: two question sets never share a file, and the same file (a
+    rerun, a larger --limit) finds its answers again."""
+    real = os.path.realpath(questions)
+    if bench != "custom" and real == os.path.realpath(official):
+        return bench
+    same = os.path.basename(questions) == os.path.basename(official)
+    label = re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.dirname(real)) if same else
+                   os.path.splitext(os.path.basename(questions))[0])[:40]
+    return "-".join([bench] + [label] * (label not in ("", bench)) + [hashlib.sha256(real.encode()).hexdigest()[:8]])
 
 
 def key(row):   # what names an answer: MME asks two questions of each question_id (its image)
@@ -138,7 +190,8 @@ def check_answers(answers_file, settings, keep=False):
                          if not glob.glob(f"{answers_file[:-len('.jsonl')]}*.{s}.old"))
             for f in [answers_file, side] + shards(answers_file):
                 if os.path.isfile(f):
-                    os.replace(f, f"{f}.{stamp}.old")
+                    with disk(f, "move aside"):
+                        os.replace(f, f"{f}.{stamp}.old")
             if old is None:
                 why = "no settings file: an older evaluate.py or another tool made it; --keep-answers keeps it"
             else:
@@ -154,7 +207,7 @@ def on_file(answers_file):
     mid-write leaves is not read."""
     rows = {}
     for path in [answers_file] + shards(answers_file):
-        with open(path, "a+") as f:   # a missing answer file is made (empty)
+        with disk(path, "open"), open(path, "a+") as f:   # a missing answer file is made (empty)
             f.seek(0)
             text = f.read()
         for r in (json.loads(x) for x in text[:text.rfind("\n") + 1].splitlines() if x.strip()):
@@ -170,7 +223,8 @@ def merge(answers_file, items):
     keys = order + [k for k in rows if k not in set(order)]
     write_json(answers_file, text="".join(json.dumps(rows[k]) + "\n" for k in keys))
     for path in shards(answers_file):
-        os.remove(path)
+        with disk(path, "remove"):
+            os.remove(path)
     return [rows[k] for k in order]
 
 

@@ -22,9 +22,11 @@ answers.jsonl, images/. Scored by exact match with any reference after the offic
 by VQA accuracy over the questions with 10 references, and per category.
 
 Files are checked before the model loads. Decoding is greedy (--temperature > 0 samples), batched with left padding
-and the KV cache. Answers go to <out>/<bench>_answers.jsonl, reused only with the settings that made them (a rerun
+and the KV cache. Answers go to <out>/<name>_answers.jsonl, reused only with the settings that made them (a rerun
 resumes; answers.py); the same settings make the same file, byte for byte, on any number of processes. Results
-(<bench>_results.json) are unrounded; a subset (--limit, --questions) is scored against its own ground truth.
+(<name>_results.json) are unrounded; a subset (--limit, --questions) is scored against its own ground truth. <name>
+is the benchmark's for its official question file, else <bench>-<set>-<hash> (answers.set_name): two question sets
+never share a file. A file that cannot be written (a full disk) is one line naming it.
 """
 import argparse
 import json
@@ -37,8 +39,8 @@ from collections import Counter
 from datetime import timedelta
 
 import scorers as S
-from answers import (check_answers, fingerprint, key, load_questions, merge, mme_task_lines, mmvet_submission, on_file,
-                     read_json, read_references, vqav2_submission, write_json)
+from answers import (DiskError, append, check_answers, disk, fingerprint, key, load_questions, merge, mme_task_lines,
+                     mmvet_submission, on_file, read_json, read_references, set_name, vqav2_submission, write_json)
 
 BENCHES = {  # folder in the eval root; question file, images, ground truth in it (--annotations replaces the first);
     # max_new_tokens; split; where the benchmark's own files come from (the question files: LLaVA's eval.zip)
@@ -115,7 +117,8 @@ def answer(model, tokenizer, processor, items, image_folder, template, answers_f
                             "model_id": model_id, "metadata": {}}
     name = os.path.basename(answers_file)[:-len("_answers.jsonl")] + f" (rank 0 of {world})" * (world > 1)
     bar = tqdm(total=len(todo), desc=name, unit="q", disable=None if rank == 0 else True, dynamic_ncols=True)
-    with open(answers_file[:-len(".jsonl")] + f".rank{rank}" * (world > 1) + ".jsonl", "a") as out, torch.no_grad():
+    shard = answers_file[:-len(".jsonl")] + f".rank{rank}" * (world > 1) + ".jsonl"   # this process's answers
+    with torch.no_grad():
         for w in range(0, len(todo), batch_size * 8):   # a window: sorted by prompt length, written in order
             part = todo[w:w + batch_size * 8]
             texts = {j: it["answer"] for j, it in enumerate(part) if "answer" in it}   # fixed by the benchmark
@@ -128,8 +131,7 @@ def answer(model, tokenizer, processor, items, image_folder, template, answers_f
                 for j, ids in zip(chunk, generate([prompts[j] for j in chunk], images)):
                     texts[j] = tok.decode(ids, skip_special_tokens=True).strip()
                 bar.update(len(chunk))
-            out.write("".join(json.dumps(row(it, texts[j])) + "\n" for j, it in enumerate(part)))
-            out.flush()
+            append(shard, "".join(json.dumps(row(it, texts[j])) + "\n" for j, it in enumerate(part)))
     bar.close()
     if world > 1:
         state.wait_for_everyone()
@@ -145,18 +147,19 @@ def yes_no(texts, parse):
             "neither": sum(w not in ("yes", "no") for w in first)}
 
 
-def score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask=None):
+def score(bench, answers, items, folder, qfile, image_folder, out, a, ask=None):
     """(metrics, headline, (scored, of)) from the benchmark's native ground-truth files, cut to the questions
     asked (module docstring): `scored` of the ground truth's `of` questions (None: no ground truth read). Also
-    writes the official converters' files (EvalAI upload, GQA predictions, MME task files, MM-Vet submission)."""
+    writes the official converters' files (EvalAI upload, GQA predictions, MME task files, MM-Vet submission) as
+    <out>_upload.json, ... (`out`: <out folder>/<the question set's name>, answers.set_name)."""
     asked = {str(it["question_id"]) for it in items}
     gt = lambda name: a.annotations or os.path.join(folder, name)  # noqa: E731
-    texts, side = [r["text"] for r in answers], lambda name, obj: write_json(f"{out_dir}/{name}", text=json.dumps(obj))
+    texts, side = [r["text"] for r in answers], lambda name, obj: write_json(out + name, text=json.dumps(obj))
     if bench == "vqav2":
         result, test_ids, size = {}, os.path.join(folder, "llava_vqav2_mscoco_test2015.jsonl"), None
         if os.path.isfile(test_ids):
-            side("vqav2_upload.json", vqav2_submission(answers, read_json(test_ids)))
-            result["upload_file"] = os.path.join(out_dir, "vqav2_upload.json")
+            side("_upload.json", vqav2_submission(answers, read_json(test_ids)))
+            result["upload_file"] = out + "_upload.json"
         path = gt("v2_mscoco_val2014_annotations.json")
         if os.path.isfile(path):    # val-style annotations: score locally
             anns = read_json(path)
@@ -171,7 +174,7 @@ def score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask=No
             size = len(mine), len(anns)
         return result, {"accuracy": result.get("overall", "EvalAI upload")}, size
     if bench == "gqa":
-        side("gqa_testdev_balanced_predictions.json",
+        side("_testdev_balanced_predictions.json",
              [{"questionId": r["question_id"], "prediction": r["text"].rstrip(".").lower()} for r in answers])
         questions = read_json(gt("data/testdev_balanced_questions.json"))
         result = S.score_gqa(answers, {k: v for k, v in questions.items() if str(k) in asked})
@@ -200,22 +203,23 @@ def score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask=No
                         **yes_no(texts, S.pope_parse)}, (sum(map(len, labels.values())), of)
     if bench == "mme":
         lines, of = mme_task_lines(answers, a.annotations or image_folder)  # the GT lives beside the images
-        os.makedirs(os.path.join(out_dir, "mme_answers"), exist_ok=True)
+        with disk(out + "_answers", "create"):
+            os.makedirs(out + "_answers", exist_ok=True)
         for task, task_lines in lines.items():  # what calculation.py --results_dir reads
-            with open(os.path.join(out_dir, "mme_answers", f"{task}.txt"), "w") as f:
-                f.write("".join(x + "\n" for x in task_lines))
+            write_json(f"{out}_answers/{task}.txt", text="".join(x + "\n" for x in task_lines))
         result = S.score_mme(lines, strict=not (a.limit or a.questions))   # a subset may lack whole tasks
         return result, {"perception": result["perception"], "cognition": result["cognition"],
                         **yes_no(texts, S.mme_parse)}, (len(answers), of)
     if bench == "mmvet":
         submission = mmvet_submission(answers)
-        side("mmvet_submission.json", submission)
-        result = {"submission_file": os.path.join(out_dir, "mmvet_submission.json")}
+        side("_submission.json", submission)
+        result = {"submission_file": out + "_submission.json"}
         if not ask:
             return result, {"total": "upload the submission (README)"}, None
         meta = read_json(gt("mm-vet.json"))
         mine = {k: v for k, v in meta.items() if k in {f"v1_{i}" for i in asked}}
-        grades = grade_mmvet(ask, mine, submission, a.judge_runs, a.judge_model, f"{out_dir}/mmvet_grades.json")
+        grades = grade_mmvet(ask, mine, submission, a.judge_runs, a.judge_model,   # one cache for every set
+                             os.path.join(os.path.dirname(out), "mmvet_grades.json"))
         result.update(S.mmvet_scores(grades, mine))
         return result, {"total": result["total"]}, (len(mine), len(meta))
     if bench == "mmmu":   # multiple-choice text is parsed here (MMMU's parser, seeded per question: scorers.py)
@@ -441,13 +445,15 @@ def main(argv=None):
     model, tokenizer, processor, dtype = load_model(a, hf, torch.device(a.device) if a.device else state.device)
     set_threads(a.threads, model, next(model.parameters()).device, a.batch_size)
     out_dir = a.out or os.path.join(a.model, "eval")
-    os.makedirs(out_dir, exist_ok=True)
+    with disk(out_dir, "create"):
+        os.makedirs(out_dir, exist_ok=True)
     weights = fingerprint(a.model, out_dir)
     gen = {"do_sample": a.temperature > 0, "num_beams": a.num_beams,
            **({"temperature": a.temperature, "top_p": a.top_p} if a.temperature > 0 else {})}
     rows = []
     for bench, (folder, qfile, image_folder, items, questions) in plans.items():
-        answers_file = os.path.join(out_dir, f"{bench}_answers.jsonl")
+        name = set_name(bench, qfile, f"{folder}/{BENCHES[bench]['questions']}")   # every file of this set: name_*
+        answers_file = os.path.join(out_dir, f"{name}_answers.jsonl")
         tokens = a.max_new_tokens or BENCHES[bench]["tokens"]
         made = {"model": os.path.abspath(a.model), "weights": weights, "template": template, "dtype": dtype,
                 "max_new_tokens": tokens, "temperature": a.temperature, "top_p": a.top_p if a.temperature > 0
@@ -461,21 +467,24 @@ def main(argv=None):
         seconds = time.time() - t0
         if not state.is_main_process:
             continue
-        metrics, headline, size = score(bench, answers, items, folder, qfile, image_folder, out_dir, a, ask)
+        metrics, headline, size = score(bench, answers, items, folder, qfile, image_folder, f"{out_dir}/{name}", a,
+                                        ask)
         scored, of = size or (len(items), len(questions))   # no ground truth read: the question file's
         result = {"model": a.model, "bench": bench, "split": BENCHES[bench]["split"] if not a.questions else
-                  os.path.splitext(os.path.basename(qfile))[0], "count": len(answers), "reused": reused,
+                  os.path.splitext(os.path.basename(qfile))[0], "questions": os.path.abspath(qfile), "name": name,
+                  "count": len(answers), "reused": reused,
                   "scored": scored, "of": of, "seconds": seconds, "template": template, "answer_settings": settings,
                   "headline": headline, "metrics": metrics}
-        write_json(os.path.join(out_dir, f"{bench}_results.json"), result)
+        write_json(os.path.join(out_dir, f"{name}_results.json"), result)
         rows.append(result)
     if state.is_main_process:
-        print(f"model {a.model} (template {template}, {dtype}, {state.num_processes} process(es))\n" + table(rows))
+        print(f"model {a.model} (template {template}, {dtype}, {state.num_processes} process(es))\n" + table(rows)
+              + f"\nanswers and results in {out_dir}: " + ", ".join(f"{r['name']}_*" for r in rows))
     return rows
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, JudgeError) as e:   # the messages name the file or option
+    except (FileNotFoundError, DiskError, ValueError, JudgeError) as e:   # the messages name the file or option
         sys.exit(f"evaluate.py: error: {e}")

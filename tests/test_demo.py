@@ -1,6 +1,7 @@
 """The embedded demo (demo.py, configs/demo.py, demo/): the base models it builds load back, a shortened demo
 learns what a model that learned nothing cannot score, and the same command with the same seed gives the same
 losses twice."""
+import glob
 import json
 import os
 
@@ -88,7 +89,8 @@ def test_same_seed_same_losses_twice(base, tmp_path):
         scores = run_demo(base, tmp_path / name, *args)
         losses = {s: json.load(open(tmp_path / name / d / "losses.json"))
                   for s, d in (("pretrain", "1_pretrain"), ("finetune", "2_finetune"))}
-        answers = open(tmp_path / name / "2_finetune" / "eval" / "custom_answers.jsonl").read()
+        answers, = glob.glob(str(tmp_path / name / "2_finetune" / "eval" / "custom-*_answers.jsonl"))   # the set's
+        answers = open(answers).read()
         runs.append((losses, scores, [json.loads(line)["text"] for line in answers.splitlines()]))
     assert runs[0][0] == runs[1][0]   # exactly, not approximately
     assert runs[0][1] == runs[1][1] and runs[0][2] == runs[1][2]

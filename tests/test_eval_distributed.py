@@ -45,9 +45,10 @@ def test_two_processes_write_what_one_writes_and_resume_a_cut_shard(setup, tmp_p
     assert done.returncode == 0, done.stdout + done.stderr
     assert "float32, 2 process(es)" in done.stdout and done.stdout.count("benchmark  split") == 1   # rank 0 only
     for bench in BENCHES:
-        assert (two / f"{bench}_answers.jsonl").read_bytes() == (tmp_path / "one" / f"{bench}_answers.jsonl"
-                                                                 ).read_bytes(), bench
-        result = json.loads((two / f"{bench}_results.json").read_text())
+        name = one[bench]["name"]   # the benchmark's own, or custom-<set>-<hash>
+        assert (two / f"{name}_answers.jsonl").read_bytes() == (tmp_path / "one" / f"{name}_answers.jsonl"
+                                                                ).read_bytes(), bench
+        result = json.loads((two / f"{name}_results.json").read_text())
         assert result["metrics"] == one[bench]["metrics"] and result["count"] == one[bench]["count"]
         assert result["reused"] == (3 if bench == "pope" else 0)   # the half-written row was answered again
     assert not list(two.glob("*.rank*.jsonl"))   # merged and removed

@@ -76,14 +76,15 @@ def test_a_custom_benchmark_from_your_own_files(setup, tmp_path, capsys):
         {"question_id": 2, "answers": [{"answer": "yes"}]},
         {"question_id": 3, "answers": [{"answer": "seven"}] * 2 + [{"answer": "1"}] * 8}]})
     out = str(tmp_path / "out")
-    dump(f"{out}/custom_answers.jsonl", [{"question_id": q["question_id"], "prompt": q["text"], "text": t}
+    name = evaluate.set_name("custom", str(tmp_path / "mine" / "q.jsonl"), "questions.jsonl")   # custom-q-<hash>
+    dump(f"{out}/{name}_answers.jsonl", [{"question_id": q["question_id"], "prompt": q["text"], "text": t}
                                          for q, t in zip(qs, ["Four.", "Yes", "7"])], lines=True)
     args = ["--model", model, "--bench", "custom", "--questions", str(tmp_path / "mine" / "q.jsonl"), "--annotations",
             str(tmp_path / "mine" / "refs.json"), "--image-folder", str(tmp_path / "pics"), "--out", out]
     res = evaluate.main(args + ["--keep-answers"])[0]
     # "Four." -> "4": right, all 10 agree (VQA 100); "Yes" right (1 reference: no VQA accuracy); "7" = "seven"
     # (number words) with 2 of 10: right by exact match, VQA min(1, 2/3) or 1/3 -> (2 * 1/3 + 8 * 2/3) / 10 = 0.6
-    assert res["headline"] == {"exact_match": 100.0} and res["split"] == "q"
+    assert res["headline"] == {"exact_match": 100.0} and res["split"] == "q" and res["name"] == name
     m = res["metrics"]
     assert (m["vqa_accuracy"], m["vqa_n"], m["n"]) == (pytest.approx(80.0), 2, 3)
     assert m["categories"]["digit"] == {"exact_match": 100.0, "n": 2, "vqa_accuracy": pytest.approx(80.0),

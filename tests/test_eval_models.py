@@ -46,7 +46,7 @@ def test_a_llava_export_answers_as_the_model_it_came_from(exported, tmp_path, mo
     assert type(seen[-1]).__name__ == "LlavaForConditionalGeneration"
     texts = []
     for a, b in zip(mine, theirs):   # ScienceQA and custom mix text-only questions into the image batches
-        rows = [[r["text"] for r in evaluate.read_json(str(tmp_path / who / f"{a['bench']}_answers.jsonl"))]
+        rows = [[r["text"] for r in evaluate.read_json(str(tmp_path / who / f"{a['name']}_answers.jsonl"))]
                 for who in ("ours", "llava")]
         assert rows[0] == rows[1] and a["metrics"] == b["metrics"], a["bench"]
         assert b["template"] == "processor chat template" and b["answer_settings"]["template"] == b["template"]

@@ -168,18 +168,19 @@ def test_every_benchmark_batched_equals_one_by_one(setup, tmp_path, capsys):
         assert r["count"] == len(prewritten[bench]) and r["model"] == model and r["template"] == "llama"
         assert r["split"] == evaluate.BENCHES[bench]["split"] and r["seconds"] >= 0
         assert bench in table and r["split"] in table
-        saved = evaluate.read_json(str(tmp_path / "b4" / f"{bench}_results.json"))
+        assert r["name"] == (bench if bench != "custom" else name_of(data, bench))   # the official names hold
+        saved = evaluate.read_json(str(tmp_path / "b4" / f"{r['name']}_results.json"))
         assert saved["count"] == r["count"] and saved["headline"] == r["headline"]
-        b4 = evaluate.read_json(str(tmp_path / "b4" / f"{bench}_answers.jsonl"))
-        b1 = evaluate.read_json(str(tmp_path / "b1" / f"{bench}_answers.jsonl"))
+        b4 = evaluate.read_json(str(tmp_path / "b4" / f"{r['name']}_answers.jsonl"))
+        b1 = evaluate.read_json(str(tmp_path / "b1" / f"{r['name']}_answers.jsonl"))
         assert [(x["question_id"], x["text"]) for x in b4] == [(x["question_id"], x["text"]) for x in b1]
         # generated grouped by prompt length, written in question order (POPE's and MME's scorers read it in order)
         spec = evaluate.BENCHES[bench]
         qfile = os.path.join(data, spec["dir"], spec["questions"])
         assert [x["question_id"] for x in b4] == [q["question_id"] for q in evaluate.load_questions(bench, qfile)]
         assert set(b4[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
-    generated = [x["text"] for b in evaluate.BENCHES if b != "mmmu"
-                 for x in evaluate.read_json(str(tmp_path / "b4" / f"{b}_answers.jsonl"))]
+    generated = [x["text"] for r in rows if r["bench"] != "mmmu"
+                 for x in evaluate.read_json(str(tmp_path / "b4" / f"{r['name']}_answers.jsonl"))]
     assert len(set(generated)) > 1, "a random model should not say the same thing to every question"
     # the saved prompts follow LLaVA's scripts: the question file's text, except ScienceQA's (<image> + suffix)
     sqa = evaluate.read_json(str(tmp_path / "b4" / "scienceqa_answers.jsonl"))
@@ -190,9 +191,17 @@ def test_every_benchmark_batched_equals_one_by_one(setup, tmp_path, capsys):
     assert tvqa[0]["prompt"] == evaluate.read_json(f"{data}/textvqa/llava_textvqa_val_v051_ocr.jsonl")[0]["text"]
 
 
-def prewrite(out, bench, questions, texts):
+def name_of(data, bench):
+    """What evaluate.py names the files of this fixture's question file: the benchmark's official names, and
+    custom-<folder>-<hash> for the custom set (answers.set_name)."""
+    spec = evaluate.BENCHES[bench]
+    qfile = f"{data}/{spec['dir']}/{spec['questions']}"
+    return evaluate.set_name(bench, qfile, qfile)
+
+
+def prewrite(out, bench, questions, texts, name=None):
     os.makedirs(out, exist_ok=True)
-    dump(os.path.join(out, f"{bench}_answers.jsonl"), [
+    dump(os.path.join(out, f"{name or bench}_answers.jsonl"), [
         {"question_id": q["question_id"], "prompt": q["prompt"], "text": t, "answer_id": "x", "model_id": "m",
          "metadata": {}} for q, t in zip(questions, texts) if t is not None], lines=True)
 
@@ -204,7 +213,8 @@ def test_scores_from_the_native_files(setup, tmp_path):
     out = str(tmp_path)
     for bench, texts in prewritten.items():
         spec = evaluate.BENCHES[bench]
-        prewrite(out, bench, evaluate.load_questions(bench, f"{data}/{spec['dir']}/{spec['questions']}"), texts)
+        prewrite(out, bench, evaluate.load_questions(bench, f"{data}/{spec['dir']}/{spec['questions']}"), texts,
+                 name_of(data, bench))
     res = {r["bench"]: r for r in run(model, data, out, "--bench", ",".join(prewritten), "--keep-answers")}
     # VQAv2: "two" -> "2" (EvalAI processor) vs 10x "2": 100; "Yes." vs 3 yes: 0.9 (leave-one-out); "cat": 0
     assert res["vqav2"]["headline"]["accuracy"] == pytest.approx((100 + 90 + 0) / 3, abs=0.01)
