@@ -137,4 +137,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (OSError, ValueError) as e:   # a model folder that cannot be read or loaded, an image that cannot be read
+        print(f"chat.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

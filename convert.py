@@ -11,10 +11,14 @@ convert.load_pretrained (chat.py, evaluate.py, train.py --init_from) reads ours 
 pytorch_model.bin read with weights_only=True) and LoRA output (PEFT adapters, merged on load). It computes what the
 original does: `patch` always drops the first token (legacy_patch_drop: SigLIP 729 -> 728). Template: the config's
 conv_version, else "pretrain" for the pretrain layout, else the vicuna-style one with the tokenizer's EOS. Image
-processor: the directory's, else the Hub cache's, else the tower's stock one rebuilt from its config. A checkpoint
-is read inside its folder only (Hub ids: the local cache only); its code runs only with --trust-remote-code, a folder's
-.py files never. Outputs hold no half-written file and no code but ours (our modeling code and auto_map, loaded with
-trust_remote_code=True as the original's releases); from-tinyllava also writes train_config.json (the template).
+processor: the directory's, else the Hub cache's, else the tower's stock one rebuilt from its config. The files a
+checkpoint lists (index shards) stay inside it; the base LLM / tower its config names (the original records what it
+trained from) is read where it is, an absolute path or a Hub id (the local cache only), not by a relative path that
+climbs out with '..'. Its code runs only with --trust-remote-code, a folder's .py files never; non-finite weights are
+refused. Outputs go to a new or empty folder, or with --overwrite to one convert.py wrote (its record: tinyllava_
+convert.json; only the files it lists are replaced), and hold no half-written file and no code but ours (our modeling
+code and auto_map, loaded with trust_remote_code=True as the original's releases); from-tinyllava also writes
+train_config.json (the template).
 
 Export to LlavaForConditionalGeneration keeps the logits: the tower is cut after the feature layer (Llava reads the
 last); Llava's "default" strategy drops the first token (CLS or legacy SigLIP drop), "full" keeps all. Not exportable
@@ -32,9 +36,9 @@ the exported chat template writes "<image> " where that reproduces the training 
 import argparse
 import copy
 import json
-import math
 import os
 import re
+import sys
 
 
 def cli():
@@ -50,6 +54,7 @@ def cli():
             s.add_argument("--no-verify", action="store_true", help="skip the logits check against the export")
         s.add_argument("--trust-remote-code", action="store_true",
                        help="run the LLM's own code (OpenELM); off: no code from a checkpoint or the Hub runs")
+        s.add_argument("--overwrite", action="store_true", help="replace an earlier output of convert.py in DST")
     return p
 
 
@@ -57,11 +62,11 @@ if __name__ == "__main__":
     cli().parse_args()   # --help and a mistyped command end here, before torch and transformers load (6 s)
 
 import torch
-from safetensors.torch import load_file
 from transformers import CONFIG_MAPPING, AddedToken, AutoImageProcessor
 
 from data import TEMPLATES, ChatTemplate, IMAGE_PLACEHOLDER, encode, get_template, render
-from folders import auto_map, hf_files, is_pretrain_layout, read_json, resolve, save_files, write_file
+from folders import (auto_load, auto_map, check_output, claim_output, hf_files, is_pretrain_layout, merge_lora,
+                     read_json, read_state_dict, record_output, resolve, save_files, write_file)
 from folders import chat_template as llava_chat_template   # no tokenizer: LlavaProcessor adds its own special tokens
 import model as model_py
 from model import DTYPES, PIXELS, assemble, image_size, load_tokenizer, save_pretrained
@@ -81,56 +86,6 @@ def is_tinyllava_factory(path):
     """A directory in one of the original's layouts (release, pretrain sub-directories, LoRA)."""
     cfg = os.path.join(path, "config.json")
     return (os.path.isfile(cfg) and read_json(cfg).get("model_type") == "tinyllava") or is_pretrain_layout(path)
-
-
-def inside(root, name, source):
-    """root/name, refused unless it stays inside root: what a checkpoint's files name never leads the reader
-    elsewhere. Lexical (normpath), not realpath: a Hub-cache snapshot's files are symlinks into ../../blobs."""
-    path, root = os.path.abspath(os.path.join(root, name)), os.path.abspath(root)
-    if os.path.commonpath([root, path]) != root:
-        raise ValueError(f"{source} names {name!r}, which is outside {root}: refusing to read it")
-    return path
-
-
-def read_state_dict(d, names=("model.safetensors", "pytorch_model.bin")):
-    """The tensors of a HF-style save in directory d: one file or the shards its index names. .bin files are read
-    with weights_only=True: tensors only, no pickled code runs."""
-    load = lambda f: load_file(f) if f.endswith(".safetensors") else torch.load(f, "cpu", weights_only=True)
-    for name in names:
-        index = os.path.join(d, name + ".index.json")
-        if os.path.isfile(index):
-            shards = sorted(set(read_json(index)["weight_map"].values()))
-            return {k: v for shard in shards for k, v in load(inside(d, shard, index)).items()}
-        if os.path.isfile(os.path.join(d, name)):
-            return load(os.path.join(d, name))
-    raise FileNotFoundError(f"no weights in {d} (looked for {', '.join(names)} and their sharded indexes)")
-
-
-def merge_lora(weights, path):
-    """Merge the PEFT LoRA adapters saved in `path` into `weights` (original key names), in place, in fp32."""
-    acfg = read_json(os.path.join(path, "adapter_config.json"))
-    if acfg.get("peft_type", "LORA") != "LORA" or acfg.get("use_dora"):
-        raise ValueError(f"{path}: only plain LoRA adapters merge, not {acfg.get('peft_type')} / DoRA")
-    pairs = {}
-    for k, v in read_state_dict(path, ("adapter_model.safetensors", "adapter_model.bin")).items():
-        k = k.removeprefix("base_model.model.")
-        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.\w+)?\.weight", k)   # older PEFT kept the adapter name
-        if m:
-            pairs.setdefault(m[1], {})[m[2]] = v
-        elif "lora_" in k:
-            raise ValueError(f"{path}: cannot merge {k} (only LoRA on Linear layers merges)")
-        else:                                                       # a bias / module trained next to the adapters
-            weights[k.replace(".base_layer", "")] = v
-    for name, ab in pairs.items():
-        if name + ".weight" not in weights:
-            raise ValueError(f"{path}: adapter for {name}, which is not in the base weights")
-        alpha = next((a for pattern, a in (acfg.get("alpha_pattern") or {}).items()   # PEFT: on the name's tail
-                      if re.fullmatch(rf"(.*\.)?{pattern}", name)), acfg["lora_alpha"])
-        r = ab["A"].shape[0]
-        delta = ab["B"].float() @ ab["A"].float() * (alpha / (math.sqrt(r) if acfg.get("use_rslora") else r))
-        weights[name + ".weight"] = weights[name + ".weight"].float() + (delta.T if acfg.get("fan_in_fan_out")
-                                                                         else delta)
-    print(f"merged {len(pairs)} LoRA adapters from {path}")
 
 
 def read_tinyllava(path):
@@ -203,13 +158,15 @@ def default_processor(vision_config):
                              image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 
 
-def _local(files, *places, root=None):
-    """The first of `places` (directories, inside `root` if given; or Hub ids looked up in the local cache only)
-    holding one of `files`."""
+def _local(files, own, named=None, config=None):
+    """The first place holding one of `files`: the checkpoint's own folders (`own`), then `named`, a base model its
+    `config` names (the original records what it trained from): a folder, absolute or relative to the working
+    directory (refused if it climbs out with '..'), else a Hub id, looked up in the local cache only."""
     from huggingface_hub import snapshot_download
-    for place in places:
-        if place and root and os.path.isdir(place):
-            inside(root, os.path.abspath(place), os.path.join(root, "config.json"))
+    for place, from_config in [(p, False) for p in own] + [(named, True)]:
+        if from_config and place and os.path.isdir(place) and ".." in os.path.normpath(place).split(os.sep):
+            raise ValueError(f"{config} names {place!r}, a relative path that climbs out with '..': refusing to read "
+                             "it (name the base model by an absolute path or a Hub id)")
         if place and not os.path.isdir(place):
             try:
                 place = snapshot_download(place, local_files_only=True)   # never downloads
@@ -270,13 +227,14 @@ def load_tinyllava(path, llm_kwargs=None, trust_remote_code=False, **overrides):
                 num_queries=cfg.get("num_queries") or 128, num_resampler_layers=cfg.get("num_resampler_layers") or 3)
     weights, dropped = _our_tower_keys(weights, vision_configs, args["vision_feature_layer"])
 
-    tok_dir = _local(("tokenizer_config.json", "tokenizer.json"), path, args["tokenizer"] or args["llm"], root=path)
+    config_file = os.path.join(path, "config.json")
+    tok_dir = _local(("tokenizer_config.json", "tokenizer.json"), [path], args["tokenizer"] or args["llm"], config_file)
     if tok_dir is None:
         raise FileNotFoundError(f"{path} has no tokenizer, nor has the Hub cache {args['tokenizer'] or args['llm']!r}")
-    tokenizer = load_tokenizer(tok_dir, trust_remote_code)
-    proc_dir = _local(("preprocessor_config.json",), path, os.path.join(path, "vision_tower"), args["vision_tower"],
-                      root=path)
-    processor = (AutoImageProcessor.from_pretrained(proc_dir, trust_remote_code=False, backend=PIXELS) if proc_dir
+    tokenizer = load_tokenizer(tok_dir, None if tok_dir == path else trust_remote_code)   # the flag: a base LLM's
+    proc_dir = _local(("preprocessor_config.json",), [path, os.path.join(path, "vision_tower")], args["vision_tower"],
+                      config_file)
+    processor = (auto_load(AutoImageProcessor, proc_dir, "image processor", backend=PIXELS) if proc_dir
                  else default_processor(vision_configs[0]))
     config = dict(args, model_type="tinyllava_nano", text_config=cfg["text_config"], vision_configs=vision_configs)
     model, tokenizer, processor = assemble(config, weights, tokenizer, processor, path, llm_kwargs, trust_remote_code,
@@ -316,7 +274,7 @@ def save_tinyllava(model, tokenizer, processor, out_dir, template, max_length=20
             weights[k] = v.detach().cpu().contiguous()
     filled = 0
     for prefix, tower, src in zip(_tower_prefixes(len(towers)), towers, [args.vision_tower, args.vision_tower2]):
-        kind, src = tower.config.model_type, _local(("config.json",), src)
+        kind, src = tower.config.model_type, _local(("config.json",), [src])
         full = TOWERS[kind][0].from_pretrained(src) if src else None
         if full is not None and full.config.hidden_size == tower.config.hidden_size:
             ours = tower.state_dict()
@@ -472,14 +430,16 @@ def main(argv=None):
     src, dst = os.path.realpath(a.src), os.path.realpath(a.dst)
     if os.path.commonpath([src, dst]) in (src, dst):   # writing into the source would overwrite what it reads
         p.error(f"{a.dst} is {a.src}, is inside it or contains it: it would overwrite the source; write elsewhere")
+    if a.command == "from-tinyllava" and not is_tinyllava_factory(a.src):
+        p.error(f"{a.src} is not a TinyLLaVA Factory checkpoint")
+    check_output(a.dst, "convert.py", a.overwrite)   # before the model loads; claimed once it has
     model, tokenizer, processor = load_pretrained(a.src, trust_remote_code=a.trust_remote_code)
     try:
         template = model_template(a.src, model, a.template)
     except ValueError as e:
         p.error(str(e))
+    claim = claim_output(a.dst, "convert.py", a.overwrite, command=a.command, source=src)
     if a.command == "from-tinyllava":
-        if not is_tinyllava_factory(a.src):
-            p.error(f"{a.src} is not a TinyLLaVA Factory checkpoint")
         save_pretrained(model, tokenizer, processor, a.dst, template=template)   # + the template our scripts read:
         write_file(os.path.join(a.dst, "train_config.json"), json.dumps({"template": template, "converted_from": src}))
         print(f"wrote {a.dst} (template {template!r})")
@@ -489,7 +449,12 @@ def main(argv=None):
         save_tinyllava(model, tokenizer, processor, a.dst, template, max_length or 2048)
     else:
         export_llava(model, tokenizer, processor, a.dst, template, verify=not a.no_verify)
+    record_output(a.dst, claim)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:   # a folder that cannot be read, written or loaded; a model Llava cannot hold
+        print(f"convert.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

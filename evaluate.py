@@ -354,10 +354,13 @@ def load_model(a, hf, device):
     dtype = a.dtype if a.dtype != "auto" else "bfloat16" if bf16 else "float32"
     if hf:
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
-        model = AutoModelForImageTextToText.from_pretrained(a.model, dtype=DTYPES[dtype])
-        processor = AutoProcessor.from_pretrained(a.model)
+        from folders import auto_load, check_finite   # the flag always given: transformers never asks on stdin
+        model = auto_load(AutoModelForImageTextToText, a.model, "model", a.trust_remote_code, dtype=DTYPES[dtype])
+        check_finite(model, a.model)
+        processor = auto_load(AutoProcessor, a.model, "processor", a.trust_remote_code)
         # transformers 5 picks torchvision's image backend when it is installed; PIL's gives the original's pixels
-        processor.image_processor = AutoImageProcessor.from_pretrained(a.model, backend="pil")
+        processor.image_processor = auto_load(AutoImageProcessor, a.model, "image processor", a.trust_remote_code,
+                                              backend="pil")
         tokenizer = processor.tokenizer
         tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.pad_token or tokenizer.eos_token
     else:

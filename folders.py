@@ -8,6 +8,10 @@ imports model.py or convert.py):
     is_pretrain_layout(path)                    # TinyLLaVA Factory's pretrain-stage folders (convert.py reads them)
     chat_template("phi", tokenizer) -> Jinja    hf_files(tokenizer, template, num_image_tokens, aspect) -> (objs, files)
     save_adapter(model, out_dir, base)          # a LoRA stage as one PEFT adapter of the whole model (see there)
+    auto_load(AutoTokenizer, path, "tokenizer", trust_remote_code)   # never asks "run the custom code?"
+    check_finite(model, source)                 # LoadError naming the first NaN / inf tensor
+    claim = claim_output(out_dir, "convert.py", overwrite, command=...); record_output(out_dir, claim)   # outputs
+    read_state_dict(folder) -> {name: tensor}   merge_lora(weights, adapter_folder)   # checkpoints in (convert.py)
 
 A folder transformers can run: config.json's auto_map names modeling_tinyllava_nano.py (and modeling_connectors.py,
 connectors.py under another name), the tokenizer's chat template is the training template (its ids are data.encode's:
@@ -16,17 +20,20 @@ new tokens), processor_config.json the image tokens per image.
 """
 import copy
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 
+import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 
 from data import IMAGE_PLACEHOLDER, ChatTemplate, encode, get_template
 from modeling_tinyllava_nano import encode_text
+from recipes import ConfigError
 
 EVAL_MAX_NEW_TOKENS = 128   # evaluate.py's default (the official scripts')
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,6 +78,58 @@ def read_json(path):
         return json.load(f)
 
 
+# -------------------- Reading weights: safetensors or .bin (weights_only), sharded or not; PEFT LoRA adapters -----
+
+def inside(root, name, source):
+    """root/name, refused unless it stays inside root: what a checkpoint's files name never leads the reader
+    elsewhere. Lexical (normpath), not realpath: a Hub-cache snapshot's files are symlinks into ../../blobs."""
+    path, root = os.path.abspath(os.path.join(root, name)), os.path.abspath(root)
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"{source} names {name!r}, which is outside {root}: refusing to read it")
+    return path
+
+
+def read_state_dict(d, names=("model.safetensors", "pytorch_model.bin")):
+    """The tensors of a HF-style save in directory d: one file or the shards its index names. .bin files are read
+    with weights_only=True: tensors only, no pickled code runs."""
+    load = lambda f: load_file(f) if f.endswith(".safetensors") else torch.load(f, "cpu", weights_only=True)
+    for name in names:
+        index = os.path.join(d, name + ".index.json")
+        if os.path.isfile(index):
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load(inside(d, shard, index)).items()}
+        if os.path.isfile(os.path.join(d, name)):
+            return load(os.path.join(d, name))
+    raise FileNotFoundError(f"no weights in {d} (looked for {', '.join(names)} and their sharded indexes)")
+
+
+def merge_lora(weights, path):
+    """Merge the PEFT LoRA adapters saved in `path` into `weights` (original key names), in place, in fp32."""
+    acfg = read_json(os.path.join(path, "adapter_config.json"))
+    if acfg.get("peft_type", "LORA") != "LORA" or acfg.get("use_dora"):
+        raise ValueError(f"{path}: only plain LoRA adapters merge, not {acfg.get('peft_type')} / DoRA")
+    pairs = {}
+    for k, v in read_state_dict(path, ("adapter_model.safetensors", "adapter_model.bin")).items():
+        k = k.removeprefix("base_model.model.")
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.\w+)?\.weight", k)   # older PEFT kept the adapter name
+        if m:
+            pairs.setdefault(m[1], {})[m[2]] = v
+        elif "lora_" in k:
+            raise ValueError(f"{path}: cannot merge {k} (only LoRA on Linear layers merges)")
+        else:                                                       # a bias / module trained next to the adapters
+            weights[k.replace(".base_layer", "")] = v
+    for name, ab in pairs.items():
+        if name + ".weight" not in weights:
+            raise ValueError(f"{path}: adapter for {name}, which is not in the base weights")
+        alpha = next((a for pattern, a in (acfg.get("alpha_pattern") or {}).items()   # PEFT: on the name's tail
+                      if re.fullmatch(rf"(.*\.)?{pattern}", name)), acfg["lora_alpha"])
+        r = ab["A"].shape[0]
+        delta = ab["B"].float() @ ab["A"].float() * (alpha / (math.sqrt(r) if acfg.get("use_rslora") else r))
+        weights[name + ".weight"] = weights[name + ".weight"].float() + (delta.T if acfg.get("fan_in_fan_out")
+                                                                         else delta)
+    print(f"merged {len(pairs)} LoRA adapters from {path}")
+
+
 def save_files(out_dir, *objs, files=None):
     """objs.save_pretrained, then `files` ({name: text}), into out_dir by way of a temp folder: no half-written file
     gets a final name. Code the objects bring is dropped (the .py files copied for remote-code classes, `auto_map`
@@ -96,6 +155,47 @@ def save_files(out_dir, *objs, files=None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+OUTPUT_RECORD = "tinyllava_convert.json"
+
+
+def check_output(out_dir, tool, overwrite=False):
+    """`out_dir` may take `tool`'s output: it is new or empty, or, with `overwrite`, `tool` wrote it (its record,
+    OUTPUT_RECORD, names the tool). Any other folder is refused (ValueError, one line). Returns (its names, record)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} is a file, not a folder: refusing to write there")
+    names = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
+    rec = read_json(os.path.join(out_dir, OUTPUT_RECORD)) if OUTPUT_RECORD in names else {}
+    if names and rec.get("tool") != tool:
+        raise ValueError(f"{out_dir} is not empty and {tool} did not write it ({', '.join(sorted(names)[:3])}"
+                         f"{', ...' * (len(names) > 3)}): refusing to write into it, even with --overwrite; choose a "
+                         "new or empty folder")
+    if names and not overwrite:
+        raise ValueError(f"{out_dir} holds an earlier output of {tool} ({rec.get('command')} of {rec.get('source')}): "
+                         "pass --overwrite to replace it, or choose a new or empty folder")
+    return names, rec
+
+
+def claim_output(out_dir, tool, overwrite=False, **what):
+    """check_output, then the files of `tool`'s earlier output are deleted: those its record lists, or, for a run that
+    did not finish, those that were not there when it started; never a file `tool` did not write. The record is
+    written at once (a crash leaves the folder marked as `tool`'s) with `what` (command, source); returns it."""
+    names, rec = check_output(out_dir, tool, overwrite)
+    for name in rec["files"] if "files" in rec else names - set(rec.get("kept", [])) - {OUTPUT_RECORD}:
+        if os.path.basename(name) == name and os.path.isfile(os.path.join(out_dir, name)):   # a name in the folder
+            os.remove(os.path.join(out_dir, name))
+    os.makedirs(out_dir, exist_ok=True)
+    claim = dict(tool=tool, **what, kept=sorted(set(os.listdir(out_dir)) - {OUTPUT_RECORD}))   # not ours: stays
+    write_file(os.path.join(out_dir, OUTPUT_RECORD), json.dumps(claim, indent=2))
+    return claim
+
+
+def record_output(out_dir, claim):
+    """The claim's record, completed: every file written (all but those kept)."""
+    files = sorted(n for n in os.listdir(out_dir) if os.path.isfile(os.path.join(out_dir, n))
+                   and n not in claim["kept"] and n != OUTPUT_RECORD)
+    write_file(os.path.join(out_dir, OUTPUT_RECORD), json.dumps(dict(claim, files=files), indent=2))
+
+
 def resolve(path):
     """A folder as it is; a Hub id ("org/name") as its snapshot folder: the local cache's, else (unless HF_HUB_OFFLINE)
     downloaded, all but code files (nothing we read runs code)."""
@@ -110,6 +210,37 @@ def resolve(path):
         except Exception as e:   # noqa: BLE001 - offline, unknown id, no network: one line saying so
             raise FileNotFoundError(f"{path} is not a folder, nor a Hub model in the local cache or reachable: "
                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+# -------------------- What a folder we load may not do: run its code, bring NaNs ------------------------------------
+
+class LoadError(ConfigError):
+    """A folder the command names cannot be loaded as it is (its weights are not finite, it asks to run its own code):
+    one line, printed by each script as its other command errors (train.py's as a ConfigError, exit status 2)."""
+
+
+def auto_load(cls, path, what, trust_remote_code=None, **kwargs):
+    """cls.from_pretrained(path) with trust_remote_code always given, so transformers never asks "Do you wish to run
+    the custom code?" (which a "y" on stdin would answer): the user's flag (True / False), or None: no flag allows it
+    here (given as False). Code it refuses to run (an auto_map in the folder's files) is one LoadError."""
+    try:
+        return cls.from_pretrained(path, trust_remote_code=bool(trust_remote_code), **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e) or trust_remote_code:
+            raise
+        raise LoadError(f"{path}: its {what} asks to run code of its own (auto_map), which is not run"
+                        + " without --trust-remote-code" * (trust_remote_code is False)) from None
+
+
+def check_finite(model, source):
+    """Refuse a model with a NaN or infinite weight (a diverged or damaged checkpoint: it would answer "!!!!" and be
+    scored, exported or trained on), naming the first such tensor; every loader runs this on what it loaded."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        chunks = t.detach().reshape(-1).split(2 ** 24)   # no bool copy of a whole embedding at once
+        if t.is_floating_point() and not all(bool(torch.isfinite(c).all()) for c in chunks):
+            what = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+            raise LoadError(f"{source}: weight {name} holds {what} values: refusing to load a non-finite model "
+                            "(a diverged or damaged checkpoint)")
 
 
 # -------------------- A folder transformers can run: chat template, generation config, processor, code ------------

@@ -41,7 +41,8 @@ from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfi
 
 from connectors import build_connector
 from data import IGNORE_INDEX
-from folders import auto_map, hf_files, is_pretrain_layout, read_json, resolve, save_files, write_file
+from folders import (auto_load, auto_map, check_finite, hf_files, is_pretrain_layout, read_json, resolve, save_files,
+                     write_file)
 from modeling_tinyllava_nano import VisionTower  # noqa: F401 (model.VisionTower, as before)
 from modeling_tinyllava_nano import (TinyLlavaNanoConfig, TinyLlavaNanoForConditionalGeneration,
                                      TinyLlavaNanoProcessor, make_vision_tower, splice, tower_kind,
@@ -80,9 +81,9 @@ def count_image_tokens(args):
     """model.num_image_tokens for ModelArgs from configs and the image processor alone: no weights are loaded
     (check_data.py uses it on a training config)."""
     widths, counts = [], []
-    size = image_size(AutoImageProcessor.from_pretrained(args.vision_tower, backend=PIXELS))
+    size = image_size(auto_load(AutoImageProcessor, args.vision_tower, "image processor", backend=PIXELS))
     for path in [args.vision_tower] + ([args.vision_tower2] if args.vision_tower2 else []):
-        _, config_cls, has_cls = tower_kind(AutoConfig.from_pretrained(path).model_type)
+        _, config_cls, has_cls = tower_kind(auto_load(AutoConfig, path, "config").model_type)
         config = config_cls.from_pretrained(path)   # a CLIP/SigLIP checkpoint's vision_config
         widths.append(config.hidden_size)
         counts.append(tower_tokens(config.patch_size, has_cls, size, args.vision_feature_select_strategy,
@@ -251,8 +252,8 @@ def image_size(processor):
     return s["shortest_edge"], s["shortest_edge"]
 
 
-def load_tokenizer(path, trust_remote_code=False):
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+def load_tokenizer(path, trust_remote_code=None):   # None: no flag runs its code (folders.auto_load)
+    tok = auto_load(AutoTokenizer, path, "tokenizer", trust_remote_code)
     # The original sets pad := unk for phi / tinyllama / gemma / openelm and keeps Qwen2's own pad; padding is
     # masked by the attention mask we build from lengths, so only generation configs ever see this id.
     if tok.unk_token is not None:
@@ -306,7 +307,7 @@ def _build(args, text_config=None, vision_configs=None, llm_kwargs=None, lm_weig
     towers, has_cls = [], []
     for i, path in enumerate(paths):
         if vision_configs is None:
-            cls, _, cls_token = tower_kind(AutoConfig.from_pretrained(path).model_type)
+            cls, _, cls_token = tower_kind(auto_load(AutoConfig, path, "config").model_type)
             tower = cls.from_pretrained(path, dtype=dtype, **attn)
         else:
             cls, config_cls, cls_token = tower_kind(vision_configs[i]["model_type"])
@@ -332,9 +333,11 @@ def build_model(args, llm_kwargs=None):
     llm_kwargs go to the LLM's from_pretrained (e.g. quantization_config for QLoRA)."""
     lm, vision, connector = _build(args, llm_kwargs=llm_kwargs)
     tokenizer = load_tokenizer(args.tokenizer or args.llm, args.trust_remote_code)
-    processor = AutoImageProcessor.from_pretrained(args.vision_tower, backend=PIXELS)   # MoF: CLIP's preprocessing
+    processor = auto_load(AutoImageProcessor, args.vision_tower, "image processor", backend=PIXELS)   # MoF: CLIP's
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
-    return TinyLlava(lm, vision, connector, args, image_size(processor)), tokenizer, processor
+    model = TinyLlava(lm, vision, connector, args, image_size(processor))
+    check_finite(model, f"{args.llm} + {args.vision_tower}")
+    return model, tokenizer, processor
 
 
 def save_pretrained(model, tokenizer, processor, out_dir, state_dict=None, template=None):
@@ -381,8 +384,8 @@ def load_pretrained(path, llm_kwargs=None, trust_remote_code=False, **overrides)
                                                                                           "tinyllava")
         raise ValueError(f"{cfg_path}: model_type is {config.get('model_type')!r}, expected 'tinyllava_nano'{hint}")
     weights = load_file(os.path.join(path, "model.safetensors"))
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=False, backend=PIXELS)   # never code
+    tokenizer = load_tokenizer(path)   # ours carry no code (save_files drops it): never run, whatever the flag
+    processor = auto_load(AutoImageProcessor, path, "image processor", backend=PIXELS)
     return assemble(config, weights, tokenizer, processor, path, llm_kwargs, trust_remote_code, **overrides)
 
 
@@ -411,6 +414,7 @@ def assemble(config, weights, tokenizer, processor, source, llm_kwargs=None, tru
     if missing or unexpected:
         raise ValueError(f"the weights in {source} do not fit the model its config describes: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    check_finite(model, source)
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, processor
 

@@ -13,6 +13,8 @@ loads the folder:
     print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
     # batches: processor(images=..., text=prompts, padding=True, padding_side="left"); training's exact pixels: an
     # image processor loaded with backend="pil" (transformers 5 prefers torchvision's where it is installed)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)   # alone: no code runs. Without the
+    # flag transformers asks "run the custom code?": it reads config.json first, whose AutoConfig is this file
 
 Images go in as they did in training: the processor tokenizes the text on each side of "<image>" separately (the
 original's tokenizer_image_token) and puts num_image_tokens copies of the sentinel id -200 between them; the model

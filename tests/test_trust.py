@@ -1,9 +1,11 @@
 """What a checkpoint folder, an image or a full disk can make us do. A crafted folder (config.json saying
-trust_remote_code, an auto_map to code beside it, an `llm` path to a folder with code, index entries and tower paths
-leading outside) never runs its code or reads outside itself unless the user passes --trust-remote-code, and its own
-modeling files never run in our loaders at all; outputs carry no code but ours (the modeling files transformers runs
-with trust_remote_code=True), never the flag; an export never overwrites its source; a padded sliver of an image is a
-bad sample, not gigabytes; a failed write names its file and leaves no half-written one."""
+trust_remote_code, an auto_map to code beside it, an `llm` path to a folder with code, index entries leading outside,
+a base model named by a relative path that climbs out with '..') never runs its code unless the user passes
+--trust-remote-code, and its own modeling files never run in our loaders at all; the files it lists stay inside it
+(the base models an original checkpoint names by absolute path or Hub id are read where they are); outputs carry no
+code but ours (the modeling files transformers runs with trust_remote_code=True), never the flag; an export never
+overwrites its source; a padded sliver of an image is a bad sample, not gigabytes; a failed write names its file and
+leaves no half-written one."""
 import errno
 import json
 import os
@@ -223,23 +225,47 @@ def test_an_index_cannot_lead_outside_the_checkpoint(release, target):
     assert one_line(e)
 
 
+def hub_cache(monkeypatch, root, repo, folder):
+    """`folder` as the snapshot of Hub id `repo` in a Hub cache at `root` (offline: nothing is fetched)."""
+    import huggingface_hub
+    cache = root / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, cache / "snapshots" / "abc123")
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    return str(cache / "snapshots" / "abc123")
+
+
 @pytest.mark.parametrize("field", ["vision_model_name_or_path", "llm_model_name_or_path"])
-def test_tower_and_llm_folders_must_be_inside_the_checkpoint(release, tiny_llms, tiny_towers, field):
-    if field == "llm_model_name_or_path":   # no tokenizer of its own: the one its config names would be read
+def test_base_models_named_by_an_original_checkpoint(release, tiny_llms, tiny_towers, tmp_path, monkeypatch, field):
+    """The original records the base LLM / tower it trained from as given: an absolute local path for every locally
+    trained run, or a Hub id. They are read from there (data the user chose: no code runs); a relative name that
+    climbs out with '..' is refused; a path that does not exist is passed over (the folder's own files, defaults)."""
+    llm = field == "llm_model_name_or_path"
+    if llm:   # no tokenizer of its own: the one its config names is read
         for name in os.listdir(release):
             if name.startswith(("tokenizer", "special_tokens")):
                 os.remove(release / name)
-    place = {"vision_model_name_or_path": tiny_towers["siglip"], "llm_model_name_or_path": tiny_llms["llama"]}[field]
-    escape = os.path.relpath(place)   # as the original stores them: relative to where it ran, or absolute
-    for value in (escape, place):
+    base = str(tmp_path / "bases" / "mine")   # a base of its own: its processor's mean, its tokenizer's path show
+    shutil.copytree(tiny_llms["llama"] if llm else tiny_towers["siglip"], base)
+    if not llm:
+        edit_json(os.path.join(base, "preprocessor_config.json"), image_mean=[0.25, 0.25, 0.25])
+    snapshot = hub_cache(monkeypatch, tmp_path / "hub", "org/base", base)
+
+    def read_from(value):
         edit_json(release / "config.json", **{field: value})
-        with pytest.raises(ValueError, match="config.json names .*, which is outside") as e:
+        _, tok, proc = convert.load_pretrained(str(release))
+        return tok.name_or_path if llm else list(proc.image_mean)
+    assert read_from(base) == (base if llm else [0.25] * 3)                    # absolute: read (refused at ed39f35)
+    assert read_from("org/base") == (snapshot if llm else [0.25] * 3)          # a Hub id: the local cache's
+    if not llm:                                                                # the original's "kind:hub_id" too
+        assert read_from("siglip:" + base) == [0.25] * 3
+        assert read_from(base + "-gone") == [0.5] * 3                          # no such folder: SigLIP's defaults
+    for climbing in (os.path.relpath(base), "../" * 12 + base.lstrip("/")):   # relative, out with '..': refused
+        edit_json(release / "config.json", **{field: climbing})
+        with pytest.raises(ValueError, match=r"config.json names '\.\./.*', a relative path that climbs out") as e:
             convert.load_pretrained(str(release))
         assert one_line(e)
-    inner = release / "inner"   # inside the folder, it is read
-    shutil.copytree(place, inner)
-    edit_json(release / "config.json", **{field: str(inner)})
-    convert.load_pretrained(str(release))
 
 
 def test_convert_never_writes_into_its_source(saved, tmp_path, capsys):
