@@ -100,12 +100,13 @@ def plant(folder, marker, tokenizer=False, image_processor=False, processor=Fals
     if tokenizer:
         edit_json(os.path.join(folder, "tokenizer_config.json"), lambda c: c.update(
             tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}))
-    image = {"image_processor_type": "EvilImageProcessor", "auto_map": {"AutoImageProcessor": "evil.EvilImageProcessor"}}
+    image = {"image_processor_type": "EvilImageProcessor",
+             "auto_map": {"AutoImageProcessor": "evil.EvilImageProcessor"}}
     if image_processor:
         edit_json(os.path.join(folder, "preprocessor_config.json"), lambda c: c.update(image))
     if processor:   # a Llava folder: the image processor's settings live inside processor_config.json
-        edit_json(os.path.join(folder, "processor_config.json"), lambda c: (c["image_processor"].update(image), c.update(
-            processor_class="EvilProcessor", auto_map={"AutoProcessor": "evil.EvilProcessor"})))
+        edit_json(os.path.join(folder, "processor_config.json"), lambda c: (c["image_processor"].update(image),
+                  c.update(processor_class="EvilProcessor", auto_map={"AutoProcessor": "evil.EvilProcessor"})))
     if config:
         edit_json(os.path.join(folder, "config.json"), lambda c: c.update(auto_map=config))
     return folder
@@ -142,6 +143,9 @@ def test_no_command_asks_to_run_a_folders_code(made, tmp_path, monkeypatch):
                         *data, *TRAIN],
         "check_data config": ["check_data.py", made["data"], "--config", str(cfg)],
         "check_data model": ["check_data.py", made["data"], "--model", asks],
+        "transformers alone": ["-c", "import sys\nfrom transformers import AutoImageProcessor, AutoTokenizer\n"   # the
+                               f"print(type(AutoTokenizer.from_pretrained({runs!r}, trust_remote_code=False)).__name__,"
+                               f" type(AutoImageProcessor.from_pretrained({runs!r})).__name__)"],   # docstring's way
     }, tmp_path)
     assert not marker.exists(), [n for n, r in p.items() if ASKED in r.stdout + r.stderr]
     for name, r in p.items():
@@ -155,6 +159,8 @@ def test_no_command_asks_to_run_a_folders_code(made, tmp_path, monkeypatch):
         assert len(lines) == 1 and lines[0].startswith(f"{script}.py: error: ") and said in lines[0], (name, lines)
     for name in ("check_data config", "check_data model"):   # refused, as the others
         assert p[name].returncode != 0 and said in p[name].stderr, (name, p[name].stderr[-2000:])
+    tokenizer, image_processor = p["transformers alone"].stdout.split()   # no question, no code: the right classes
+    assert tokenizer == "LlamaTokenizer" and image_processor.startswith("SiglipImageProcessor"), p["transformers alone"]
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 50))   # the folders that load: the planted code unneeded
     chat.main(["--model", runs, "--prompt", "Hi", "--max-new-tokens", "2", "--no-stream"])
@@ -206,7 +212,7 @@ def test_non_finite_weights_are_refused_by_every_command(made, tmp_path):
         assert p[script].returncode == status and not traceback, (script, p[script].stderr[-2000:])
         assert lines == [f"{script}.py: error: {d}: weight {name} holds NaN values: refusing to load a non-finite "
                          "model (a diverged or damaged checkpoint)"], (script, p[script].stderr[-2000:])
-    assert not os.path.exists(tmp_path / "c" / "model.safetensors") and not os.path.exists(tmp_path / "t" / "1_finetune")
+    assert not os.path.exists(tmp_path / "c") and not os.path.exists(tmp_path / "t" / "1_finetune")
 
 
 def test_non_finite_weights_are_refused_by_every_loader(made, tmp_path):
