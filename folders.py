@@ -236,8 +236,10 @@ def check_finite(model, source):
     """Refuse a model with a NaN or infinite weight (a diverged or damaged checkpoint: it would answer "!!!!" and be
     scored, exported or trained on), naming the first such tensor; every loader runs this on what it loaded."""
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not t.is_floating_point() or t.is_meta:   # quantised (uint8) or not loaded on this rank: nothing to see
+            continue
         chunks = t.detach().reshape(-1).split(2 ** 24)   # no bool copy of a whole embedding at once
-        if t.is_floating_point() and not all(bool(torch.isfinite(c).all()) for c in chunks):
+        if not all(bool(torch.isfinite(c).all()) for c in chunks):
             what = "NaN" if bool(torch.isnan(t).any()) else "infinite"
             raise LoadError(f"{source}: weight {name} holds {what} values: refusing to load a non-finite model "
                             "(a diverged or damaged checkpoint)")
