@@ -10,7 +10,10 @@ one launch serves several runs. Every rank writes, at the end of every stage (wh
 train.final_state):
 
     <out>/<job>/rank<r>/<n>_<stage>.safetensors   every parameter, full values (ZeRO-3 / FSDP shards gathered)
-    <out>/<job>/rank<r>/<n>_<stage>.json          distributed type, world, trainable and optimizer parameter names
+    <out>/<job>/rank<r>/<n>_<stage>.json          distributed type, world, trainable and optimizer parameter names,
+                                                  every step's gradient norm as train.py logs it ("grad X")
+    <out>/<job>/rank<r>/<n>_<stage>.grads.safetensors   the gradients of the stage's first step, before clipping
+                                                  (where they are on the rank as whole tensors: DDP, FSDP; not ZeRO)
     <out>/<job>/rank<r>/result.json               train.main's return value: final dir and losses per stage
     <out>/rank<r>.log                             this rank's stdout and stderr (main-process-only logging is tested)
 
@@ -67,8 +70,22 @@ def optimizer_param_ids(accelerator):
     return {id(p) for g in opt.param_groups for p in g["params"]}
 
 
-def record(accelerator, model, where):
-    """Per-rank dump at the end of a stage: parameters (safetensors) + what trains and what the optimizer holds."""
+def full_grads(accelerator, parameters):
+    """name -> full gradient of each of `parameters` that holds one on this rank as a tensor (DDP: the all-reduced
+    gradient; FSDP2: the sharded one, gathered, a collective every rank joins). Empty under DeepSpeed, whose
+    gradients live in its own partitioned buffers and whose step has already run when train.py asks for the norm."""
+    names = {id(p): n for n, p in accelerator.unwrap_model(accelerator._models[-1]).named_parameters()}
+    out = {}
+    for p in parameters:
+        if p.grad is not None:
+            g = p.grad.detach()
+            out[names[id(p)]] = (g.full_tensor() if hasattr(g, "full_tensor") else g).float().clone()
+    return out
+
+
+def record(accelerator, model, where, norms=(), grads=None):
+    """Per-rank dump at the end of a stage: parameters (safetensors) + what trains and what the optimizer holds,
+    every step's gradient norm and (if any) the first step's gradients."""
     from safetensors.torch import save_file
     raw = accelerator.unwrap_model(model)
     params = full_params(accelerator, model)
@@ -79,37 +96,54 @@ def record(accelerator, model, where):
             "zero_stage": ds.zero_stage if ds is not None else None,
             "optimizer": type(getattr(accelerator._optimizers[-1].optimizer, "optimizer", None)).__name__,
             "trainable": sorted(n for n, p in raw.named_parameters() if p.requires_grad),
-            "in_optimizer": sorted(n for n, p in raw.named_parameters() if id(p) in in_opt)}
+            "in_optimizer": sorted(n for n, p in raw.named_parameters() if id(p) in in_opt),
+            "grad_norms": list(norms)}
     os.makedirs(os.path.dirname(where), exist_ok=True)
     save_file({n: v.contiguous() for n, v in params.items()}, where + ".safetensors")
+    if grads:
+        save_file({n: v.contiguous() for n, v in grads.items()}, where + ".grads.safetensors")
     with open(where + ".json", "w") as f:
         json.dump(info, f, indent=1)
 
 
 class Recorder:
-    """Patches train.train_stage (to know the stage) and train.final_state (to dump at the end of it)."""
+    """Patches train.train_stage (to know the stage), Accelerator.clip_grad_norm_ (train.py calls it once per
+    optimizer step, clipping or not: the gradients before clipping and the norm it returns, the one the log prints)
+    and train.final_state (to dump at the end of the stage)."""
 
     def __init__(self, job_dir):
-        self.job_dir, self.stage_dir = job_dir, None
+        self.job_dir, self.stage_dir, self.norms, self.grads = job_dir, None, [], None
 
     def __enter__(self):
+        import accelerate
         import train
-        self.train = train
+        self.train, self.accelerator_cls = train, accelerate.Accelerator
         self.real_stage, self.real_final = train.train_stage, train.final_state
+        self.real_clip = self.accelerator_cls.clip_grad_norm_
 
         def train_stage(cfg, accelerator, init, stage_dir):
-            self.stage_dir = stage_dir
+            self.stage_dir, self.norms, self.grads = stage_dir, [], None
             return self.real_stage(cfg, accelerator, init, stage_dir)
+
+        def clip_grad_norm_(acc, parameters, *args, **kwargs):
+            parameters = list(parameters)
+            if self.grads is None:   # the stage's first step (a resumed stage: its first step in this run)
+                self.grads = full_grads(acc, parameters)
+            norm = self.real_clip(acc, parameters, *args, **kwargs)
+            self.norms.append(None if norm is None else float(norm))
+            return norm
 
         def final_state(acc, model, raw):
             name = os.path.basename(self.stage_dir)
-            record(acc, model, os.path.join(self.job_dir, f"rank{acc.process_index}", name))
+            record(acc, model, os.path.join(self.job_dir, f"rank{acc.process_index}", name), self.norms, self.grads)
             return self.real_final(acc, model, raw)
         train.train_stage, train.final_state = train_stage, final_state
+        self.accelerator_cls.clip_grad_norm_ = clip_grad_norm_
         return self
 
     def __exit__(self, *exc):
         self.train.train_stage, self.train.final_state = self.real_stage, self.real_final
+        self.accelerator_cls.clip_grad_norm_ = self.real_clip
 
 
 # ----------------------------------------------------------------------------- test-only hooks

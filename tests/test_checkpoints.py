@@ -194,6 +194,66 @@ def test_pretrain_layout_and_lora_output(tiny_llms, tiny_towers, tmp_path):
     assert (with_adapters - without).abs().max() > 1e-2
 
 
+class LoraTarget(nn.Module):
+    """Module names as a transformers decoder has them; `conv1d`: GPT-2's Conv1D (weight [in, out]: fan_in_fan_out)."""
+
+    def __init__(self, conv1d=False):
+        from transformers.pytorch_utils import Conv1D
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for _ in range(2):
+            block = nn.Module()
+            block.self_attn, block.mlp = nn.Module(), nn.Module()
+            if conv1d:
+                block.self_attn.c_attn = Conv1D(24, 16)
+            else:
+                block.self_attn.q_proj, block.self_attn.v_proj = nn.Linear(16, 16), nn.Linear(16, 12, bias=False)
+                block.mlp.up_proj = nn.Linear(16, 24)
+            self.layers.append(block)
+        self.head = nn.Linear(16, 8)
+
+
+LORA_CASES = {   # LoraConfig arguments; r=4, lora_alpha=8 unless given
+    "plain": dict(),
+    "rslora": dict(use_rslora=True),                                              # alpha / sqrt(r), not alpha / r
+    "rank_pattern": dict(rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.up_proj": 8}),
+    "alpha_pattern": dict(alpha_pattern={"v_proj": 32, r"layers\.0\..*up_proj": 3}),
+    "rslora_and_patterns": dict(use_rslora=True, rank_pattern={"up_proj": 8}, alpha_pattern={"q_proj": 2}),
+    "alternation_pattern": pytest.param(dict(alpha_pattern={"q_proj|up_proj": 2}), marks=pytest.mark.xfail(
+        strict=True, reason="merge_lora matches (.*\\.)?{pattern} where PEFT matches (.*\\.)?({pattern})$: with "
+        "an alternation only the first branch gets the name's prefix (layers.0.mlp.up_proj keeps lora_alpha)")),
+    "fan_in_fan_out": dict(fan_in_fan_out=True, target_modules=["c_attn"]),        # Conv1D: the delta transposed
+}
+
+
+@pytest.mark.parametrize("kw", LORA_CASES.values(), ids=LORA_CASES.keys())
+def test_merge_lora_equals_pefts_merge(kw, tmp_path):
+    """folders.merge_lora (convert.py's reader of the original's LoRA layout; QLoRA stages onto their full-precision
+    base) against PEFT's own merge_and_unload of the same adapter: each layer's scale is lora_alpha / r, with rsLoRA
+    lora_alpha / sqrt(r), r and alpha per layer from rank_pattern / alpha_pattern (regexes on the name's tail)."""
+    from peft import LoraConfig, get_peft_model
+    from folders import merge_lora
+    kw = {**dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]), **kw}
+    torch.manual_seed(0)
+    model = LoraTarget(conv1d=kw.get("fan_in_fan_out", False))
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    peft_model = get_peft_model(model, LoraConfig(**kw))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:   # PEFT starts B at zero: the merge would be a no-op
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    merged = {k: v.detach() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    weights = dict(base)
+    merge_lora(weights, str(tmp_path / "adapter"))
+    assert weights.keys() == merged.keys() == base.keys()
+    for k, v in merged.items():
+        torch.testing.assert_close(weights[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    moved = {k for k in base if (merged[k] - base[k]).abs().max() > 0.1}   # the adapters matter
+    assert moved == {k for k in base if k.endswith(("proj.weight", "c_attn.weight"))}, moved
+
+
 def test_from_tinyllava_then_finetune_and_evaluate(tiny_llms, tiny_towers, tmp_path):
     import train
     lm, vt, conn = original_parts(tiny_llms, tiny_towers, "llama", "siglip", torch.float16)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -142,6 +143,58 @@ def test_mof_mlp_interleaves_by_value():
         conn.num_tokens(6)
 
 
+# the exact GELU, 0.5 x (1 + erf(x / sqrt 2)), in float64, on inputs where the tanh approximation is up to 4e-4 off
+GRID = torch.linspace(-5, 5, 101, dtype=torch.float64)
+
+
+def erf_gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+GELUS = {"mlp1x_gelu": 0, "mlp2x_gelu": 1, "mlp3x_gelu": 2, "mof_mlp": 2, "mof_mlp_dv2": 2, "resampler": 2,
+         "qformer": 3, "ps2_16": 1, "ps2_25": 1, "ps3_36": 0, "identity": 0, "linear": 0}   # per case, as built
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_gelu_is_the_exact_erf_one(case):
+    """LLaVA's mlp connectors, Flamingo's resampler and BLIP-2's BERT FFN all use the exact GELU (nn.GELU(),
+    BERT's "gelu"), which the released weights were trained with: each activation by value, and none missing."""
+    conn, _ = make(case)
+    gelus = [m for m in conn.modules() if isinstance(m, nn.GELU)]
+    assert len(gelus) == GELUS[case]
+    for m in gelus:
+        torch.testing.assert_close(m(GRID.float()), erf_gelu(GRID).float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,tokens,depth", [("mlp2x_gelu", 1, 2), ("mlp3x_gelu", 1, 3), ("mof_mlp", 1, 2),
+                                               ("pixel_shuffle2_mlp2x_gelu", 4, 2)])
+def test_mlp_connectors_apply_the_exact_gelu_by_value(name, tokens, depth):
+    """Through the whole connector (so an activation swapped inside a forward counts too): the first Linear writes
+    GRID into the pre-activations of one token, every later Linear passes its input on unchanged, so the output is
+    the exact GELU applied depth - 1 times. The tanh approximation differs by > 1e-4: the check can tell them apart."""
+    exact, n = GRID, len(GRID)
+    for _ in range(depth - 1):
+        exact = erf_gelu(exact)
+    tanh = F.gelu(GRID, approximate="tanh")
+    assert (erf_gelu(GRID) - tanh).abs().max() > 1e-4
+    conn = build_connector(name, 1, n)
+    mlps = [conn._connector.clip, conn._connector.dinov2] if name == "mof_mlp" else [conn._connector]
+    with torch.no_grad():
+        for mlp in mlps:
+            first, *rest = [m for m in mlp if isinstance(m, nn.Linear)]
+            assert len(rest) == depth - 1
+            first.weight.zero_()[:, 0] = GRID.float()
+            first.bias.zero_()
+            for lin in rest:
+                lin.weight.copy_(torch.eye(n))
+                lin.bias.zero_()
+    ones = torch.ones(1, tokens, 1)
+    out = conn((ones, ones) if name == "mof_mlp" else ones)
+    assert out.shape == (1, len(mlps), n)
+    for row in out[0]:
+        torch.testing.assert_close(row, exact.float(), rtol=0, atol=1e-6)
+
+
 def loop_pixel_shuffle(x, s):
     """Reference: pad the grid with zeros, then for each output cell concatenate its block row by row."""
     b, n, c = x.shape
@@ -211,6 +264,9 @@ def test_resampler_matches_einsum_reference():
         for name, p in conn.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+        for _, ff in conn._connector.layers:   # FFN pre-activations of a few units (at init: ~0.1, where any GELU
+            ff[1].weight.mul_(30)               # approximation agrees with the exact one to 1e-6)
+            ff[3].weight.mul_(10)
     x = torch.randn(B, 11, DV)
     torch.testing.assert_close(conn(x), reference_resampler(conn._connector, x, 2, 8), rtol=1e-5, atol=1e-5)
 

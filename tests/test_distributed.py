@@ -11,6 +11,7 @@ this process on the same global batches, while the launches run two at a time: a
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,8 @@ STEPS, LAUNCH_TIMEOUT = 3, 300
 # ~0 by up to lr on float noise, and a handful of the 2.7M weights do differ by up to 1.1e-4 in clean runs.
 # TOL sits 25x above the clean runs and 60x below the desynchronised one.
 TOL = 3e-6
+# every step's gradient norm (before clipping) against the single-process run's, relative: measured <= NORM_MEASURED
+NORM_RTOL = 1e-4
 # global batch 8 = micro 2 x 2 processes x 2 accumulation; the reference takes micro 4 x 1 x 2, which
 # grouped_batches lays out as the same global micro-batches (rank r of a global micro-batch takes its r-th half)
 PRETRAIN = dict(name="pretrain", data="pretrain", template="pretrain", tune_llm="full", tune_vision_tower="full",
@@ -226,6 +229,9 @@ def run_mode(mode, base, out):
     launch_jobs(mode, f"{out}/a", jobs, expect_kill=mode in RESUME)
     runs = {j["name"]: Run(f"{out}/a/{j['name']}") for j in jobs}
     runs["cut"] = f"{out}/cut"
+    if mode in RESUME:   # the run as killed (launch B finishes it, and a finished stage keeps no checkpoint)
+        shutil.copytree(f"{out}/cut", f"{out}/cut_as_killed", symlinks=True)
+        runs["cut_as_killed"] = f"{out}/cut_as_killed"
     with open(f"{out}/a/rank0.log") as f0, open(f"{out}/a/rank1.log") as f1:
         runs["logs"] = [f0.read(), f1.read()]
     if mode in RESUME:   # ZeRO-3 resumes on "two machines": configs/accelerate/two_nodes.yaml on 127.0.0.1
@@ -278,6 +284,37 @@ def test_matches_single_process(mode, launched, reference):
     losses, ref_losses = runs["main"].result()["losses"], ref.result()["losses"]
     for s in STAGES[mode]:
         assert losses[s["name"]] == pytest.approx(ref_losses[s["name"]], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_match_single_process(mode, launched, reference):
+    """The gradients themselves, not only the weights after the step: AdamW is nearly blind to a constant gradient
+    scale and the clip (1.0; the norms here are 4-7) hides one too, so a loss scaled by 1/world on 2 processes
+    leaves the weights in tolerance. Read before clipping (dist_worker.Recorder, at train.py's clip_grad_norm_
+    call), so the clip changes nothing here: every step's global gradient norm (the "grad X" of the log, what
+    clipping compares with grad_clip) equals the single-process run's, and so does every parameter's gradient of
+    each stage's first step wherever the rank holds it as a tensor (DDP; FSDP gathered from its shards)."""
+    runs, ref = launched(mode), reference[mode]
+    main, log = runs["main"], runs["logs"][0]
+    worst_norm, worst_grad = 0.0, 0.0
+    for stage in stage_dirs(mode):
+        norms, ref_norms = main.info(stage)["grad_norms"], ref.info(stage)["grad_norms"]
+        assert len(norms) == len(ref_norms) == STEPS and min(ref_norms) > 0.1, (stage, norms, ref_norms)
+        assert main.info(stage, 1)["grad_norms"] == pytest.approx(norms, rel=1e-6)
+        for n, n_ref in zip(norms, ref_norms):
+            assert n == pytest.approx(n_ref, rel=NORM_RTOL), f"{stage}: gradient norms {norms}, one process {ref_norms}"
+            assert f"| grad {n:.3f} |" in log   # the number the log prints
+            worst_norm = max(worst_norm, abs(n / n_ref - 1))
+        if mode in ("ddp", "fsdp"):
+            grads, ref_grads = (load_file(os.path.join(run.dir, "rank0", f"{stage}.grads.safetensors"))
+                                for run in (main, ref))
+            assert grads.keys() == ref_grads.keys() == set(main.info(stage)["trainable"])
+            scale = max(float(g.abs().max()) for g in ref_grads.values())
+            for k, g in grads.items():
+                torch.testing.assert_close(g, ref_grads[k], rtol=1e-3, atol=1e-5 * scale, msg=f"{stage}: {k}")
+            worst_grad = max(worst_grad, max_diff(grads, ref_grads) / scale)
+    print(f"{mode}: gradient norms within {worst_norm:.1e} (relative) of the single-process run's; first-step "
+          f"gradients within {worst_grad:.1e} of the largest")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -352,7 +389,9 @@ def test_resume_after_kill(mode, launched):
     the finished pretrain stage is skipped, finetune continues from step 1 with the same losses and weights as
     the uninterrupted run (model, optimizer / ZeRO shards, scheduler and data position restored)."""
     runs = launched(mode)
-    assert "step_00000001" in os.listdir(os.path.join(runs["cut"], "2_finetune", "checkpoints"))
+    killed = os.path.join(runs["cut_as_killed"], "2_finetune.partial", "checkpoints")
+    assert os.listdir(killed) == ["step_00000001"]                  # killed right after it
+    assert not os.path.exists(os.path.join(runs["cut"], "2_finetune.partial"))   # launch B finished the stage
     info = runs["resumed"].info("2_finetune")
     assert (info["num_processes"], info["distributed_type"]) == (2, EXPECTED[mode][0])
     resumed, main = runs["resumed"].result()["losses"], runs["main"].result()["losses"]
@@ -360,6 +399,49 @@ def test_resume_after_kill(mode, launched):
     assert resumed["finetune"] == pytest.approx(main["finetune"][1:], rel=1e-6)
     for r in (0, 1):
         assert rms_diff(runs["resumed"].params("2_finetune", r), runs["main"].params("2_finetune", r)) < TOL
+
+
+def in_process(args):
+    """train.main in this process, as one process (the reference's way)."""
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    AcceleratorState._reset_state(True)
+    try:
+        return train.main(args)
+    finally:
+        AcceleratorState._reset_state(True)
+        os.chdir(cwd)
+
+
+def test_resume_under_another_process_count(base, launched, tmp_path, capsys):
+    """The DDP run's 2-process checkpoint (killed after its finetune step 1; copied before launch B resumed it),
+    resumed by ONE process: another process count changes the batches each rank reads, accumulation and the order
+    of float sums, so --resume refuses it by name even when every other change is allowed; --resume_allow=processes
+    continues it. With micro batch 4 x 2 accumulation (the reference's layout of the same global batches) it then
+    ends where the uninterrupted 2-process run did."""
+    runs = launched("ddp")
+    out = str(tmp_path / "run")
+    shutil.copytree(runs["cut_as_killed"], out, symlinks=True)
+    ckpt = os.path.join(out, "2_finetune.partial", "checkpoints", "step_00000001")
+    with open(os.path.join(ckpt, "trainer.json")) as f:
+        assert json.load(f)["processes"] == 2
+    same = argv(base, out, STAGES["ddp"][:2], "--save_every=1", "--resume")   # the killed run's command
+    one = same + ["--micro_batch_size=4"]
+    for command in (same, one + ["--resume_allow=micro_batch_size"]):
+        with pytest.raises(train.ConfigError, match=r"step_00000001 was made with other settings, so the run would "
+                                                    r"not continue exactly: processes 2 -> 1\. .*--resume_allow="
+                                                    r"processes$"):
+            in_process(command)
+    assert sorted(os.listdir(os.path.dirname(ckpt))) == ["step_00000001"]   # nothing touched
+    capsys.readouterr()
+    final, resumed = in_process(one + ["--resume_allow=micro_batch_size,processes"])
+    assert "processes 2 -> 1" in capsys.readouterr().out
+    main = runs["main"]
+    assert list(resumed) == ["finetune"]
+    assert resumed["finetune"] == pytest.approx(main.result()["losses"]["finetune"][1:], rel=1e-5)
+    model, _, _ = load_pretrained(final)
+    loaded, trained = dict(model.named_parameters()), main.params("2_finetune")
+    assert rms_diff({k: loaded[k].detach() for k in trained}, trained) < TOL
 
 
 @pytest.mark.parametrize("mode", ["zero3"])

@@ -211,6 +211,28 @@ def test_a_missing_or_unreadable_rng_state_is_an_error_unless_allowed(cut_run, c
     assert len(resumed["finetune"]) == 2 and "--resume_allow=rng" in capsys.readouterr().out
 
 
+def test_another_process_count_is_refused_unless_allowed(cut_run, capsys):
+    """trainer.json records how many processes wrote the checkpoint. Resumed under another count (faked here: this
+    1-process checkpoint's record says 2, which is all check_resume reads, from plan_output and train_stage; the
+    real 2 -> 1 resume: test_distributed.py::test_resume_under_another_process_count) the ranks would read other
+    batches, so it is refused by name, even with every other change allowed, and accepted with
+    --resume_allow=processes."""
+    common, ckpt = cut_run
+    path = ckpt / "trainer.json"
+    state = json.loads(path.read_text())
+    assert state["processes"] == 1
+    path.write_text(json.dumps({**state, "processes": 2}))
+    for extra in ([], ["--lr=1e-4", "--resume_allow=lr"]):
+        with pytest.raises(train.ConfigError, match=r"step_00000004 was made with other settings, so the run would "
+                                                    r"not continue exactly: processes 2 -> 1\. .*--resume_allow="
+                                                    r"processes$"):
+            run(common + ["--resume", *extra])
+    assert sorted(os.listdir(ckpt.parent)) == ["step_00000004"]   # nothing was touched
+    capsys.readouterr()
+    _, resumed = run(common + ["--resume", "--resume_allow=processes"])
+    assert len(resumed["finetune"]) == 2 and "--resume_allow: changed since" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("record,match", [({"step": -3}, "not a valid checkpoint record"),
                                           ({"step": "4"}, "not a valid checkpoint record"),
                                           ({"step": 60}, "step 60 is beyond this stage's 6 steps"),

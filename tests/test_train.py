@@ -286,6 +286,107 @@ def test_grouped_batches_cover_every_sample_and_align_modalities(world, group):
         assert pad(batches) < pad(shuffled)                                   # length grouping cuts padding
 
 
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("group", [True, False])
+def test_batch_order_is_a_function_of_the_seed_alone(world, group):
+    """grouped_batches draws from its own generator seeded with `seed`: the same seed gives the same order whatever
+    the global RNG holds (dropout's, which a resume restores), and each other seed another order (train.py passes
+    seed + epoch, so every epoch has its own). A generator left unseeded gives one fixed order for every seed."""
+    import random
+    rng = random.Random(3)
+    lengths = [rng.choice([1, -1]) * rng.randint(1, 60) for _ in range(53)]
+    orders = []
+    for seed in (0, 1, 2, 42, 43):
+        torch.manual_seed(1000 + seed)
+        order = train.grouped_batches(lengths, 4, seed, group_by_length=group, world=world)
+        torch.manual_seed(7)
+        torch.rand(5)
+        assert train.grouped_batches(lengths, 4, seed, group_by_length=group, world=world) == order
+        orders.append([i for b in order for i in b])
+    assert len({tuple(o) for o in orders}) == len(orders)                       # every seed its own order
+    assert all(sum(a != b for a, b in zip(o, orders[0])) > 26 for o in orders[1:])   # not a small perturbation
+
+
+def test_each_epoch_is_served_in_the_order_of_seed_plus_epoch(tiny_llms, tiny_towers, dataset, tmp_path, monkeypatch):
+    """The loop's data order over two epochs: epoch e is exactly grouped_batches(..., seed + e), every sample once
+    per epoch, and the two epochs differ (an epoch that repeats the last one's order trains on the same sequence of
+    batches again)."""
+    import data
+    calls, served, real_batches, real_collate = {}, [], train.grouped_batches, data.collate
+
+    def grouped_batches(lengths, batch_size, seed, *args, **kwargs):
+        calls[seed] = real_batches(lengths, batch_size, seed, *args, **kwargs)
+        return calls[seed]
+
+    def collate(batch, *args, **kwargs):
+        served.append([s["id"] for s in batch])
+        return real_collate(batch, *args, **kwargs)
+    monkeypatch.setattr(train, "grouped_batches", grouped_batches)
+    monkeypatch.setattr(data, "collate", collate)
+    # 16 image and 4 text-only samples: 5 steps of 2 micro-batches of 2 per epoch, 2 epochs
+    finetune(tiny_llms, tiny_towers, dataset, tmp_path / "run", "--global_batch_size=4", "--micro_batch_size=2",
+             "--epochs=2", "--seed=5", "--gradient_checkpointing=false", "--log_every=100")
+    with open(dataset[0]) as f:
+        ids = [r["id"] for r in json.load(f)]
+    assert sorted(calls) == [5, 6]
+    expected = [[[ids[i] for i in b] for b in calls[seed]] for seed in (5, 6)]
+    assert served[:10] == expected[0] and served[10:] == expected[1]
+    epochs = [[i for b in served[k:k + 10] for i in b] for k in (0, 10)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(ids) and epochs[0] != epochs[1]
+
+
+def test_the_seed_sets_the_initial_weights(tiny_llms, tiny_towers, dataset, tmp_path, monkeypatch):
+    """--seed seeds the stage (train_stage's torch.manual_seed): a connector built from parts starts from the same
+    weights under the same seed, whatever ran before in the process, and from other ones under another seed."""
+    import recipes
+    starts, real = [], recipes.apply_recipe
+
+    def apply_recipe(model, cfg, *args, **kwargs):
+        out = real(model, cfg, *args, **kwargs)
+        starts.append({k: v.detach().clone() for k, v in model.connector.state_dict().items()})
+        return out
+    monkeypatch.setattr(recipes, "apply_recipe", apply_recipe)
+    for i, seed in enumerate((1, 1, 2)):
+        torch.rand(i + 1)   # the global RNG in another state before each run
+        finetune(tiny_llms, tiny_towers, dataset, tmp_path / str(i), "--global_batch_size=4", "--micro_batch_size=4",
+                 "--max_steps=1", f"--seed={seed}", "--gradient_checkpointing=false")
+    same, other = starts[:2], starts[2]
+    assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
+    assert not any(torch.equal(same[0][k], other[k]) for k in other if k.endswith("weight"))
+
+
+def test_clipping_scales_the_step_to_grad_clip_and_the_log_shows_the_norm_before(tiny_llms, tiny_towers, dataset,
+                                                                                 tmp_path, capsys):
+    """grad_clip caps the global gradient norm the optimizer is handed (AdamW's first step is ~lr * sign(g) whatever
+    the scale, so the weights after it cannot show whether clipping ran): the gradients of a clipped step are the
+    unclipped ones times grad_clip / norm; the log's "grad X" is the norm before clipping; grad_clip=0 is off."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    runs = {}
+    for clip in (0, 0.05, 1e6):
+        seen = []
+        hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(
+            [p.grad.detach().clone() for g in opt.param_groups for p in g["params"] if p.grad is not None]))
+        capsys.readouterr()
+        try:
+            finetune(tiny_llms, tiny_towers, dataset, tmp_path / str(clip), "--global_batch_size=4",
+                     "--micro_batch_size=4", "--max_steps=1", "--group_by_length=false", f"--grad_clip={clip}",
+                     "--gradient_checkpointing=false", "--log_every=1")
+        finally:
+            hook.remove()
+        logged = [line.split("| grad ")[1].split(" ")[0] for line in capsys.readouterr().out.splitlines()
+                  if "| grad " in line]
+        assert len(seen) == len(logged) == 1
+        runs[clip] = seen[0], logged[0]
+    (grads, logged), norm = runs[0], lambda gs: float(torch.linalg.vector_norm(torch.stack([g.norm() for g in gs])))
+    total = norm(grads)
+    assert total > 0.5 and logged == f"{total:.3f}"                       # unclipped: the norm as logged
+    clipped, logged_clipped = runs[0.05]
+    assert logged_clipped == logged and norm(clipped) == pytest.approx(0.05, rel=1e-4)
+    for a, b in zip(clipped, grads):
+        torch.testing.assert_close(a, b * (0.05 / total), rtol=1e-4, atol=1e-9)
+    assert all(torch.equal(a, b) for a, b in zip(runs[1e6][0], grads))    # a clip above the norm changes nothing
+
+
 def test_training_mode_dropout_and_checkpointing_are_live(tiny_llms, tiny_towers, dataset, tmp_path, monkeypatch):
     """from_pretrained returns the LLM in eval mode: the loop must switch it to train mode, or dropout is off and
     HF's gradient checkpointing (gated on .training) silently never recomputes. With checkpointing each decoder
@@ -369,9 +470,11 @@ def test_watching_training_bar_tags_loss_png_and_cached_machine_numbers(tiny_llm
     _, cold = train.main(run_args(tiny_llms, tiny_towers, dataset, tmp_path / "a", *common))
     err = capsys.readouterr().err
     assert "pretrain: 100%" in err and "finetune: 100%" in err and "samples/s" in err and "loss" in err
-    assert [(s, sorted(v)) for s, v in logged] == [(1, ["pretrain/loss", "pretrain/lr"]), (2, ["pretrain/loss", "pretrain/lr"]),
-                                                   (3, ["pretrain/loss", "pretrain/lr"]), (4, ["finetune/loss", "finetune/lr"]),
-                                                   (5, ["finetune/loss", "finetune/lr"]), (6, ["finetune/loss", "finetune/lr"])]
+    names = ["elapsed_s", "epoch", "flops", "grad_norm", "loss", "lr", "mfu_percent", "samples", "samples_per_s",
+             "tokens", "tokens_per_s"]   # every number of metrics.jsonl's rows but the step (tests/test_run_log.py)
+    assert [(s, sorted(v)) for s, v in logged] == [(s, [f"{stage}/{n}" for n in names]) for s, stage in
+                                                   [(1, "pretrain"), (2, "pretrain"), (3, "pretrain"), (4, "finetune"),
+                                                    (5, "finetune"), (6, "finetune")]]
     for stage in ("1_pretrain", "2_finetune"):
         assert len(json.load(open(tmp_path / "a" / stage / "losses.json"))) == 3
         assert Image.open(tmp_path / "a" / stage / "loss.png").size == (640, 360)
