@@ -1,7 +1,8 @@
 """
 FLOPs and MFU: the model FLOPs of a training step, and this machine's matmul peak they are divided by.
-train.py logs MFU = train_flops(...) summed over the steps / seconds / peak; bench.py reports the same numbers
-and the split of a step's FLOPs into its parts (tower, connector, LLM body, attention, LM head).
+train.py logs MFU = train_flops(...) of every process summed over the steps / seconds / (processes x one
+process's peak, process_peak: the job's peak); bench.py reports the same numbers and the split of a step's FLOPs
+into its parts (tower, connector, LLM body, attention, LM head).
 
 Model FLOPs: 2 per multiply-add of every Linear and 4*T^2*d per attention layer (nanoGPT/PaLM, no causal
 halving), the LM head only where the loss needs it, padding excluded; the tower and connector counted once per image
@@ -17,6 +18,7 @@ both use it without importing each other (bench.py imports train.py; train.py ne
 import json
 import os
 import time
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -160,6 +162,31 @@ def matmul_peak(dtype=torch.float32, device="cpu", n=None, seconds=1.0):
         sync()
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
     return best
+
+
+def mfu(flops, seconds, peak_flops, processes):
+    """Model FLOPs utilisation (a fraction): the whole job's model FLOPs (every process's) per second over the whole
+    job's peak, `processes` x `peak_flops`, the peak of one process (train.py's --peak_flops, or process_peak)."""
+    return flops / seconds / (processes * peak_flops)
+
+
+def process_peak(dtype, device, threads, local_processes):
+    """One process's share of the matmul peak in `dtype` (FLOP/s), the MFU's denominator x the processes. A GPU: its
+    own peak (one per process). A CPU's cores are shared by the processes on the machine: the peak of the cores they
+    can use together, min(all cores, processes x threads) threads measured in one process, divided among them. So 2
+    processes of 1 thread on 2 cores get the 2-thread peak / 2 each (about a core's), and 2 of 2 threads the same,
+    not twice the machine. Measured once per machine and cached (`measured`); a measurement's threads are restored."""
+    if device.type != "cpu":
+        return measured(f"peak|{machine_name(device)}|{dtype}", partial(matmul_peak, dtype, device.type, seconds=1.0))
+    n, before = max(1, min(CORES, threads * local_processes)), torch.get_num_threads()
+
+    def measure():
+        torch.set_num_threads(n)
+        try:
+            return matmul_peak(dtype, "cpu", seconds=1.0)
+        finally:
+            torch.set_num_threads(before)
+    return measured(f"peak|{machine_name(device)}|{dtype}|{n} threads", measure) / local_processes
 
 
 def fastest_threads(width, rows):
