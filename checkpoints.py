@@ -27,7 +27,8 @@ from recipes import ConfigError, resume_allowed
 # settings that do not change what a run computes: --resume takes them as they are now
 RESUME_FREE = {"resume", "resume_allow", "overwrite", "out_dir", "log_every", "val_every", "val_batches", "save_every",
                "keep_checkpoints", "tracker", "num_workers", "peak_flops", "feature_cache", "data_val", "images_val",
-               "stage_overrides", "threads", "step0", "data_files"}   # threads: the same losses up to summation order
+               "stage_overrides", "threads", "step0", "data_files",   # threads: the same losses up to summation order
+               "check_data_at_start"}
 # data_files: compared by check_data_files, which names the file (refused unless --resume_allow=data)
 RUN_RECORD, RUN_LOCK, TRACKER_DIR = "tinyllava_run.json", "tinyllava_run.lock", "tinyllava-nano"
 IGNORED = (".log", ".out", ".txt")   # a shell's `> out_dir/train.log`, nohup.out: never read or written by a run
@@ -262,9 +263,16 @@ def write_atomic(path, text):
         raise
 
 
-def one_rank_decides(accelerator, decide):
-    """Run decide() on the main process only; every rank raises the ConfigError it raised (or none)."""
-    err = None
+def one_rank_decides(accelerator, decide, timeout=None):
+    """Run decide() on the main process only; every rank raises the ConfigError it raised (or none). timeout:
+    seconds the other ranks may wait (over a gloo group of their own), for a decision longer than the collectives'
+    limit (NCCL: 10 minutes)."""
+    err, group = None, None
+    if accelerator.num_processes > 1 and timeout:   # made by every rank before the wait
+        import datetime
+
+        import torch.distributed as dist
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
     if accelerator.is_main_process:
         try:
             decide()
@@ -273,7 +281,7 @@ def one_rank_decides(accelerator, decide):
     if accelerator.num_processes > 1:
         import torch.distributed as dist
         box = [err]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         err = box[0]
     if err is not None:
         raise ConfigError(err)
