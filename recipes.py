@@ -20,6 +20,7 @@ import difflib
 import math
 import os
 import re
+import warnings
 
 DEFAULTS = dict(
     # --- model (see model.ModelArgs)
@@ -48,6 +49,10 @@ DEFAULTS = dict(
     data_val="", images_val="",       # optional validation set (finetune-style template)
     group_by_length=True,             # batches of similar length, image and text-only samples apart
     bad_samples="error",              # error: stop at the first bad record | skip: leave it out, count and report it
+    check_data_at_start=True,         # before the first stage trains, every stage's data as check_data.py checks it
+                                      # (bad records stop the run; skip: reported only). Every image is decoded, on the
+                                      # main process: the demo's 7,784 records 2.6 s; the base recipe's 558k + 665k
+                                      # ~50 min (estimated: 1-3.5 ms a record here). False once check_data.py passed
     allow_outside_images=False,       # True: image paths may be absolute or leave the image folder ("../x.png")
     feature_cache="",                 # a folder: a frozen tower's outputs computed once, reused (model.FeatureCache)
     num_workers=2,
@@ -77,8 +82,9 @@ DEFAULTS = dict(
     gradient_checkpointing="auto",    # of the LLM's layers; auto: on if a measured step would not fit in memory
     compile=False,                    # torch.compile the LLM
     max_nonfinite_steps=3,            # a non-finite loss or gradient norm skips the step; this many in a row stop
-    peak_flops=0.0,                   # FLOP/s for the MFU in the log; 0 = this machine's matmul peak, measured once
-                                      # (1 s) and cached in $XDG_CACHE_HOME/tinyllava-nano/machine.json
+    peak_flops=0.0,                   # FLOP/s of one process (a GPU) for the MFU, whose denominator is processes x
+                                      # this; 0 = measured once (1 s), cached in $XDG_CACHE_HOME/tinyllava-nano/
+                                      # machine.json: a process's share of its machine's matmul peak (flops.process_peak)
     seed=42,
     # --- output
     out_dir="out/run",                # new or empty, or this run's own (its record: tinyllava_run.json)
@@ -88,8 +94,10 @@ DEFAULTS = dict(
     save_every=0,                     # checkpoint every N steps (0: only the final save)
     keep_checkpoints=0,               # 0: only the newest while the stage trains, none once it is finished;
                                       # N: the newest N, kept in the finished stage folder too
-    tracker="",                       # "" | tensorboard | wandb (pip install tensorboard / wandb): tags
-                                      # <stage>/loss, <stage>/lr, <stage>/val_loss over one step count for the run
+    tracker="",                       # "" | tensorboard | wandb | mlflow | ... (comma-separated; its package must be
+                                      # installed: checked at start-up): <stage>/loss, lr, grad_norm, samples_per_s,
+                                      # tokens_per_s, mfu_percent, epoch, elapsed_s, samples, tokens, flops, val_loss
+                                      # over one step count for the run; the same in each stage's metrics.jsonl
     resume=False,                     # continue each stage from its latest checkpoint
     resume_allow="",                  # comma-separated settings whose change --resume accepts (e.g. "lr,max_steps");
                                       # "rng": resume without a saved RNG state; "data": on an edited data file
@@ -289,6 +297,9 @@ def check_settings(stage_cfgs, world=1):
         problems["--resume and --overwrite contradict each other"] = []
     for name in resume_allowed(c) - set(DEFAULTS) - {"rng", "processes", "data"}:
         problems[f"--resume_allow: {unknown(name)}"] = []
+    if c["tracker"]:   # a missing package would be a debug message of Accelerate's, and an untracked run
+        from run_log import tracker_problems
+        problems.update(dict.fromkeys(tracker_problems(c["tracker"]), []))
     msgs = [p if len(st) in (0, len(stage_cfgs)) else f"stage {'/'.join(st)}: {p}" for p, st in problems.items()]
     if msgs:
         raise ConfigError("\n".join(msgs))
@@ -321,6 +332,11 @@ def quantization_kwargs(cfg):
     if cfg["tune_llm"] != "qlora":
         return {}
     import torch
+    # bitsandbytes, imported by transformers to quantise at load, logs "Failed to load CPU gemm_4bit_forward from
+    # kernels-community" on CPUs with AVX512-BF16 where the optional `kernels` package (a Hub download) is missing,
+    # and uses its own CPU kernel instead: that message alone is dropped (run_log._Drop)
+    from run_log import drop_message
+    drop_message("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
     from transformers import BitsAndBytesConfig
     compute = torch.bfloat16 if cfg.get("bf16") else torch.float32
     if cfg.get("qlora_bits", 4) == 8:
@@ -344,7 +360,9 @@ def wrap_lora(module, cfg, task_type=None, quantized=False):
         module = prepare_model_for_kbit_training(module, use_gradient_checkpointing=cfg["gradient_checkpointing"] is True)
     config = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                         target_modules=cfg.get("lora_target_modules") or lora_targets(module), task_type=task_type)
-    return get_peft_model(module, config)
+    with warnings.catch_warnings():   # PEFT reads transformers' deprecated alias (a FutureWarning in transformers 5)
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(module, config)
 
 
 def layer_index(name):

@@ -23,13 +23,13 @@ import math
 import os
 import shutil
 import sys
-import time
 from functools import partial
 
-from checkpoints import (check_finite, check_resume, finished, latest_checkpoint, plan_output,  # noqa: F401
-                         read_trainer_state, release_lock, save_checkpoint, stage_record, RUN)
+from checkpoints import (check_finite, check_resume, finished, latest_checkpoint, one_rank_decides,  # noqa: F401
+                         plan_output, read_trainer_state, release_lock, save_checkpoint, stage_record, RUN)
 from recipes import (DEFAULTS, ConfigError, check_settings, cosine_with_warmup, load_config,  # noqa: F401
                      param_groups, stage_configs)
+from run_log import METRICS, StepLog, log_line, plot_losses, quiet_third_party, tracked, tracker_names
 
 
 # ----------------------------------------------------------------------------- data order
@@ -151,7 +151,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     from accelerate.utils import DistributedType
     from torch.utils.data import DataLoader
     from data import IMAGE_TOKEN_INDEX, VLMDataset, collate
-    from flops import fastest_threads, flop_profile, machine_name, matmul_peak, measured, train_flops
+    from flops import fastest_threads, flop_profile, machine_name, measured, process_peak, train_flops
     from convert import load_pretrained   # ours, and the original's layouts
     from model import ModelArgs, build_model
     from recipes import apply_recipe, quantization_kwargs
@@ -190,16 +190,18 @@ def train_stage(cfg, accelerator, init, stage_dir):
                          allow_outside_images=cfg["allow_outside_images"],
                          skip_log=os.path.join(work_dir, f"skipped.rank{accelerator.process_index}.jsonl"))
     world, mb, device = accelerator.num_processes, cfg["micro_batch_size"], accelerator.device
-    if device.type == "cpu":
-        width, rows = model.language_model.get_input_embeddings().embedding_dim, mb * min(cfg["max_length"], 512)
-        torch.set_num_threads(cfg["threads"] or measured(f"threads|{machine_name(device)}|{width}x{rows}",
-                                                         partial(fastest_threads, width, rows)))
-    if not cfg["peak_flops"]:   # the MFU's denominator: this machine's matmul peak in the training dtype
-        dtype = torch.bfloat16 if cfg["bf16"] else torch.float16 if cfg["fp16"] else torch.float32
-        cfg["peak_flops"] = measured(f"peak|{machine_name(device)}|{dtype}|{torch.get_num_threads()} threads",
-                                     partial(matmul_peak, dtype, device.type, seconds=1.0))
+    with accelerator.local_main_process_first():   # one process per machine measures, the others read its cache
+        if device.type == "cpu":
+            width, rows = model.language_model.get_input_embeddings().embedding_dim, mb * min(cfg["max_length"], 512)
+            torch.set_num_threads(cfg["threads"] or measured(f"threads|{machine_name(device)}|{width}x{rows}",
+                                                             partial(fastest_threads, width, rows)))
+        if not cfg["peak_flops"]:   # the MFU's denominator / processes: this process's share of the machine's peak
+            dtype = torch.bfloat16 if cfg["bf16"] else torch.float16 if cfg["fp16"] else torch.float32
+            cfg["peak_flops"] = process_peak(dtype, device, torch.get_num_threads(),
+                                             int(os.environ.get("LOCAL_WORLD_SIZE") or world))
     if main:
-        print(f"{torch.get_num_threads()} threads, peak {cfg['peak_flops'] / 1e9:.0f} GFLOP/s" * (device.type == "cpu"))
+        print(f"{torch.get_num_threads()} threads, " * (device.type == "cpu") + f"peak {cfg['peak_flops'] / 1e9:.0f} "
+              "GFLOP/s" + f" per process x {world} processes" * (world > 1))
     with gathered(model.vision_tower), gathered(model.connector):   # ZeRO-3 may have partitioned them at load
         model.vision_tower.to(accelerator.device)
         model.connector.to(accelerator.device)
@@ -289,7 +291,11 @@ def train_stage(cfg, accelerator, init, stage_dir):
         val_loader = accelerator.prepare_data_loader(DataLoader(val_set, batch_size=mb, collate_fn=collate_fn,
                                                                 generator=torch.Generator()))
 
-    losses, t0, seen, tokens, flops, bad_in_row = [], time.time(), 0, 0, 0.0, 0
+    losses, bad_in_row = [], 0
+    log = StepLog(os.path.join(work_dir, METRICS) if main else None, world, cfg["peak_flops"])
+    if ckpt:
+        log.resume(step)   # metrics.jsonl: the rows after the checkpoint go, the totals run on
+    log.start()
     from tqdm.auto import tqdm   # on a terminal: a bar with epoch, loss, samples/s and ETA; the log lines go above it
     bar = tqdm(total=total, initial=step, desc=cfg["stage"], unit="step", disable=not (main and sys.stderr.isatty()))
     say = partial(print, flush=True) if bar.disable else bar.write
@@ -303,21 +309,23 @@ def train_stage(cfg, accelerator, init, stage_dir):
             # accelerator.backward divides by `accum` and DDP averages over ranks, hence the * accum * world.
             local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
             n_step = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
-            step_loss = 0.0
+            step_loss, work = 0.0, [0.0, 0.0, 0.0]   # this rank's loss sum; its samples, tokens and model FLOPs
             for b in micro:
                 with accelerator.accumulate(model), accelerator.autocast():
                     out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"],
                                 tower_features=b["tower_features"])
                     accelerator.backward(out["loss_sum"] * accum * world / max(n_step, 1))
                 step_loss += float(out["loss_sum"].detach())
-                seen += b["input_ids"].shape[0]
-                tokens += int(b["attention_mask"].sum())
                 n_img = int((b["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum())
-                flops += train_flops(flops_of, b["attention_mask"], b["labels"], n_img, dataset.feature_cache is None)
+                work = [work[0] + b["input_ids"].shape[0], work[1] + int(b["attention_mask"].sum()), work[2] +
+                        train_flops(flops_of, b["attention_mask"], b["labels"], n_img, dataset.feature_cache is None)]
             # the norm is measured even without clipping (max_norm inf): a non-finite one skips the step
             grad_norm = accelerator.clip_grad_norm_(trainable, cfg["grad_clip"] or math.inf)
             grad_norm = float(grad_norm) if grad_norm is not None else 0.0   # DeepSpeed may not report one
-            loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / max(n_step, 1)
+            # one reduce: the loss, and the samples, tokens and model FLOPs of the whole job for the throughput
+            loss, *job = accelerator.reduce(torch.tensor([step_loss, *work], device=device), "sum").tolist()
+            loss /= max(n_step, 1)
+            log.add(*job)
             bad_in_row = bad_in_row + 1 if not (math.isfinite(loss) and math.isfinite(grad_norm)) else 0
             first_bad = None if not bad_in_row else first_bad or step + 1
             if not bad_in_row:
@@ -326,9 +334,10 @@ def train_stage(cfg, accelerator, init, stage_dir):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(loss)
-            dt = time.time() - t0
+            lr, tag = scheduler.get_last_lr()[0], cfg["stage"]
+            row = log.row(step, steps_per_epoch, loss, lr, grad_norm)
             bar.update(1)
-            bar.set_postfix_str(f"epoch {step / steps_per_epoch:.2f}, loss {loss:.4f}, {seen * world / dt:.1f} samples/s",
+            bar.set_postfix_str(f"epoch {row['epoch']:.2f}, loss {loss:.4f}, {row['samples_per_s']:.1f} samples/s",
                                 refresh=False)
             if bad_in_row and main:
                 say(f"step {step}: loss {loss} / gradient norm {grad_norm} not finite: step skipped ({bad_in_row} in a "
@@ -338,19 +347,20 @@ def train_stage(cfg, accelerator, init, stage_dir):
                                    f"gradient norm (steps {first_bad}-{step}); stopping. The last checkpoint before "
                                    f"step {first_bad}: {latest_checkpoint(work_dir, before=first_bad)} (lower lr, check "
                                    "the data, or --bf16=false; then --resume --resume_allow=lr)")
-            lr, tag = scheduler.get_last_lr()[0], cfg["stage"]
+            # not inside a run of non-finite steps: its checkpoints would push out the last good one
+            save = cfg["save_every"] and step % cfg["save_every"] == 0 and step < total and not bad_in_row
             if main and (step % cfg["log_every"] == 0 or step == total):
-                say(f"step {step}/{total} (epoch {step / steps_per_epoch:.2f}) | loss {loss:.4f} | lr {lr:.2e} | grad "
-                    f"{grad_norm:.3f} | {seen * world / dt:.1f} samples/s | {tokens * world / dt:.0f} tok/s | MFU "
-                    f"{100 * flops * world / dt / cfg['peak_flops']:.1f}%")
-                accelerator.log({f"{tag}/loss": loss, f"{tag}/lr": lr}, step=cfg["step0"] + step)
+                say(log_line(row, total))
+                accelerator.log(tracked(row, tag), step=cfg["step0"] + step)
+            if main and (step % cfg["log_every"] == 0 or step == total or save):   # a checkpoint's totals resume
+                log.write(row)
             if val_loader is not None and step % cfg["val_every"] == 0:
                 val = validate(model, val_loader, accelerator, cfg["val_batches"])
                 if main:
                     say(f"step {step} | val loss {val:.4f}")
+                    log.write(log.val_row(step, val))
                 accelerator.log({f"{tag}/val_loss": val}, step=cfg["step0"] + step)
-            # not inside a run of non-finite steps: its checkpoints would push out the last good one
-            if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total and not bad_in_row:
+            if save:
                 save_checkpoint(accelerator, work_dir, step, cfg, scheduler, trainable, history + losses)
             if step >= total:
                 break
@@ -375,32 +385,6 @@ def train_stage(cfg, accelerator, init, stage_dir):
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return losses
-
-
-def plot_losses(losses, path, title, size=(640, 360), margin=48):
-    """loss.png: the loss of every step (light) and its running mean (dark), drawn with PIL: no plotting library."""
-    from PIL import Image, ImageDraw
-    points = [(i, y) for i, y in enumerate(losses, 1) if math.isfinite(y)]
-    if len(points) < 2:
-        return
-    (w, h), m = size, margin
-    lo, hi = min(y for _, y in points), max(y for _, y in points)
-    hi = hi if hi > lo else lo + 1
-    xy = [(m + (w - 2 * m) * (i - 1) / max(1, len(losses) - 1), h - m - (h - 2 * m) * (y - lo) / (hi - lo))
-          for i, y in points]
-    r = min(10, len(xy) // 20)   # a centred mean over up to 21 steps, narrower on short runs
-    mean = [(x, sum(p[1] for p in xy[max(0, k - r):k + r + 1]) / len(xy[max(0, k - r):k + r + 1]))
-            for k, (x, _) in enumerate(xy)]
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    d.line(xy, fill=(150, 180, 230), width=1)
-    d.line(mean, fill=(20, 60, 160), width=2)
-    d.text((m, 16), f"{title}: training loss per step", fill="black")
-    for text, at in ((f"{hi:.3g}", (4, m - 6)), (f"{lo:.3g}", (4, h - m - 6)), ("1", (m, h - m + 6)),
-                     (str(len(losses)), (w - m - 24, h - m + 6)), ("step", (w // 2, h - m + 6))):
-        d.text(at, text, fill="black")
-    img.save(path)
 
 
 def validate(model, val_loader, accelerator, max_batches):
@@ -446,10 +430,12 @@ def main(argv=None):
     if cfg["fp16"] and not torch.cuda.is_available():
         raise ConfigError("fp16 needs a GPU (fp16 matmul on CPU runs at ~1 GFLOP/s); use --bf16=true")
     hf_logging.set_verbosity_error(), hf_logging.disable_progress_bar()   # no "Loading weights" bar per load
+    quiet_third_party()   # harmless messages of other packages (run_log.py says which, and why)
     precision = "bf16" if cfg["bf16"] else "fp16" if cfg["fp16"] else "no"
     # CPU processes talk over gloo; without naming it, Accelerate+DeepSpeed see 1 process on every rank
     gloo = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=precision, log_with=cfg["tracker"] or None, project_dir=cfg["out_dir"],
+    accelerator = Accelerator(mixed_precision=precision, log_with=tracker_names(cfg["tracker"]) or None,
+                              project_dir=cfg["out_dir"],
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if gloo else [])
     # Launches whose processes would each train alone, without a word (cpu_feasibility.md §1, §3): --multi_gpu with
     # no GPU and no ACCELERATE_USE_CPU=1 (DistributedType.NO), and FSDP, which Accelerate enables on GPUs only
@@ -462,8 +448,16 @@ def main(argv=None):
     RUN.update(stage_dirs=stage_dirs, argv=argv)   # for the line an interrupted run ends with
     plan_output(cfg, scfgs, stage_dirs, accelerator, argv)   # locks out_dir (checkpoints.RunLock) until the end
     try:
-        if cfg["tracker"]:
-            accelerator.init_trackers("tinyllava-nano", config={k: str(v) for k, v in cfg.items()})
+        if cfg["tracker"]:   # installed (check_settings); one that fails to start stops the run here, in a line
+            try:
+                accelerator.init_trackers("tinyllava-nano", config={k: str(v) for k, v in cfg.items()})
+            except Exception as e:   # noqa: BLE001 -- whatever its package raises: the run would go untracked
+                raise ConfigError(f"--tracker={cfg['tracker']}: could not start: {type(e).__name__}: {e}") from e
+        todo = [i for i, d in enumerate(stage_dirs) if not finished(d)]
+        if todo and cfg["check_data_at_start"]:   # every stage's data, before the first one trains
+            from check_data import check_stages
+            start = stage_dirs[todo[0] - 1] if todo[0] else cfg["init_from"]   # what the first one starts from
+            one_rank_decides(accelerator, lambda: check_stages([scfgs[i] for i in todo], start), timeout=24 * 3600)
         init, results, step0 = cfg["init_from"], {}, 0
         for scfg, stage_dir in zip(scfgs, stage_dirs):
             scfg["step0"] = step0   # the tracker's step count runs on across stages
@@ -490,10 +484,16 @@ def usage():
 
 
 if __name__ == "__main__":
+    from records import DataError   # (no torch)
     try:
         main()
     except ConfigError as e:   # a mistake in the command or config: each problem on a line, no traceback
         print("\n".join(f"train.py: error: {line}" for line in str(e).splitlines()), file=sys.stderr)
+        sys.exit(2)
+    except DataError as e:   # bad_samples=error met a bad record: that one line (from a loader worker: its last)
+        line = str(e).strip().splitlines()[-1]
+        print(f"train.py: error: {line.split('DataError: ', 1)[-1]}; bad_samples=skip leaves such records out, "
+              "check_data.py lists them all", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:   # Ctrl-C: one line (every rank gets it; the main one speaks), no traceback
         from checkpoints import interrupted
