@@ -470,9 +470,11 @@ def test_watching_training_bar_tags_loss_png_and_cached_machine_numbers(tiny_llm
     _, cold = train.main(run_args(tiny_llms, tiny_towers, dataset, tmp_path / "a", *common))
     err = capsys.readouterr().err
     assert "pretrain: 100%" in err and "finetune: 100%" in err and "samples/s" in err and "loss" in err
-    assert [(s, sorted(v)) for s, v in logged] == [(1, ["pretrain/loss", "pretrain/lr"]), (2, ["pretrain/loss", "pretrain/lr"]),
-                                                   (3, ["pretrain/loss", "pretrain/lr"]), (4, ["finetune/loss", "finetune/lr"]),
-                                                   (5, ["finetune/loss", "finetune/lr"]), (6, ["finetune/loss", "finetune/lr"])]
+    names = ["elapsed_s", "epoch", "flops", "grad_norm", "loss", "lr", "mfu_percent", "samples", "samples_per_s",
+             "tokens", "tokens_per_s"]   # every number of metrics.jsonl's rows but the step (tests/test_run_log.py)
+    assert [(s, sorted(v)) for s, v in logged] == [(s, [f"{stage}/{n}" for n in names]) for s, stage in
+                                                   [(1, "pretrain"), (2, "pretrain"), (3, "pretrain"), (4, "finetune"),
+                                                    (5, "finetune"), (6, "finetune")]]
     for stage in ("1_pretrain", "2_finetune"):
         assert len(json.load(open(tmp_path / "a" / stage / "losses.json"))) == 3
         assert Image.open(tmp_path / "a" / stage / "loss.png").size == (640, 360)
