@@ -117,10 +117,7 @@ def main(argv=None):
     dtype = a.dtype if a.dtype != "auto" else "bfloat16" if a.device.startswith("cuda") and \
         torch.cuda.is_bf16_supported() else "float32"
     model, tokenizer, processor = load_pretrained(a.model, dtype=dtype, trust_remote_code=a.trust_remote_code)
-    try:
-        template = model_template(a.model, model, a.template)
-    except ValueError as e:
-        p.error(str(e))
+    template = model_template(a.model, model, a.template)   # a ValueError: one line (below)
     torch.manual_seed(a.seed)
     chat = Chat(model.to(a.device), tokenizer, processor, template, load_image(a.image) if a.image else None,
                 a.max_new_tokens, a.temperature, a.top_p)

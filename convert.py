@@ -63,10 +63,11 @@ if __name__ == "__main__":
 
 import torch
 from transformers import CONFIG_MAPPING, AddedToken, AutoImageProcessor
+from transformers.utils import logging as hf_logging
 
 from data import TEMPLATES, ChatTemplate, IMAGE_PLACEHOLDER, encode, get_template, render
 from folders import (auto_load, auto_map, check_output, claim_output, hf_files, is_pretrain_layout, merge_lora,
-                     read_json, read_state_dict, record_output, resolve, save_files, write_file)
+                     read_json, read_state_dict, record_output, resolve, save_files, trained_settings, write_file)
 from folders import chat_template as llava_chat_template   # no tokenizer: LlavaProcessor adds its own special tokens
 import model as model_py
 from model import DTYPES, PIXELS, assemble, image_size, load_tokenizer, save_pretrained
@@ -247,8 +248,8 @@ def load_tinyllava(path, llm_kwargs=None, trust_remote_code=False, **overrides):
 
 def model_template(path, model, template=None):
     """`template`, else <path>/train_config.json's, else the one an original checkpoint implies (model.template)."""
-    if template is None and os.path.isfile(os.path.join(path, "train_config.json")):
-        template = read_json(os.path.join(path, "train_config.json"))["template"]
+    if template is None and trained_settings(path):
+        template = trained_settings(path)["template"]
     template = template or getattr(model, "template", None)
     if template is None:
         raise ValueError(f"{path} has no train_config.json: pass --template (the chat template it was trained with)")
@@ -432,20 +433,17 @@ def main(argv=None):
         p.error(f"{a.dst} is {a.src}, is inside it or contains it: it would overwrite the source; write elsewhere")
     if a.command == "from-tinyllava" and not is_tinyllava_factory(a.src):
         p.error(f"{a.src} is not a TinyLLaVA Factory checkpoint")
+    hf_logging.disable_progress_bar()   # a "Loading weights" bar per load: noise
     check_output(a.dst, "convert.py", a.overwrite)   # before the model loads; claimed once it has
     model, tokenizer, processor = load_pretrained(a.src, trust_remote_code=a.trust_remote_code)
-    try:
-        template = model_template(a.src, model, a.template)
-    except ValueError as e:
-        p.error(str(e))
+    template = model_template(a.src, model, a.template)   # a ValueError: one line (below)
     claim = claim_output(a.dst, "convert.py", a.overwrite, command=a.command, source=src)
     if a.command == "from-tinyllava":
         save_pretrained(model, tokenizer, processor, a.dst, template=template)   # + the template our scripts read:
         write_file(os.path.join(a.dst, "train_config.json"), json.dumps({"template": template, "converted_from": src}))
         print(f"wrote {a.dst} (template {template!r})")
     elif a.command == "to-tinyllava":
-        trained = os.path.join(a.src, "train_config.json")
-        max_length = a.max_length or (read_json(trained).get("max_length") if os.path.isfile(trained) else None)
+        max_length = a.max_length or (trained_settings(a.src) or {}).get("max_length")
         save_tinyllava(model, tokenizer, processor, a.dst, template, max_length or 2048)
     else:
         export_llava(model, tokenizer, processor, a.dst, template, verify=not a.no_verify)

@@ -432,10 +432,11 @@ def main(argv=None):
         p.error("--template is for our models; a transformers model is prompted by its processor's chat template")
     template = "processor chat template" if hf else a.template
     if template is None:
-        path = os.path.join(a.model, "train_config.json")
-        if not os.path.isfile(path):
-            p.error(f"{path} not found: pass --template (the chat template the model was trained with)")
-        template = read_json(path)["template"]
+        from folders import trained_settings
+        if trained_settings(a.model) is None:
+            p.error(f"{a.model}/train_config.json not found: pass --template (the chat template the model was trained "
+                    "with)")
+        template = trained_settings(a.model)["template"]
     ask = None
     if a.judge_url and "mmvet" in benches:   # checked before the model loads
         try:
@@ -445,6 +446,8 @@ def main(argv=None):
             p.error(f"--judge-url: {e}")
     plans = {bench: locate(bench, a, ask) for bench in benches}
     import torch
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # a "Loading weights" bar per load: noise in the results' log
     model, tokenizer, processor, dtype = load_model(a, hf, torch.device(a.device) if a.device else state.device)
     set_threads(a.threads, model, next(model.parameters()).device, a.batch_size)
     out_dir = a.out or os.path.join(a.model, "eval")

@@ -122,7 +122,7 @@ def merge_lora(weights, path):
         if name + ".weight" not in weights:
             raise ValueError(f"{path}: adapter for {name}, which is not in the base weights")
         alpha = next((a for pattern, a in (acfg.get("alpha_pattern") or {}).items()   # PEFT: on the name's tail
-                      if re.fullmatch(rf"(.*\.)?{pattern}", name)), acfg["lora_alpha"])
+                      if re.fullmatch(rf"(.*\.)?({pattern})", name)), acfg["lora_alpha"])
         r = ab["A"].shape[0]
         delta = ab["B"].float() @ ab["A"].float() * (alpha / (math.sqrt(r) if acfg.get("use_rslora") else r))
         weights[name + ".weight"] = weights[name + ".weight"].float() + (delta.T if acfg.get("fan_in_fan_out")
@@ -230,6 +230,22 @@ def auto_load(cls, path, what, trust_remote_code=None, **kwargs):
             raise
         raise LoadError(f"{path}: its {what} asks to run code of its own (auto_map), which is not run"
                         + " without --trust-remote-code" * (trust_remote_code is False)) from None
+
+
+def trained_settings(path):
+    """<path>/train_config.json (train.py's stage record, or convert.py from-tinyllava's), checked: an object naming
+    its chat template; None without one. Anything else is one LoadError naming the file."""
+    f = os.path.join(path, "train_config.json")
+    if not os.path.isfile(f):
+        return None
+    try:
+        cfg = read_json(f)
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{f}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("template"), str):
+        raise LoadError(f"{f}: not a stage record (a JSON object naming its chat template, \"template\"): an "
+                        "unfinished or damaged stage folder; pass --template to use its weights anyway")
+    return cfg
 
 
 def check_finite(model, source):

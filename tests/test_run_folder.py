@@ -285,3 +285,27 @@ def test_the_demo_saves_checkpoints_and_keeps_none_when_done():
                                         // scope["global_batch_size"]) for s in scope["stages"]}
     # a checkpoint at least 4 times per stage (about 30 s apart on the 2-core machine: README), none kept at the end
     assert 0 < scope["save_every"] <= min(steps.values()) / 4 and scope.get("keep_checkpoints", 0) == 0
+
+
+def test_chat_evaluate_and_convert_name_a_broken_stage_record_in_one_line(tiny_llms, tiny_towers, data, tmp_path):
+    """ed39f35: `KeyError: 'template'` (or a TypeError) from each; now one line naming train_config.json."""
+    from folders import LoadError, trained_settings
+    run(args(tiny_llms, tiny_towers, data, tmp_path / "run", ONE_STAGE, "--max_steps=1"))
+    stage = tmp_path / "run" / "1_finetune"
+    for record in ("{}", "[]", "null", '{"template": 3}', "{broken"):   # what every loader reads it through
+        (stage / "train_config.json").write_text(record)
+        with pytest.raises(LoadError, match=rf"^{stage}/train_config.json: (not a stage record|unreadable)"):
+            trained_settings(str(stage))
+    (stage / "train_config.json").write_text("{}")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 0, "image": "0.png", "text": "What colour?", "category": "c"}))
+    commands = {"chat.py": ["--model", stage, "--image", f"{data[1]}/0.png", "--prompt", "What colour?"],
+                "evaluate.py": ["--model", stage, "--bench", "custom", "--questions", questions, "--image-folder",
+                                data[1], "--out", tmp_path / "eval"],
+                "convert.py": ["to-tinyllava", stage, tmp_path / "exported"]}
+    for script, argv in commands.items():
+        p = subprocess.run([sys.executable, script, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode in (1, 2) and "Traceback" not in p.stderr, (script, p.stderr[-2000:])
+        line, = [x for x in p.stderr.splitlines() if x.strip()]
+        assert line.startswith(f"{script}: error: {stage}/train_config.json: not a stage record"), (script, line)
