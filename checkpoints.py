@@ -283,6 +283,8 @@ def one_rank_decides(accelerator, decide, timeout=None):
         box = [err]
         dist.broadcast_object_list(box, src=0, group=group)
         err = box[0]
+        if group is not None:
+            dist.destroy_process_group(group)
     if err is not None:
         raise ConfigError(err)
 

@@ -84,7 +84,7 @@ DEFAULTS = dict(
     max_nonfinite_steps=3,            # a non-finite loss or gradient norm skips the step; this many in a row stop
     peak_flops=0.0,                   # FLOP/s of one process (a GPU) for the MFU, whose denominator is processes x
                                       # this; 0 = measured once (1 s), cached in $XDG_CACHE_HOME/tinyllava-nano/
-                                      # machine.json: a process's share of its machine's matmul peak (flops.process_peak)
+                                      # machine.json: a process's share of its machine's peak (flops.process_peak)
     seed=42,
     # --- output
     out_dir="out/run",                # new or empty, or this run's own (its record: tinyllava_run.json)
