@@ -59,9 +59,6 @@ REPRESENTATIVE = ["phi2_siglip", "tiny_original"]
 VARIANTS, PARTS = ("original", "ours", "ours+ckpt", "ours+cache", "ours+bf16"), ("train", "startup", "run", "eval")
 STAGES = {"pretrain": dict(template="pretrain", data="demo/pretrain.json", trains=("connector",)),
           "finetune": dict(template="phi", data="demo/finetune.json", trains=("llm", "connector"))}
-# The original's code on tiny_original, measured by issue #18's author on a 2-core machine like this one (it cannot
-# run here): samples/s and peak RSS of a whole training run, fp32, checkpointing on, batch 8
-ISSUE_ORIGINAL = dict(pretrain=dict(samples_s=3.85, rss_mib=536), finetune=dict(samples_s=2.78, rss_mib=665))
 
 
 # ------------------------------------------------------------------------------------ shapes and their FLOPs
@@ -397,13 +394,12 @@ def train_runs(a):
                                               f"--out_dir={root}/run/{r}_{ckpt}_{stage}", f"--gradient_checkpointing={ckpt}"))
                 sps = float(text.rsplit(" samples/s", 1)[0].rsplit("| ", 1)[1])
                 results.setdefault(f"{stage}, checkpointing {ckpt}", []).append((sps, mib))
-    print(f"\ntrain.py on tiny_original, whole runs, {a.rounds} rounds alternating; x orig: against issue #18's "
-          f"measurement of the original's code\n{'run':<30}{'samples/s':>20}{'x orig':>8}{'peak RSS MiB':>24}{'x orig':>8}")
+    # absolute numbers only: the original's code does not run here, and a ratio to a number measured on another
+    # machine would divide two machines (README, issue #25)
+    print(f"\ntrain.py on tiny_original, whole runs, {a.rounds} rounds alternating\n"
+          f"{'run':<30}{'samples/s':>20}{'peak RSS MiB':>24}")
     for k, xs in results.items():
-        o = ISSUE_ORIGINAL[k.split(",")[0]]
-        sps, mib = [x[0] for x in xs], [x[1] for x in xs]
-        print(f"{k:<30}{spread(sps):>20}{statistics.median(sps) / o['samples_s']:>8.2f}{spread(mib):>24}"
-              f"{statistics.median(mib) / o['rss_mib']:>8.2f}")
+        print(f"{k:<30}{spread([x[0] for x in xs]):>20}{spread([x[1] for x in xs]):>24}")
     return results
 
 
