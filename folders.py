@@ -9,7 +9,7 @@ imports model.py or convert.py):
     chat_template("phi", tokenizer) -> Jinja    hf_files(tokenizer, template, num_image_tokens, aspect) -> (objs, files)
     save_adapter(model, out_dir, base)          # a LoRA stage as one PEFT adapter of the whole model (see there)
     auto_load(AutoTokenizer, path, "tokenizer", trust_remote_code)   # never asks "run the custom code?"
-    check_finite(model, source)                 # LoadError naming the first NaN / inf tensor
+    check_finite(model, source)                 # LoadError (errors.py) naming the first NaN / inf tensor
     claim = claim_output(out_dir, "convert.py", overwrite, command=...); record_output(out_dir, claim)   # outputs
     read_state_dict(folder) -> {name: tensor}   merge_lora(weights, adapter_folder)   # checkpoints in (convert.py)
 
@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 
 from data import IMAGE_PLACEHOLDER, ChatTemplate, encode, get_template
+from errors import LoadError
 from modeling_tinyllava_nano import encode_text
-from recipes import ConfigError
 
 EVAL_MAX_NEW_TOKENS = 128   # evaluate.py's default (the official scripts')
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -213,11 +213,6 @@ def resolve(path):
 
 
 # -------------------- What a folder we load may not do: run its code, bring NaNs ------------------------------------
-
-class LoadError(ConfigError):
-    """A folder the command names cannot be loaded as it is (its weights are not finite, it asks to run its own code):
-    one line, printed by each script as its other command errors (train.py's as a ConfigError, exit status 2)."""
-
 
 def auto_load(cls, path, what, trust_remote_code=None, **kwargs):
     """cls.from_pretrained(path) with trust_remote_code always given, so transformers never asks "Do you wish to run

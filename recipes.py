@@ -22,6 +22,8 @@ import os
 import re
 import warnings
 
+from errors import ConfigError   # (recipes.ConfigError: a mistake in the command or config, one line, exit status 2)
+
 DEFAULTS = dict(
     # --- model (see model.ModelArgs)
     llm="",                           # Hub id or dir of any causal LM
@@ -136,10 +138,6 @@ def stages(cfg):
 
 
 # ----------------------------------------------------------------------------- config
-class ConfigError(ValueError):
-    """A mistake in the command or config: train.py prints it as one line and exits with status 2."""
-
-
 def coerce(key, value, default):
     """A command-line string (or config-file value) as the type of the default."""
     if key == "gradient_checkpointing" and default == "auto":   # true / false / auto (decided from a measured step)
