@@ -109,7 +109,8 @@ def main(argv=None):
     a = p.parse_args(argv)   # --help ends here, before torch and transformers load (seconds)
     import torch
     from transformers.utils import logging as hf_logging
-    from convert import load_pretrained, model_template   # ours, and the original's layouts
+    from folders import model_template
+    from model import load_pretrained   # ours, and the original's layouts (layouts.py)
     from data import load_image
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -5,20 +5,12 @@ Checkpoints in and out: TinyLLaVA Factory's layouts <-> ours, and export to tran
     python convert.py to-tinyllava SRC DST [--max-length 3072]  # one of ours -> the original's Hub release layout
     python convert.py to-llava SRC DST [--no-verify]            # ours or an original -> LlavaForConditionalGeneration
 
-convert.load_pretrained (chat.py, evaluate.py, train.py --init_from) reads ours and the original's layouts (reference
-§7.1; offline, no remote code) from a folder or a Hub id (folders.resolve): the release (config.json model_type
-"tinyllava", safetensors, sharded or not, or .bin), the pretrain stage (language_model/, vision_tower/, connector/,
-pytorch_model.bin read with weights_only=True) and LoRA output (PEFT adapters, merged on load). It computes what the
-original does: `patch` always drops the first token (legacy_patch_drop: SigLIP 729 -> 728). Template: the config's
-conv_version, else "pretrain" for the pretrain layout, else the vicuna-style one with the tokenizer's EOS. Image
-processor: the directory's, else the Hub cache's, else the tower's stock one rebuilt from its config. The files a
-checkpoint lists (index shards) stay inside it; the base LLM / tower its config names (the original records what it
-trained from) is read where it is, an absolute path or a Hub id (the local cache only), not by a relative path that
-climbs out with '..'. Its code runs only with --trust-remote-code, a folder's .py files never; non-finite weights are
-refused. Outputs go to a new or empty folder, or with --overwrite to one convert.py wrote (its record: tinyllava_
-convert.json; only the files it lists are replaced), and hold no half-written file and no code but ours (our modeling
-code and auto_map, loaded with trust_remote_code=True as the original's releases); from-tinyllava also writes
-train_config.json (the template).
+SRC is read by model.load_pretrained, in any layout it reads (ours; the original's release, pretrain and LoRA
+layouts, layouts.py: offline, its code run only with --trust-remote-code, a folder's .py files never, non-finite
+weights refused), from a folder or a Hub id. Outputs go to a new or empty folder, or with --overwrite to one
+convert.py wrote (its record: tinyllava_convert.json; only the files it lists are replaced), and hold no half-written
+file and no code but ours (our modeling code and auto_map, loaded with trust_remote_code=True as the original's
+releases); from-tinyllava also writes train_config.json (the template).
 
 Export to LlavaForConditionalGeneration keeps the logits: the tower is cut after the feature layer (Llava reads the
 last); Llava's "default" strategy drops the first token (CLS or legacy SigLIP drop), "full" keeps all. Not exportable
@@ -37,7 +29,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import sys
 
 
@@ -62,199 +53,17 @@ if __name__ == "__main__":
     cli().parse_args()   # --help and a mistyped command end here, before torch and transformers load (6 s)
 
 import torch
-from transformers import CONFIG_MAPPING, AddedToken, AutoImageProcessor
+from transformers import CONFIG_MAPPING, AddedToken
 from transformers.utils import logging as hf_logging
 
-from data import TEMPLATES, ChatTemplate, IMAGE_PLACEHOLDER, encode, get_template, render
-from folders import (auto_load, auto_map, check_output, claim_output, hf_files, is_pretrain_layout, merge_lora,
-                     read_json, read_state_dict, record_output, resolve, save_files, trained_settings, write_file)
+from data import ChatTemplate, IMAGE_PLACEHOLDER, encode, get_template, render
+from folders import (auto_map, check_output, claim_output, hf_files, model_template, record_output, resolve,
+                     save_files, trained_settings, write_file)
 from folders import chat_template as llava_chat_template   # no tokenizer: LlavaProcessor adds its own special tokens
-import model as model_py
-from model import DTYPES, PIXELS, assemble, image_size, load_tokenizer, save_pretrained
+from layouts import find_local, is_tinyllava_factory, tower_prefixes
+import model as model_py   # model_py.load_pretrained: SRC, in any layout
+from model import DTYPES, image_size, save_pretrained
 from modeling_tinyllava_nano import TOWERS
-
-SUBDIRS = ("language_model", "vision_tower", "connector")
-PREFIX = {"language_model": "language_model.", "vision_tower": "vision_tower._vision_tower.",
-          "connector": "connector._connector."}
-ORIGINAL_CONNECTORS = ("identity", "linear", "mof_mlp", "resampler")   # + mlp{N}x_gelu; same key names as ours
-PREFERRED_TEMPLATE = {"phi": "phi", "stablelm": "phi", "llama": "llama", "gemma": "gemma", "openelm": "llama",
-                      "qwen2": "qwen2_base"}   # text model_type -> name, among the templates whose EOS fits
-
-
-# -------------------- Reading the original's files ------------------------------------------------------------------
-
-def is_tinyllava_factory(path):
-    """A directory in one of the original's layouts (release, pretrain sub-directories, LoRA)."""
-    cfg = os.path.join(path, "config.json")
-    return (os.path.isfile(cfg) and read_json(cfg).get("model_type") == "tinyllava") or is_pretrain_layout(path)
-
-
-def read_tinyllava(path):
-    """(the original's config dict, its weights under the original's key names, layout name)."""
-    cfg = read_json(os.path.join(path, "config.json")) if os.path.isfile(os.path.join(path, "config.json")) else {}
-    if is_pretrain_layout(path):
-        layout, weights = "pretrain", {}
-        for sub in [s for s in SUBDIRS if os.path.isdir(os.path.join(path, s))]:
-            d = os.path.join(path, sub)
-            for k, v in read_state_dict(d).items():
-                if sub == "connector":                    # '_connector.0.weight' (common) or '0.weight' (lora save)
-                    k = k.split("_connector.", 1)[-1]
-                weights[PREFIX[sub] + k] = v
-            if sub != "connector" and os.path.isfile(os.path.join(d, "config.json")):
-                cfg.setdefault("text_config" if sub == "language_model" else "vision_config",
-                               read_json(os.path.join(d, "config.json")))
-    else:
-        layout, weights = "release", read_state_dict(path)
-    weights = {k.replace(".base_layer", ""): v for k, v in weights.items()}
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        layout = "lora"
-        merge_lora(weights, path)
-    if any(k.startswith("model.mm_projector") for k in weights):
-        raise ValueError(f"{path}: TinyLLaVABench-era keys (model.mm_projector.*); convert them with the original's "
-                         "convert_legecy_weights_to_tinyllavafactory first")
-    for key in ("connector_type", "text_config", "vision_config"):
-        if not cfg.get(key):
-            raise ValueError(f"{path}: the original's config.json has no {key!r}")
-    return cfg, weights, layout
-
-
-# -------------------- The original's config and names -> ours -------------------------------------------------------
-
-def _tower_prefixes(n_towers):
-    root = PREFIX["vision_tower"]
-    return [root] if n_towers == 1 else [root + "clip.", root + "dinov2."]
-
-
-def _our_tower_keys(weights, vision_configs, feature_layer):
-    """Tower keys as ours: no `vision_model.` level (transformers 5 CLIP/SigLIP), and nothing our towers cut away
-    (layers after the feature layer, post-norm, head) or do not keep (stale position_ids / inv_freq buffers)."""
-    out, dropped = {}, 0
-    for k, v in weights.items():
-        for prefix, vc in zip(_tower_prefixes(len(vision_configs)), vision_configs):
-            if k.startswith(prefix):
-                rest = k[len(prefix):].removeprefix("vision_model.")
-                n = vc["num_hidden_layers"]
-                keep = feature_layer if feature_layer >= 0 else n + 1 + feature_layer
-                m = re.match(r"encoder\.layers?\.(\d+)\.", rest)
-                if (m and int(m[1]) >= keep) or rest.startswith(("post_layernorm.", "layernorm.", "head.")) \
-                        or rest.endswith("position_ids"):
-                    dropped, k = dropped + 1, None
-                else:
-                    k = prefix + rest
-                break
-        if k is not None and not k.endswith("rotary_emb.inv_freq"):
-            out[k] = v
-    return out, dropped
-
-
-def default_processor(vision_config):
-    """The image processor the original's tower ids ship with, rebuilt from the vision config (no Hub)."""
-    from transformers import BitImageProcessor, CLIPImageProcessor, SiglipImageProcessor
-    kind, s = vision_config["model_type"], vision_config.get("image_size", 224)
-    if kind.startswith("siglip"):      # google/siglip-*: resize to s x s, bicubic, mean = std = 0.5
-        return SiglipImageProcessor(size={"height": s, "width": s})
-    if kind.startswith("clip"):        # openai/clip-vit-*: shortest edge s, centre crop s, CLIP mean/std
-        return CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
-    return BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},   # dinov2
-                             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-
-
-def _local(files, own, named=None, config=None):
-    """The first place holding one of `files`: the checkpoint's own folders (`own`), then `named`, a base model its
-    `config` names (the original records what it trained from): a folder, absolute or relative to the working
-    directory (refused if it climbs out with '..'), else a Hub id, looked up in the local cache only."""
-    from huggingface_hub import snapshot_download
-    for place, from_config in [(p, False) for p in own] + [(named, True)]:
-        if from_config and place and os.path.isdir(place) and ".." in os.path.normpath(place).split(os.sep):
-            raise ValueError(f"{config} names {place!r}, a relative path that climbs out with '..': refusing to read "
-                             "it (name the base model by an absolute path or a Hub id)")
-        if place and not os.path.isdir(place):
-            try:
-                place = snapshot_download(place, local_files_only=True)   # never downloads
-            except (OSError, ValueError):   # not cached / not a repo id
-                continue
-        if place and any(os.path.isfile(os.path.join(place, f)) for f in files):
-            return place
-    return None
-
-
-def infer_template(cfg, tokenizer, layout):
-    for key in ("conv_version", "conv_mode", "template"):
-        if cfg.get(key):
-            get_template(cfg[key])   # raises on an unknown name
-            return cfg[key]
-    if layout == "pretrain":
-        return "pretrain"
-    fits = [n for n, t in TEMPLATES.items() if getattr(t, "eos", "") and t.eos == tokenizer.eos_token]
-    if fits:
-        preferred = PREFERRED_TEMPLATE.get(cfg["text_config"].get("model_type"))
-        return preferred if preferred in fits else fits[0]
-    raise ValueError(f"no chat template ends answers with {tokenizer.eos_token!r}: pass --template")
-
-
-def load_pretrained(path, llm_kwargs=None, trust_remote_code=False, **overrides):
-    """model.load_pretrained for ours, load_tinyllava for the original's layouts; `path` a folder or a Hub id."""
-    path = resolve(path)
-    if is_tinyllava_factory(path):
-        return load_tinyllava(path, llm_kwargs=llm_kwargs, trust_remote_code=trust_remote_code, **overrides)
-    return model_py.load_pretrained(path, llm_kwargs=llm_kwargs, trust_remote_code=trust_remote_code, **overrides)
-
-
-def load_tinyllava(path, llm_kwargs=None, trust_remote_code=False, **overrides):
-    """A TinyLLaVA Factory checkpoint as our model: (model, tokenizer, image processor). The chat template it
-    implies is in model.template (train_config.json carries it after from-tinyllava)."""
-    cfg, weights, layout = read_tinyllava(path)
-    vision_configs = [cfg["vision_config"].get("vision_config", cfg["vision_config"])]   # a full CLIP config: its tower
-    if cfg.get("vision_model_name_or_path2") or cfg["connector_type"] == "mof_mlp":
-        if not cfg.get("vision_config2"):   # written by our to-tinyllava only
-            raise ValueError(f"{path}: an original MoF checkpoint does not store its DINOv2 config")
-        vision_configs.append(cfg["vision_config2"])
-    connector = cfg["connector_type"]
-    if connector not in ORIGINAL_CONNECTORS and not re.fullmatch(r"mlp\d+x_gelu", connector):
-        raise ValueError(f"{path}: connector {connector!r} cannot be read (the original's qformer keys differ "
-                         f"from ours); readable: {', '.join(ORIGINAL_CONNECTORS)}, mlp{{N}}x_gelu")
-    text_type = cfg["text_config"].get("model_type")
-    if text_type not in CONFIG_MAPPING and not trust_remote_code:
-        raise ValueError(f"{path}: LLM {text_type!r} is not in transformers and runs code from the Hub: pass "
-                         "--trust-remote-code (trust_remote_code=True) if you trust it")
-    hub = lambda p: re.sub(r"^(clip|siglip|dinov2|mof):", "", p or "")   # the original's "kind:hub_id" syntax
-    args = dict(llm=cfg.get("llm_model_name_or_path", ""), tokenizer=cfg.get("tokenizer_name_or_path") or "",
-                vision_tower=hub(cfg.get("vision_model_name_or_path")),
-                vision_tower2=hub(cfg.get("vision_model_name_or_path2")), connector=connector,
-                vision_feature_layer=cfg.get("vision_feature_layer", -2),
-                vision_feature_select_strategy=cfg.get("vision_feature_select_strategy", "patch"),
-                legacy_patch_drop=True,   # the original's 'patch' always drops the first token
-                image_aspect_ratio="pad" if cfg.get("image_aspect_ratio") == "pad" else "square",   # anyres: dead there
-                num_queries=cfg.get("num_queries") or 128, num_resampler_layers=cfg.get("num_resampler_layers") or 3)
-    weights, dropped = _our_tower_keys(weights, vision_configs, args["vision_feature_layer"])
-
-    config_file = os.path.join(path, "config.json")
-    tok_dir = _local(("tokenizer_config.json", "tokenizer.json"), [path], args["tokenizer"] or args["llm"], config_file)
-    if tok_dir is None:
-        raise FileNotFoundError(f"{path} has no tokenizer, nor has the Hub cache {args['tokenizer'] or args['llm']!r}")
-    tokenizer = load_tokenizer(tok_dir, None if tok_dir == path else trust_remote_code)   # the flag: a base LLM's
-    proc_dir = _local(("preprocessor_config.json",), [path, os.path.join(path, "vision_tower")], args["vision_tower"],
-                      config_file)
-    processor = (auto_load(AutoImageProcessor, proc_dir, "image processor", backend=PIXELS) if proc_dir
-                 else default_processor(vision_configs[0]))
-    config = dict(args, model_type="tinyllava_nano", text_config=cfg["text_config"], vision_configs=vision_configs)
-    model, tokenizer, processor = assemble(config, weights, tokenizer, processor, path, llm_kwargs, trust_remote_code,
-                                           **overrides)
-    model.template = infer_template(cfg, tokenizer, layout)
-    print(f"loaded TinyLLaVA Factory {layout} layout from {path}: {connector}, {model.num_image_tokens} image tokens, "
-          f"template {model.template!r}; {dropped} unused tower tensors dropped")
-    return model, tokenizer, processor
-
-
-def model_template(path, model, template=None):
-    """`template`, else <path>/train_config.json's, else the one an original checkpoint implies (model.template)."""
-    if template is None and trained_settings(path):
-        template = trained_settings(path)["template"]
-    template = template or getattr(model, "template", None)
-    if template is None:
-        raise ValueError(f"{path} has no train_config.json: pass --template (the chat template it was trained with)")
-    get_template(template)   # raises on an unknown name
-    return template
 
 
 # -------------------- Ours -> the original's release layout ---------------------------------------------------------
@@ -274,8 +83,8 @@ def save_tinyllava(model, tokenizer, processor, out_dir, template, max_length=20
             seen.add(v.data_ptr())
             weights[k] = v.detach().cpu().contiguous()
     filled = 0
-    for prefix, tower, src in zip(_tower_prefixes(len(towers)), towers, [args.vision_tower, args.vision_tower2]):
-        kind, src = tower.config.model_type, _local(("config.json",), [src])
+    for prefix, tower, src in zip(tower_prefixes(len(towers)), towers, [args.vision_tower, args.vision_tower2]):
+        kind, src = tower.config.model_type, find_local(("config.json",), [src])
         full = TOWERS[kind][0].from_pretrained(src) if src else None
         if full is not None and full.config.hidden_size == tower.config.hidden_size:
             ours = tower.state_dict()
@@ -435,7 +244,7 @@ def main(argv=None):
         p.error(f"{a.src} is not a TinyLLaVA Factory checkpoint")
     hf_logging.disable_progress_bar()   # a "Loading weights" bar per load: noise
     check_output(a.dst, "convert.py", a.overwrite)   # before the model loads; claimed once it has
-    model, tokenizer, processor = load_pretrained(a.src, trust_remote_code=a.trust_remote_code)
+    model, tokenizer, processor = model_py.load_pretrained(a.src, trust_remote_code=a.trust_remote_code)
     template = model_template(a.src, model, a.template)   # a ValueError: one line (below)
     claim = claim_output(a.dst, "convert.py", a.overwrite, command=a.command, source=src)
     if a.command == "from-tinyllava":

@@ -347,25 +347,16 @@ def locate(bench, a, judge):
 
 
 def load_model(a, hf, device):
-    """(model, tokenizer, processor, dtype name) on `device`, in eval mode."""
+    """(model, tokenizer, processor, dtype name) on `device`, in eval mode: ours, the original's layouts, or (`hf`) a
+    transformers image-text-to-text folder as transformers' own model, its batches padded on the left."""
     import torch
-    from model import DTYPES
+    from model import load_pretrained   # every layout (layouts.py: the original's, transformers' Llava)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype = a.dtype if a.dtype != "auto" else "bfloat16" if bf16 else "float32"
+    model, tokenizer, processor = load_pretrained(a.model, dtype=dtype, trust_remote_code=a.trust_remote_code,
+                                                  transformers_ok=hf)
     if hf:
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
-        from folders import auto_load, check_finite   # the flag always given: transformers never asks on stdin
-        model = auto_load(AutoModelForImageTextToText, a.model, "model", a.trust_remote_code, dtype=DTYPES[dtype])
-        check_finite(model, a.model)
-        processor = auto_load(AutoProcessor, a.model, "processor", a.trust_remote_code)
-        # transformers 5 picks torchvision's image backend when it is installed; PIL's gives the original's pixels
-        processor.image_processor = auto_load(AutoImageProcessor, a.model, "image processor", a.trust_remote_code,
-                                              backend="pil")
-        tokenizer = processor.tokenizer
         tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.pad_token or tokenizer.eos_token
-    else:
-        from convert import load_pretrained   # ours, and the original's layouts
-        model, tokenizer, processor = load_pretrained(a.model, dtype=dtype, trust_remote_code=a.trust_remote_code)
     return model.to(device).eval(), tokenizer, processor, dtype
 
 

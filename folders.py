@@ -1,17 +1,18 @@
 """
-Saved folders: files written whole or not at all, Hub ids resolved to a local snapshot, and what makes a folder of
-ours runnable by transformers and PEFT alone (model.py's save_pretrained and convert.py write these; nothing here
-imports model.py or convert.py):
+Saved folders: files written whole or not at all, Hub ids resolved to a local snapshot, what a folder we load may
+not do (run its code, bring NaNs), and what makes a folder of ours runnable by transformers and PEFT alone (model.py's
+save_pretrained and convert.py write these; nothing here imports model.py, layouts.py or convert.py):
 
     write_file(path, text | {name: tensor} | fn)    save_files(out_dir, *objs_with_save_pretrained, files={name: text})
     resolve("org/name") -> a snapshot folder (cache first, offline-friendly)
-    is_pretrain_layout(path)                    # TinyLLaVA Factory's pretrain-stage folders (convert.py reads them)
     chat_template("phi", tokenizer) -> Jinja    hf_files(tokenizer, template, num_image_tokens, aspect) -> (objs, files)
     save_adapter(model, out_dir, base)          # a LoRA stage as one PEFT adapter of the whole model (see there)
     auto_load(AutoTokenizer, path, "tokenizer", trust_remote_code)   # never asks "run the custom code?"
+    load_tokenizer(path, trust_remote_code)     load_image_processor(path)   # (auto_load: the original's pad, PIL)
+    trained_settings(path) -> train_config.json, checked    model_template(path, model, template)   # its template
     check_finite(model, source)                 # LoadError (errors.py) naming the first NaN / inf tensor
     claim = claim_output(out_dir, "convert.py", overwrite, command=...); record_output(out_dir, claim)   # outputs
-    read_state_dict(folder) -> {name: tensor}   merge_lora(weights, adapter_folder)   # checkpoints in (convert.py)
+    read_state_dict(folder) -> {name: tensor}   merge_lora(weights, adapter_folder)   # layouts.py, QLoRA's merge
 
 A folder transformers can run: config.json's auto_map names modeling_tinyllava_nano.py (and modeling_connectors.py,
 connectors.py under another name), the tokenizer's chat template is the training template (its ids are data.encode's:
@@ -29,7 +30,7 @@ import tempfile
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig
+from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig
 
 from data import IMAGE_PLACEHOLDER, ChatTemplate, encode, get_template
 from errors import LoadError
@@ -66,11 +67,6 @@ def write_file(path, content):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise OSError(f"could not write {path}: {e}") from None
-
-
-def is_pretrain_layout(path):
-    """TinyLLaVA Factory's pretrain-stage layout: language_model/ and connector/ sub-folders, no config of ours."""
-    return all(os.path.isdir(os.path.join(path, d)) for d in ("language_model", "connector"))
 
 
 def read_json(path):
@@ -212,7 +208,7 @@ def resolve(path):
                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-# -------------------- What a folder we load may not do: run its code, bring NaNs ------------------------------------
+# -------------------- Loading a folder's parts: never its code, never its NaNs; its stage record ------------------
 
 def auto_load(cls, path, what, trust_remote_code=None, **kwargs):
     """cls.from_pretrained(path) with trust_remote_code always given, so transformers never asks "Do you wish to run
@@ -225,6 +221,25 @@ def auto_load(cls, path, what, trust_remote_code=None, **kwargs):
             raise
         raise LoadError(f"{path}: its {what} asks to run code of its own (auto_map), which is not run"
                         + " without --trust-remote-code" * (trust_remote_code is False)) from None
+
+
+# transformers 5 preprocesses with torchvision when it is installed, else PIL: PIL gives the original's pixels exactly
+PIXELS = "pil"
+
+
+def load_image_processor(path, trust_remote_code=None):
+    return auto_load(AutoImageProcessor, path, "image processor", trust_remote_code, backend=PIXELS)
+
+
+def load_tokenizer(path, trust_remote_code=None):   # None: no flag runs its code (auto_load)
+    tok = auto_load(AutoTokenizer, path, "tokenizer", trust_remote_code)
+    # The original sets pad := unk for phi / tinyllama / gemma / openelm and keeps Qwen2's own pad; padding is
+    # masked by the attention mask we build from lengths, so only generation configs ever see this id.
+    if tok.unk_token is not None:
+        tok.pad_token = tok.unk_token
+    elif tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def trained_settings(path):
@@ -241,6 +256,17 @@ def trained_settings(path):
         raise LoadError(f"{f}: not a stage record (a JSON object naming its chat template, \"template\"): an "
                         "unfinished or damaged stage folder; pass --template to use its weights anyway")
     return cfg
+
+
+def model_template(path, model, template=None):
+    """`template`, else <path>/train_config.json's, else the one an original checkpoint implies (model.template)."""
+    if template is None and trained_settings(path):
+        template = trained_settings(path)["template"]
+    template = template or getattr(model, "template", None)
+    if template is None:
+        raise ValueError(f"{path} has no train_config.json: pass --template (the chat template it was trained with)")
+    get_template(template)   # raises on an unknown name
+    return template
 
 
 def check_finite(model, source):

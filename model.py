@@ -8,7 +8,7 @@ joined by a connector from connectors.py. The transformer blocks are Hugging Fac
     out = model(input_ids, attention_mask, labels=labels, images=pixel_values)   # out["loss"]
     new_tokens = model.generate(input_ids, attention_mask, images=pixel_values, max_new_tokens=32)
     save_pretrained(model, tokenizer, processor, "out/run1", template="phi")   # self-contained, loads offline:
-    model, tokenizer, processor = load_pretrained("out/run1")                  # (or a Hub id)
+    model, tokenizer, processor = load_pretrained("out/run1")   # (a Hub id; the original's layouts: layouts.py)
 
 How images get in: data.py expands each `<image>` into `model.num_image_tokens` copies of the sentinel id
 IMAGE_TOKEN_INDEX (-200); `embed()` looks up the text embeddings and drops the connector's output into the
@@ -24,8 +24,8 @@ A saved folder is also a transformers model (modeling_tinyllava_nano.py, copied 
 connectors): AutoModelForCausalLM / AutoModelForImageTextToText / AutoProcessor load it once this module is imported,
 or anywhere with trust_remote_code=True; its chat template and generation_config.json are training's prompt and
 evaluation's decoding (folders.py writes these; folders.save_adapter a LoRA stage as a PEFT adapter of that model).
-Our own loaders never import a folder's .py. Foreign layouts (TinyLLaVA Factory's) are read by
-convert.load_pretrained, which reads ours too: model.py never imports convert.py.
+load_pretrained reads every layout this project reads: ours, TinyLLaVA Factory's (layouts.py reads them into our
+config and weights) and, for evaluate.py, a transformers Llava as itself. It never imports a folder's .py.
 """
 import json
 import os
@@ -36,13 +36,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save_model as save_safetensors
-from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoImageProcessor,
-                          AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer)
+from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM,
+                          AutoModelForImageTextToText, AutoProcessor)
 
 from connectors import build_connector
 from data import IGNORE_INDEX
-from folders import (auto_load, auto_map, check_finite, hf_files, is_pretrain_layout, read_json, resolve, save_files,
-                     write_file)
+from folders import (auto_load, auto_map, check_finite, hf_files, load_image_processor, load_tokenizer, read_json,
+                     resolve, save_files, write_file)
+import layouts
 from modeling_tinyllava_nano import VisionTower  # noqa: F401 (model.VisionTower, as before)
 from modeling_tinyllava_nano import (TinyLlavaNanoConfig, TinyLlavaNanoForConditionalGeneration,
                                      TinyLlavaNanoProcessor, make_vision_tower, splice, tower_kind,
@@ -72,8 +73,6 @@ class ModelArgs:
     dtype: str = "float32"             # weights as loaded: float32 | bfloat16 | float16 (train with bf16 autocast)
 
 
-# transformers 5 preprocesses with torchvision when it is installed, else PIL: PIL gives the original's pixels exactly
-PIXELS = "pil"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -81,7 +80,7 @@ def count_image_tokens(args):
     """model.num_image_tokens for ModelArgs from configs and the image processor alone: no weights are loaded
     (check_data.py uses it on a training config)."""
     widths, counts = [], []
-    size = image_size(auto_load(AutoImageProcessor, args.vision_tower, "image processor", backend=PIXELS))
+    size = image_size(load_image_processor(args.vision_tower))
     for path in [args.vision_tower] + ([args.vision_tower2] if args.vision_tower2 else []):
         _, config_cls, has_cls = tower_kind(auto_load(AutoConfig, path, "config").model_type)
         config = config_cls.from_pretrained(path)   # a CLIP/SigLIP checkpoint's vision_config
@@ -252,17 +251,6 @@ def image_size(processor):
     return s["shortest_edge"], s["shortest_edge"]
 
 
-def load_tokenizer(path, trust_remote_code=None):   # None: no flag runs its code (folders.auto_load)
-    tok = auto_load(AutoTokenizer, path, "tokenizer", trust_remote_code)
-    # The original sets pad := unk for phi / tinyllama / gemma / openelm and keeps Qwen2's own pad; padding is
-    # masked by the attention mask we build from lengths, so only generation configs ever see this id.
-    if tok.unk_token is not None:
-        tok.pad_token = tok.unk_token
-    elif tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 FUSED_GELU = True   # False: HF's own gelu_new, op for op (bench.py's re-created original loop sets it)
 
 
@@ -333,7 +321,7 @@ def build_model(args, llm_kwargs=None):
     llm_kwargs go to the LLM's from_pretrained (e.g. quantization_config for QLoRA)."""
     lm, vision, connector = _build(args, llm_kwargs=llm_kwargs)
     tokenizer = load_tokenizer(args.tokenizer or args.llm, args.trust_remote_code)
-    processor = auto_load(AutoImageProcessor, args.vision_tower, "image processor", backend=PIXELS)   # MoF: CLIP's
+    processor = load_image_processor(args.vision_tower)   # MoF: CLIP's
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     model = TinyLlava(lm, vision, connector, args, image_size(processor))
     check_finite(model, f"{args.llm} + {args.vision_tower}")
@@ -368,24 +356,31 @@ def save_pretrained(model, tokenizer, processor, out_dir, state_dict=None, templ
 
 # -------------------- Loading ---------------------------------------------------------------------------------------
 
-def load_pretrained(path, llm_kwargs=None, trust_remote_code=False, **overrides):
-    """Load a save_pretrained folder, or a Hub id of one (resolve), offline: nothing but that snapshot is fetched, no
-    code runs unless the caller passes trust_remote_code=True (the user's --trust-remote-code; never the checkpoint's
-    own config), and a folder's .py files are never imported. TinyLLaVA Factory's layouts: convert.load_pretrained.
-    llm_kwargs go to the LLM's from_pretrained (quantization_config: QLoRA on a previous stage's output)."""
+def load_pretrained(path, llm_kwargs=None, trust_remote_code=False, transformers_ok=False, **overrides):
+    """Every layout this project reads, from a folder or a Hub id (resolve: nothing but that snapshot is fetched):
+    ours (save_pretrained); TinyLLaVA Factory's release, pretrain and LoRA layouts (layouts.read_tinyllava: its
+    settings as ours, model.template the chat template it implies); with transformers_ok, a transformers
+    image-text-to-text folder (a Llava) as transformers' own model, tokenizer and processor (evaluate.py runs it so;
+    `dtype` the one override). No code runs unless the caller passes trust_remote_code=True (the user's
+    --trust-remote-code; never the checkpoint's own config), a folder's .py files are never imported, non-finite
+    weights are refused. llm_kwargs go to the LLM's from_pretrained (quantization_config: QLoRA on a stage's output)."""
     path = resolve(path)
     cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        hint = is_pretrain_layout(path) * " (TinyLLaVA Factory's pretrain layout: convert.load_pretrained reads it)"
-        raise FileNotFoundError(f"{cfg_path} not found: not a tinyllava-nano model directory{hint}")
-    config = read_json(cfg_path)
-    if config.get("model_type") != "tinyllava_nano":
-        hint = " (a TinyLLaVA Factory checkpoint: convert.load_pretrained reads it)" * (config.get("model_type") ==
-                                                                                          "tinyllava")
-        raise ValueError(f"{cfg_path}: model_type is {config.get('model_type')!r}, expected 'tinyllava_nano'{hint}")
-    weights = load_file(os.path.join(path, "model.safetensors"))
-    tokenizer = load_tokenizer(path)   # ours carry no code (save_files drops it): never run, whatever the flag
-    processor = auto_load(AutoImageProcessor, path, "image processor", backend=PIXELS)
+    config = read_json(cfg_path) if os.path.isfile(cfg_path) else None
+    if layouts.is_tinyllava_factory(path):
+        config, weights, tokenizer, processor = layouts.read_tinyllava(path, trust_remote_code)
+    elif config is None:
+        raise FileNotFoundError(f"{cfg_path} not found: not a model folder of ours, nor one of TinyLLaVA Factory's")
+    elif transformers_ok and layouts.is_transformers(config):
+        return layouts.load_transformers(path, DTYPES[overrides.get("dtype", "float32")], trust_remote_code)
+    elif config.get("model_type") != "tinyllava_nano":
+        raise ValueError(f"{cfg_path}: model_type is {config.get('model_type')!r}, expected 'tinyllava_nano' (ours) or "
+                         "'tinyllava' (TinyLLaVA Factory's)" + " (a transformers model: evaluate.py runs it)" *
+                         layouts.is_transformers(config))
+    else:
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        tokenizer = load_tokenizer(path)   # ours carry no code (save_files drops it): never run, whatever the flag
+        processor = load_image_processor(path)
     return assemble(config, weights, tokenizer, processor, path, llm_kwargs, trust_remote_code, **overrides)
 
 
@@ -416,6 +411,8 @@ def assemble(config, weights, tokenizer, processor, source, llm_kwargs=None, tru
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     check_finite(model, source)
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    if config.get("template"):   # the one an original checkpoint implies (layouts.infer_template)
+        model.template = config["template"]
     return model, tokenizer, processor
 
 

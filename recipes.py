@@ -432,7 +432,8 @@ def merge_adapters(model, stage_dir, cfg, init):
     adapter = os.path.join(stage_dir, "adapter_llm")
     save_adapter(model, adapter, os.path.abspath(init) if init else None)
     if cfg["tune_llm"] == "qlora":
-        from convert import load_pretrained, merge_lora
+        from folders import merge_lora
+        from model import load_pretrained
         if not init:
             print("qlora without a previous stage: adapters saved, no merged model written")
             return None, None

@@ -152,8 +152,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     from torch.utils.data import DataLoader
     from data import IMAGE_TOKEN_INDEX, VLMDataset, collate
     from flops import fastest_threads, flop_profile, machine_name, measured, process_peak, train_flops
-    from convert import load_pretrained   # ours, and the original's layouts
-    from model import ModelArgs, build_model
+    from model import ModelArgs, build_model, load_pretrained   # load: ours, and the original's layouts
     from recipes import apply_recipe, quantization_kwargs
 
     torch.manual_seed(cfg["seed"])

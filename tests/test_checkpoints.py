@@ -1,6 +1,7 @@
-"""convert.py: TinyLLaVA Factory checkpoints written here in each of the original's layouts (its key names and
-config fields, tiny random weights), loaded by our loader and checked against a hand-built forward pass of the
-original's math; our models written in its release layout; export to transformers' LlavaForConditionalGeneration."""
+"""layouts.py and convert.py: TinyLLaVA Factory checkpoints written here in each of the original's layouts (its key
+names and config fields, tiny random weights), loaded by our loader (model.load_pretrained) and checked against a
+hand-built forward pass of the original's math; our models written in its release layout; export to transformers'
+LlavaForConditionalGeneration."""
 import json
 import os
 
@@ -17,8 +18,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, 
 import convert
 from conftest import write_dataset
 from data import IMAGE_TOKEN_INDEX, TEMPLATES, ChatTemplate, encode, preprocess_image, render
-from convert import load_pretrained   # ours and the original's layouts (model.load_pretrained: ours only)
-from model import ModelArgs, build_model, save_pretrained
+from model import ModelArgs, build_model, load_pretrained, save_pretrained   # load: every layout (layouts.py)
 
 TOWER_CLS = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
 QUESTION = [{"from": "human", "value": "What is shown?\n<image>"}]   # the template moves the image to the front
@@ -226,7 +226,7 @@ LORA_CASES = {   # LoraConfig arguments; r=4, lora_alpha=8 unless given
 
 @pytest.mark.parametrize("kw", LORA_CASES.values(), ids=LORA_CASES.keys())
 def test_merge_lora_equals_pefts_merge(kw, tmp_path):
-    """folders.merge_lora (convert.py's reader of the original's LoRA layout; QLoRA stages onto their full-precision
+    """folders.merge_lora (layouts.py's reader of the original's LoRA layout; QLoRA stages onto their full-precision
     base) against PEFT's own merge_and_unload of the same adapter: each layer's scale is lora_alpha / r, with rsLoRA
     lora_alpha / sqrt(r), r and alpha per layer from rank_pattern / alpha_pattern (regexes on the name's tail)."""
     from peft import LoraConfig, get_peft_model
@@ -410,18 +410,22 @@ def test_llava_chat_template_renders_our_templates(tiny_llms):
             assert chat(messages[:4]) == render(conv[:4], name)[0], name
 
 
-def test_our_loader_points_the_originals_layouts_to_convert(tiny_llms, tiny_towers, tmp_path):
-    """model.load_pretrained reads our folders only (it never imports convert.py); given one of the original's
-    layouts it says which loader reads it, in one line."""
-    import model as model_py
+def test_model_load_pretrained_is_the_one_loader(tiny_llms, tiny_towers, tmp_path):
+    """model.load_pretrained reads every layout (it never imports convert.py): the original's release layout loads
+    through it; a folder it cannot read (no config.json, another model_type, a transformers Llava, which evaluate.py
+    runs as itself with transformers_ok) is one line saying what it reads."""
     lm, vt, conn = original_parts(tiny_llms, tiny_towers, "llama", "siglip")
     tok = AutoTokenizer.from_pretrained(tiny_llms["llama"])
     os.makedirs(tmp_path / "release")
     write_release(str(tmp_path / "release"), lm, vt, conn, original_config(lm, vt, tok), tok, shards=1)
-    with pytest.raises(ValueError, match="TinyLLaVA Factory checkpoint: convert.load_pretrained reads it"):
-        model_py.load_pretrained(str(tmp_path / "release"))
-    for sub in ("language_model", "connector"):
-        os.makedirs(tmp_path / "pretrain" / sub)
-    with pytest.raises(FileNotFoundError, match="pretrain layout: convert.load_pretrained reads it"):
-        model_py.load_pretrained(str(tmp_path / "pretrain"))
-    assert convert.load_pretrained(str(tmp_path / "release"))[0].num_image_tokens > 0
+    assert load_pretrained(str(tmp_path / "release"))[0].template == "llama"
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="config.json not found: not a model folder of ours, nor one of "
+                                                "TinyLLaVA Factory's$"):
+        load_pretrained(str(tmp_path / "empty"))
+    for kind, said in [("bert", ""), ("llava", r" \(a transformers model: evaluate.py runs it\)")]:
+        os.makedirs(tmp_path / kind)
+        (tmp_path / kind / "config.json").write_text(json.dumps({"model_type": kind}))
+        with pytest.raises(ValueError, match=f"model_type is '{kind}', expected 'tinyllava_nano' \\(ours\\) or "
+                                             f"'tinyllava' \\(TinyLLaVA Factory's\\){said}$"):
+            load_pretrained(str(tmp_path / kind))

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-import convert
 import evaluate
 import model as model_py
 from test_evaluate import dump, image, run, setup  # noqa: F401 (setup: the tiny model and benchmark fixtures)
@@ -21,8 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def no_model(monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the benchmark's files were checked")
-    monkeypatch.setattr(model_py, "load_pretrained", load)
-    monkeypatch.setattr(convert, "load_pretrained", load)   # evaluate.py's entry point (the original's layouts too)
+    monkeypatch.setattr(model_py, "load_pretrained", load)   # evaluate.py's entry point, every layout
 
 
 @pytest.mark.parametrize("bench,remove,said", [

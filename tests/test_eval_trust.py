@@ -193,7 +193,6 @@ def test_a_questions_subset_is_scored_against_its_own_ground_truth(setup, tmp_pa
 
 
 def test_trust_remote_code_is_passed_to_the_loader(setup, tmp_path, monkeypatch):
-    import convert
     import model as model_py
     model, data, _ = setup
     seen = []
@@ -202,7 +201,6 @@ def test_trust_remote_code_is_passed_to_the_loader(setup, tmp_path, monkeypatch)
         seen.append(kwargs.get("trust_remote_code"))
         raise RuntimeError("stop here")
     monkeypatch.setattr(model_py, "load_pretrained", load)
-    monkeypatch.setattr(convert, "load_pretrained", load)
     for extra in ([], ["--trust-remote-code"]):
         with pytest.raises(RuntimeError, match="stop here"):
             run(model, data, str(tmp_path), "--bench", "pope", *extra)

@@ -270,8 +270,8 @@ def test_a_lora_stage_is_a_peft_adapter_of_its_base(tiny_llms, tiny_towers, tmp_
                            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)):
             torch.testing.assert_close(peft_model.eval()(input_ids=ids, pixel_values=pixels).logits, merged,
                                        rtol=1e-5, atol=1e-5)
-    weights = load_pretrained(base)[0].state_dict()   # the original's LoRA layout: convert.py merges it as well
-    convert.merge_lora(weights, adapter)
+    weights = load_pretrained(base)[0].state_dict()   # the original's LoRA layout: our loader merges it as well
+    folders.merge_lora(weights, adapter)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(weights[k].float(), v.float(), rtol=1e-5, atol=1e-5, msg=k)
 
@@ -291,9 +291,9 @@ def test_load_pretrained_takes_a_hub_id_from_the_cache(tiny_llms, tiny_towers, t
     ids, pixels = prompt_ids(model, tok, "qwen2_base"), torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         want = model(ids, images=pixels)["logits"]
-        for load, repo in [(load_pretrained, "tiny/vlm"), (convert.load_pretrained, "tiny/vlm"),
-                           (convert.load_pretrained, "tiny/original")]:
-            torch.testing.assert_close(load(repo)[0].eval()(ids, images=pixels)["logits"], want, rtol=1e-5, atol=1e-5)
+        for repo in ("tiny/vlm", "tiny/original"):
+            torch.testing.assert_close(load_pretrained(repo)[0].eval()(ids, images=pixels)["logits"], want, rtol=1e-5,
+                                       atol=1e-5)
     with pytest.raises(FileNotFoundError, match="tiny/missing is not a folder, nor a Hub model"):
         load_pretrained("tiny/missing")   # HF_HUB_OFFLINE=1 (conftest): the cache or nothing
 
@@ -310,7 +310,7 @@ def test_model_py_is_light_and_the_modeling_file_self_contained():
                 "." if isinstance(n, ast.ImportFrom) else a.name.split(".")[0]
                 for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
                 for a in (n.names if isinstance(n, ast.Import) else [None])}
-    for name in ("model.py", "folders.py", "modeling_tinyllava_nano.py", "connectors.py"):
+    for name in ("model.py", "layouts.py", "folders.py", "modeling_tinyllava_nano.py", "connectors.py"):
         assert "convert" not in imports(name), name   # convert.py imports model.py, never the reverse
     from transformers.dynamic_module_utils import get_imports   # what trust_remote_code requires installed
     for name in ("modeling_tinyllava_nano.py", "connectors.py"):

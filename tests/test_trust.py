@@ -119,7 +119,6 @@ def test_a_checkpoint_never_turns_on_its_own_code(saved, tmp_path):
     for name in ("tokenizer_config.json", "preprocessor_config.json"):   # the user's flag: still not our folder's code
         edit_json(os.path.join(d, name), auto_map={})
     load_pretrained(d, trust_remote_code=True)
-    convert.load_pretrained(d, trust_remote_code=True)
     assert not marker.exists()
 
 
@@ -146,8 +145,7 @@ def test_the_llm_path_is_not_consulted_without_the_flag(saved, tmp_path):
 def test_the_flag_reaches_the_loader(saved, tmp_path, monkeypatch):
     seen = []
     fake = lambda path, **kw: seen.append(kw.get("trust_remote_code")) or pytest.fail("stop")  # noqa: E731
-    monkeypatch.setattr(model_module, "load_pretrained", fake)
-    monkeypatch.setattr(convert, "load_pretrained", fake)
+    monkeypatch.setattr(model_module, "load_pretrained", fake)   # chat.py's and convert.py's loader
     for run in (lambda flag: chat.main(["--model", saved, "--prompt", "Hi"] + flag),
                 lambda flag: convert.main(["to-llava", saved, str(tmp_path / "x")] + flag)):
         for flag in ([], ["--trust-remote-code"]):
@@ -208,7 +206,7 @@ def release(tiny_llms, tiny_towers, tmp_path):
     d = tmp_path / "ck" / "release"
     d.mkdir(parents=True)
     write_release(str(d), lm, vt, conn, original_config(lm, vt, tok), tok, shards=2)
-    convert.load_pretrained(str(d))   # as written, it loads
+    load_pretrained(str(d))   # as written, it loads
     return d
 
 
@@ -221,7 +219,7 @@ def test_an_index_cannot_lead_outside_the_checkpoint(release, target):
         shutil.move(str(release / shard), str(release / target))
     index.write_text(json.dumps({"weight_map": {k: target if v == shard else v for k, v in weight_map.items()}}))
     with pytest.raises(ValueError, match=f"model.safetensors.index.json names '{target}', which is outside") as e:
-        convert.load_pretrained(str(release))
+        load_pretrained(str(release))
     assert one_line(e)
 
 
@@ -254,7 +252,7 @@ def test_base_models_named_by_an_original_checkpoint(release, tiny_llms, tiny_to
 
     def read_from(value):
         edit_json(release / "config.json", **{field: value})
-        _, tok, proc = convert.load_pretrained(str(release))
+        _, tok, proc = load_pretrained(str(release))
         return tok.name_or_path if llm else list(proc.image_mean)
     assert read_from(base) == (base if llm else [0.25] * 3)                    # absolute: read (refused at ed39f35)
     assert read_from("org/base") == (snapshot if llm else [0.25] * 3)          # a Hub id: the local cache's
@@ -264,7 +262,7 @@ def test_base_models_named_by_an_original_checkpoint(release, tiny_llms, tiny_to
     for climbing in (os.path.relpath(base), "../" * 12 + base.lstrip("/")):   # relative, out with '..': refused
         edit_json(release / "config.json", **{field: climbing})
         with pytest.raises(ValueError, match=r"config.json names '\.\./.*', a relative path that climbs out") as e:
-            convert.load_pretrained(str(release))
+            load_pretrained(str(release))
         assert one_line(e)
 
 
