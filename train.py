@@ -454,7 +454,7 @@ def main(argv=None):
                 raise ConfigError(f"--tracker={cfg['tracker']}: could not start: {type(e).__name__}: {e}") from e
         todo = [i for i, d in enumerate(stage_dirs) if not finished(d)]
         if todo and cfg["check_data_at_start"]:   # every stage's data, before the first one trains
-            from check_data import check_stages
+            from stage_check import check_stages
             start = stage_dirs[todo[0] - 1] if todo[0] else cfg["init_from"]   # what the first one starts from
             one_rank_decides(accelerator, lambda: check_stages([scfgs[i] for i in todo], start), timeout=24 * 3600)
         init, results, step0 = cfg["init_from"], {}, 0
