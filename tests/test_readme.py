@@ -63,8 +63,9 @@ def test_readme_train_commands_resolve_and_their_batches_divide():
 def test_every_script_answers_help():
     import subprocess
     import sys
-    modules = ("answers.py", "checkpoints.py", "connectors.py", "data.py", "flops.py", "folders.py", "model.py",
-               "modeling_tinyllava_nano.py", "recipes.py", "records.py", "run_log.py", "scorers.py")
+    modules = ("answers.py", "checkpoints.py", "connectors.py", "data.py", "errors.py", "flops.py", "folders.py",
+               "layouts.py", "model.py", "modeling_tinyllava_nano.py", "recipes.py", "records.py", "run_log.py",
+               "scorers.py", "settings.py", "stage_check.py")
     for script in sorted(f for f in CORE if f not in modules):
         p = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and "Traceback" not in p.stderr and len(p.stdout) > 200, (script, p.stderr[-1000:])
