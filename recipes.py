@@ -15,14 +15,15 @@ Tune types, per component:
     model, tok, proc = build_model(args, llm_kwargs=quantization_kwargs(cfg))   # only qlora needs this
     apply_recipe(model, cfg)     # freezes / wraps in place and prints the component table
 """
-import ast
 import difflib
 import math
 import os
 import re
+import traceback
 import warnings
 
 from errors import ConfigError   # (recipes.ConfigError: a mistake in the command or config, one line, exit status 2)
+from settings import TRAIN, Choice, tower_layers
 
 DEFAULTS = dict(
     # --- model (see model.ModelArgs)
@@ -37,8 +38,8 @@ DEFAULTS = dict(
     num_queries=128,                  # qformer / resampler
     num_resampler_layers=3,
     trust_remote_code=False,          # OpenELM only: runs code from the Hub (never taken from a checkpoint)
-    attn_implementation="",           # "" (sdpa) | eager | flash_attention_2
-    dtype="float32",                  # weights: float32 | bfloat16 (bf16 autocast is separate, below)
+    attn_implementation="",           # "" (sdpa) | eager | flash_attention_2 | flash_attention_3 | flex_attention
+    dtype="float32",                  # weights: float32 | bfloat16 | float16 (bf16 autocast is separate, below)
     init_from="",                     # a saved model dir to start the first stage from
     # --- data
     template="phi",                   # phi | llama | gemma | qwen2_base | qwen2_instruct | auto (pretrain stages: pretrain)
@@ -138,38 +139,13 @@ def stages(cfg):
 
 
 # ----------------------------------------------------------------------------- config
-def coerce(key, value, default):
-    """A command-line string (or config-file value) as the type of the default."""
-    if key == "gradient_checkpointing" and default == "auto":   # true / false / auto (decided from a measured step)
-        return "auto" if str(value).lower() == "auto" else coerce(key, value, False)
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "1", "yes"):
-            return True
-        if str(value).lower() in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"--{key}: expected true/false{'/auto' * (key == 'gradient_checkpointing')}, got {value!r}")
-    if isinstance(default, (int, float)) and not isinstance(value, bool):
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--{key}: expected a number, got {value!r}") from None
-        if isinstance(default, int):
-            if v != int(v):
-                raise ConfigError(f"--{key}: expected an integer, got {value!r}")
-            return int(v)
-        return v
-    if isinstance(default, str):
-        return str(value)
-    if isinstance(value, str):
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            raise ConfigError(f"--{key}: expected a Python literal like {default!r}, got {value!r}") from None
-    if not isinstance(value, type(default)):
-        raise ConfigError(f"--{key}: expected {type(default).__name__}, got {value!r}")
-    return value
+RULES = {**TRAIN, "recipe": Choice(*RECIPES)}   # what each key accepts (settings.py): type, range, names, shape
+
+
+def coerce(key, value, name=None, disk=False):
+    """A command-line string (or config-file value) checked by the rule of its key (RULES) and returned in its type:
+    else a ConfigError naming it (`name`; default --key). Paths are looked at later, with the run (check_settings)."""
+    return RULES[key].check(name or f"--{key}", value, disk)
 
 
 # Hugging Face Trainer's and TinyLLaVA Factory's names for our keys: an unknown key names ours
@@ -191,9 +167,36 @@ def unknown(key):
     return ConfigError(f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
+HOW = "a config is a Python file that assigns keys of DEFAULTS, as configs/*.py do: lr = 2e-5"
+
+
+def read_config(path):
+    """The names a --config file assigns. It runs as Python (only pass files you trust); YAML and the like are one
+    line saying so, and so is whatever the file's code raises (with its line)."""
+    if os.path.splitext(path)[1].lower() in (".yaml", ".yml", ".json", ".toml", ".ini", ".cfg") or not path:
+        raise ConfigError(f"--config {path!r}: {HOW}" + " (YAML's lr: 2e-5)" * bool(path))
+    scope = {}
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), scope)   # a config is Python the user chose to run
+    except OSError as e:
+        raise ConfigError(f"--config {path!r}: {e.strerror or e}") from None
+    except SyntaxError as e:
+        raise ConfigError(f"{path}, line {e.lineno}: {e.msg}; {HOW}") from None
+    except Exception as e:   # noqa: BLE001 -- whatever the file's code raises: YAML's `llm: org/name` is a NameError
+        line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path][-1:] or ["?"]
+        raise ConfigError(f"{path}, line {line[0]}: {type(e).__name__}: {e}; {HOW}") from None
+    bare = [k for k in scope.get("__annotations__", {}) if k not in scope]   # `lr: 2e-5` annotates, assigns nothing
+    if bare:
+        raise ConfigError(f"{path}: {', '.join(bare)} annotated, not assigned; {HOW}")
+    return {k: v for k, v in scope.items() if not k.startswith("_") and type(v).__name__ != "module"}
+
+
 def load_config(argv):
-    """DEFAULTS <- the --config file <- --key=value. Stage overrides (--finetune.lr=...) go to cfg['stage_overrides']."""
-    cfg, overrides, args = dict(DEFAULTS), {}, []
+    """DEFAULTS <- the --config file <- --key=value (--key-name is --key_name), each value checked by its rule
+    (RULES) as it enters: every bad value and unknown key in one error, a line each. Stage overrides
+    (--finetune.lr=...) go to cfg['stage_overrides']."""
+    cfg, overrides, args, problems = dict(DEFAULTS), {}, [], []
     for a in argv:   # --key value is --key=value: join them first
         if args and args[-1].startswith("--") and "=" not in args[-1] and not a.startswith("--"):
             args[-1] += "=" + a
@@ -201,80 +204,86 @@ def load_config(argv):
             args.append(a)
     paths = [a.partition("=")[2] for a in args if a.split("=")[0] == "--config"]
     args = [a for a in args if a.split("=")[0] != "--config"]
-    for path in paths:
-        scope = {}
+
+    def take(name, value, into, say):   # into[name] = the checked value, or a problem
         try:
-            with open(path) as f:
-                exec(compile(f.read(), path, "exec"), scope)   # a config is Python the user chose to run
-        except OSError as e:
-            raise ConfigError(f"--config {path!r}: {e.strerror or e}") from None
-        except SyntaxError as e:
-            raise ConfigError(f"{path}, line {e.lineno}: {e.msg}") from None
-        for k, v in scope.items():
-            if k.startswith("_") or type(v).__name__ == "module":
-                continue
+            into[name] = coerce(name, value, say)
+        except ConfigError as e:
+            problems.append(str(e))
+    for path in paths:
+        for k, v in read_config(path).items():
             if k not in DEFAULTS:
-                raise ConfigError(f"{path}: {unknown(k)}")
-            cfg[k] = coerce(k, v, DEFAULTS[k])
+                problems.append(f"{path}: {unknown(k)}")
+            else:
+                take(k, v, cfg, f"{path}: {k}")
     for arg in args:
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; use --key=value")
+            problems.append(f"unexpected argument {arg!r}; use --key=value")
+            continue
         key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")   # --max-steps is --max_steps
         value = value if eq else "true"   # a bare flag: --resume
         stage, dot, name = key.rpartition(".")
-        name = name if dot else key
         if name not in DEFAULTS:
-            raise unknown(name)
-        if dot:
-            overrides.setdefault(stage, {})[name] = coerce(key, value, DEFAULTS[name])
+            problems.append(str(unknown(name)))
         else:
-            cfg[name] = coerce(name, value, DEFAULTS[name])
+            take(name, value, overrides.setdefault(stage, {}) if dot else cfg, f"--{key}")
+    if problems:
+        raise ConfigError("\n".join(problems))
     cfg["stage_overrides"] = overrides
     return cfg
 
 
 def stage_configs(cfg):
-    out = []
+    """The config of each stage: the run's, then what the stage sets (each key and value checked), then its
+    --<stage>.<key> overrides; every problem in one error."""
+    out, problems = [], []
     plan = stages(cfg)
     names = [s["name"] for s in plan]
     for stage in plan:
-        for k in stage:
+        scfg = dict(cfg)
+        for k, v in stage.items():
             if k not in DEFAULTS and k not in ("name", "data"):
-                raise ConfigError(f"stage {stage['name']!r}: {unknown(k)}")
-        scfg = {**cfg, **{k: v for k, v in stage.items() if k in DEFAULTS}}
+                problems.append(f"stage {stage['name']!r}: {unknown(k)}")
+            elif k in DEFAULTS:
+                try:
+                    scfg[k] = coerce(k, v, f"stage {stage['name']}: {k}")
+                except ConfigError as e:
+                    problems.append(str(e))
         scfg.update(cfg["stage_overrides"].get(stage["name"], {}))
         scfg["stage"], scfg["data"] = stage["name"], stage.get("data", stage["name"])
+        if f"data_{scfg['data']}" not in DEFAULTS:
+            problems.append(f"stage {stage['name']}: data={scfg['data']!r} names no data_{scfg['data']} key; valid: "
+                            + ", ".join(k[5:] for k in DEFAULTS if k.startswith("data_")))
         out.append(scfg)
     for name in cfg["stage_overrides"]:
         if name not in names:
-            raise ConfigError(f"--{name}.*: no stage named {name!r}; stages: {names}")
+            problems.append(f"--{name}.*: no stage named {name!r}; stages: {names}")
+    if problems:
+        raise ConfigError("\n".join(problems))
     return out
 
 
-# the lowest sensible value of each number (NaN fails too)
-MINIMA = dict(max_steps=0, epochs=1, micro_batch_size=1, global_batch_size=1, log_every=1, max_nonfinite_steps=1,
-              save_every=0, keep_checkpoints=0, val_every=0, val_batches=1, num_workers=0, max_length=1, lr=0.0,
-              lr_llm=0.0, lr_vision_tower=0.0, lr_connector=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=0.0,
-              lora_r=1, seed=0, threads=0)
-
-
 def check_settings(stage_cfgs, world=1):
-    """Every stage's numbers, tune types, template, files and batch arithmetic for `world` processes, and the run
-    options, before anything is built: all problems in one error, a line each."""
-    from data import TEMPLATES
-    problems = {}   # problem -> the stages that have it
-    if not stage_cfgs[0]["init_from"] and not (stage_cfgs[0]["llm"] and stage_cfgs[0]["vision_tower"]):
+    """What the values mean together, for `world` processes, before torch loads (each value was checked as it
+    entered: load_config, stage_configs): the model and the files each stage reads exist, the folders the run writes
+    can be written, something trains, the batch arithmetic, the run options. Every problem in one error, a line each."""
+    problems, c = {}, stage_cfgs[0]   # problem -> the stages that have it
+    if not c["init_from"] and not (c["llm"] and c["vision_tower"]):
         problems["no model: give --config, or --llm and --vision_tower (or --init_from)"] = []
+    for key in ("llm", "tokenizer", "vision_tower", "vision_tower2", "init_from", "feature_cache", "out_dir"):
+        try:
+            coerce(key, c[key], disk=True)
+        except ConfigError as e:
+            problems[str(e)] = []
+    for tower in [c[k] for k in ("vision_tower", "vision_tower2") if c[k] and not c["init_from"]]:
+        n, layer = tower_layers(tower), c["vision_feature_layer"]
+        if n is not None and not 0 <= (layer if layer >= 0 else n + 1 + layer) <= n:
+            problems[f"--vision_feature_layer: expected a layer of the {n}-layer tower {tower} (from {-n - 1} to {n}),"
+                     f" got {layer}"] = []
     for c in stage_cfgs:
-        bad = [f"{k}={c[k]} (must be >= {low})" for k, low in MINIMA.items() if not c[k] >= low]
-        bad += [f"warmup_ratio={c['warmup_ratio']} (must be <= 1)"] * (c["warmup_ratio"] > 1)
-        for comp in ("llm", "vision_tower", "connector"):
-            try:
-                parse_tune(c[f"tune_{comp}"], comp)
-            except ValueError as e:
-                bad.append(str(e))
-        if c["template"] not in TEMPLATES:
-            bad.append(f"unknown template {c['template']!r}; valid: {', '.join(TEMPLATES)}")
+        bad = ["every component is frozen (tune_llm, tune_vision_tower, tune_connector): nothing would train"] * all(
+            c[f"tune_{k}"] == "frozen" for k in ("llm", "vision_tower", "connector"))
         gbs, mb = c["global_batch_size"], c["micro_batch_size"]
         if mb >= 1 and gbs % (mb * world):
             bad.append(f"global_batch_size {gbs} is not micro_batch_size {mb} x {world} processes x a whole number "

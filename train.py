@@ -30,6 +30,7 @@ from checkpoints import (check_finite, check_resume, finished, latest_checkpoint
 from recipes import (DEFAULTS, ConfigError, check_settings, cosine_with_warmup, load_config,  # noqa: F401
                      param_groups, stage_configs)
 from run_log import METRICS, StepLog, log_line, plot_losses, quiet_third_party, tracked, tracker_names
+from settings import say
 
 
 # ----------------------------------------------------------------------------- data order
@@ -233,7 +234,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     steps_per_epoch = len(loader(0)) // accum
     total = cfg["max_steps"] or steps_per_epoch * cfg["epochs"]
     if steps_per_epoch == 0:
-        raise ValueError(f"{data}: {len(dataset)} samples make less than one global batch of {cfg['global_batch_size']}")
+        raise ConfigError(f"{data}: {len(dataset)} samples make less than one global batch of {cfg['global_batch_size']}")
     # fused: one kernel over each parameter (torch's CPU and CUDA AdamW): 3.5x the for-loop's speed on a CPU, equal
     # within float rounding; not under DeepSpeed / FSDP, whose sharded parameters it may not take
     fused = accelerator.distributed_type.value not in ("DEEPSPEED", "FSDP") and device.type in ("cpu", "cuda")
@@ -417,14 +418,14 @@ def final_save(model, tokenizer, processor, stage_dir, cfg, state, init):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):   # answered before torch loads: no package beyond the standard library
-        return print(usage())
+        return say(usage())
+    cfg = load_config(argv)
+    scfgs = stage_configs(cfg)
+    check_settings(scfgs, int(os.environ.get("WORLD_SIZE", "1")))   # all of it, before torch loads (seconds)
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
     from transformers.utils import logging as hf_logging
-    cfg = load_config(argv)
-    scfgs = stage_configs(cfg)
-    check_settings(scfgs, int(os.environ.get("WORLD_SIZE", "1")))   # all of it, before anything is built
     stage_dirs = [os.path.join(cfg["out_dir"], f"{i + 1}_{s['stage']}") for i, s in enumerate(scfgs)]
     if cfg["fp16"] and not torch.cuda.is_available():
         raise ConfigError("fp16 needs a GPU (fp16 matmul on CPU runs at ~1 GFLOP/s); use --bf16=true")

@@ -49,7 +49,7 @@ def test_config_file_overrides_and_coercion(tmp_path):
     (["--learning_rate=1"], "unknown config key 'learning_rate'"),
     (["--micro_batch=2"], "did you mean micro_batch_size"),
     (["--bf16=maybe"], "expected true/false"),
-    (["--epochs=1.5"], "expected an integer"),
+    (["--epochs=1.5"], "expected a whole number"),
     (["--lr=fast"], "expected a number"),
     (["lr=1"], "use --key=value"),
 ])
