@@ -15,7 +15,11 @@ preprocessed as the model was trained (its image_aspect_ratio). Runs on the GPU 
 """
 import argparse
 import json
+import os
 import sys
+import tempfile
+
+from settings import DTYPES, SEED_MAX, TEMPLATES, Choice, Device, Float, Image, Int, Model, Output, Parser
 
 
 def streamer(tokenizer):
@@ -89,24 +93,28 @@ def questions(prompt):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a model directory (ours, or a TinyLLaVA Factory checkpoint)")
-    p.add_argument("--image", default=None, help="the picture to talk about (optional)")
+    p = Parser(prog="chat.py", description=__doc__.split("\n\n")[0].strip(),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Model(), help="a model directory (ours, or a TinyLLaVA Factory "
+                   "checkpoint), or a Hub id")
+    p.add_argument("--image", default=None, type=Image(), help="the picture to talk about (optional)")
     p.add_argument("--prompt", default=None, help="ask this one question and exit (default: read stdin)")
-    p.add_argument("--template", default=None, help="chat template (default: the model's own)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --temperature > 0)")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--template", default=None, type=Choice(*TEMPLATES), help="chat template (default: the model's own)")
+    p.add_argument("--temperature", type=Float(0), default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-p", type=Float(above=0, high=1), default=None, help="nucleus sampling threshold (with "
+                   "--temperature > 0)")
+    p.add_argument("--max-new-tokens", type=Int(1), default=512)
+    p.add_argument("--seed", type=Int(0, SEED_MAX), default=0)
     p.add_argument("--no-stream", action="store_true", help="print each answer when it is complete")
-    p.add_argument("--save", default=None, help="write the conversation to this JSON file (LLaVA format)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, mps, cpu (default: the first of these this machine has)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--save", default=None, type=Output(folder=False), help="write the conversation to this JSON file "
+                   "(LLaVA format; if that fails, to a file in the temporary folder, named in the error)")
+    p.add_argument("--device", default=None, type=Device(), help="cuda, cuda:1, mps, cpu (default: the first of these "
+                   "this machine has)")
+    p.add_argument("--dtype", default="auto", type=Choice("auto", *DTYPES),
                    help="auto (default): bfloat16 on a GPU with bf16, else float32 (as evaluate.py)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the LLM's own code (OpenELM); off: no code from the model folder or the Hub runs")
-    a = p.parse_args(argv)   # --help ends here, before torch and transformers load (seconds)
+    a = p.parse_args(argv)   # --help and every value checked here, before torch and transformers load (seconds)
     import torch
     from transformers.utils import logging as hf_logging
     from folders import model_template
@@ -114,11 +122,16 @@ def main(argv=None):
     from data import load_image
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if Device.missing(a.device):
+        p.error(Device.missing(a.device))
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     dtype = a.dtype if a.dtype != "auto" else "bfloat16" if a.device.startswith("cuda") and \
         torch.cuda.is_bf16_supported() else "float32"
     model, tokenizer, processor = load_pretrained(a.model, dtype=dtype, trust_remote_code=a.trust_remote_code)
-    template = model_template(a.model, model, a.template)   # a ValueError: one line (below)
+    try:
+        template = model_template(a.model, model, a.template)
+    except ValueError as e:   # no template given, none saved with the model
+        p.error(str(e))
     torch.manual_seed(a.seed)
     chat = Chat(model.to(a.device), tokenizer, processor, template, load_image(a.image) if a.image else None,
                 a.max_new_tokens, a.temperature, a.top_p)
@@ -128,10 +141,27 @@ def main(argv=None):
         if a.no_stream:
             print(answer, flush=True)
     if a.save:
-        with open(a.save, "w") as f:
-            json.dump({"id": "chat", **({"image": a.image} if a.image else {}), "conversations": chat.history},
-                      f, indent=1, ensure_ascii=False)
+        save(a.save, {"id": "chat", **({"image": a.image} if a.image else {}), "conversations": chat.history})
     return chat.history
+
+
+def save(path, record):
+    """The conversation as JSON in `path`; if that fails (a full disk), in a file of the temporary folder (else on
+    stdout), named in the one-line error: a failed save never loses the conversation."""
+    text = json.dumps(record, indent=1, ensure_ascii=False)
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        try:
+            fd, kept = tempfile.mkstemp(prefix="chat-", suffix=".json")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            kept = f"in {kept}"
+        except OSError:
+            print(text, flush=True)
+            kept = "printed above"
+        raise OSError(f"--save: cannot write {path} ({e.strerror or e}); the conversation is {kept}") from None
 
 
 if __name__ == "__main__":

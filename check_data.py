@@ -2,7 +2,8 @@
 Check a LLaVA-format data set before a long run: read every record, list every problem with its index, id and
 code as it is found, and print a summary (counts by problem code, token lengths including the image tokens).
 Exit status 1 if a record is bad (any problem but duplicate-id, which training keeps) or the file cannot be
-read, else 0.
+read, 2 for a bad argument (a file or folder that is not there, a value out of range, a --config in error: one
+line each), else 0.
 
     python check_data.py data/llava_v1_5_mix665k.json --image-folder data --config configs/phi2_siglip_base.py
     python check_data.py data.json --image-folder images --model out/phi2_siglip_base/2_finetune
@@ -35,6 +36,7 @@ import sys
 from collections import Counter
 
 # data.py (and torch with it) is imported inside the functions that use it: --help answers at once.
+from settings import TEMPLATES, Choice, ConfigError, File, Folder, Int, Model, Parser
 from stage_check import PROGRESS_MIN, check_stages, model_settings  # noqa: F401 (check_data.check_stages, as before)
 
 
@@ -59,36 +61,44 @@ def settings_from_config(path, stage_name, data_path):
     if stage_name:
         matches = [s for s in stages if s["stage"] == stage_name]
         if not matches:
-            raise SystemExit(f"{path}: no stage {stage_name!r}; stages: {', '.join(s['stage'] for s in stages)}")
+            raise ConfigError(f"--stage {stage_name}: {path} has no such stage; stages: "
+                              + ", ".join(s["stage"] for s in stages))
         stage = matches[0]
     else:
         file_of = lambda s: s.get(f"data_{s['data']}") or ""  # noqa: E731
         same = [s for s in stages if file_of(s) and os.path.abspath(file_of(s)) == os.path.abspath(data_path)]
         stage = (same or stages)[-1]
+    for key in ("llm", "tokenizer", "vision_tower", "vision_tower2"):   # (not a Hub download's error, later)
+        recipes.coerce(key, stage[key], f"{path}: {key}", disk=True)
+    if not (stage["llm"] or stage["tokenizer"]) or not stage["vision_tower"]:
+        raise ConfigError(f"--config {path}: names no llm (or tokenizer) and vision_tower: their tokenizer and image "
+                          "token count are what the check needs")
     tokenizer, n_img = model_settings(stage)
     return (tokenizer, stage["template"], stage["max_length"], n_img, stage["stage"],
             stage.get("allow_outside_images", False), stage["image_aspect_ratio"])
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", help="LLaVA-format .json or .jsonl")
-    p.add_argument("--image-folder", default=None, help="check that every image opens (omit: skip that check)")
-    p.add_argument("--config", default=None, help="a train.py config: tokenizer, template, lengths of a stage")
+    p = Parser(prog="check_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", type=File(), help="LLaVA-format .json or .jsonl")
+    p.add_argument("--image-folder", default=None, type=Folder(), help="check that every image opens (omit: skip "
+                   "that check)")
+    p.add_argument("--config", default=None, type=File(), help="a train.py config: tokenizer, template, lengths of a "
+                   "stage")
     p.add_argument("--stage", default=None)
-    p.add_argument("--model", default=None, help="a saved model directory instead of --config")
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--template", default="phi")
-    p.add_argument("--num-image-tokens", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--image-aspect-ratio", choices=["square", "pad"], default=None,
+    p.add_argument("--model", default=None, type=Folder(), help="a saved model directory instead of --config")
+    p.add_argument("--tokenizer", default=None, type=Model(), help="a tokenizer folder or Hub id")
+    p.add_argument("--template", default="phi", type=Choice(*TEMPLATES))
+    p.add_argument("--num-image-tokens", type=Int(1), default=None)
+    p.add_argument("--max-length", type=Int(1), default=None)
+    p.add_argument("--image-aspect-ratio", type=Choice("square", "pad"), default=None,
                    help="as training preprocesses (default: --config's or --model's, else square)")
     p.add_argument("--allow-outside-images", action="store_true",
                    help="accept image paths that are absolute or leave --image-folder through '..'")
-    p.add_argument("--show", type=int, default=50, help="problems to print (all are counted); -1: all")
-    a = p.parse_args(argv)
-    from tqdm import tqdm
-    from data import NOT_BAD, DataError, _where, check, read_records
+    p.add_argument("--show", type=Int(0, also=(-1,)), default=50, help="problems to print (all are counted); -1: all")
+    a = p.parse_args(argv)   # --help and every value checked here, before torch loads
+    if a.model and not os.path.isfile(os.path.join(a.model, "config.json")):
+        p.error(f"--model: {a.model} has no config.json: not a model folder saved by train.py (or convert.py)")
     tokenizer, template, max_length, n_img, where = None, a.template, a.max_length, a.num_image_tokens, ""
     outside, aspect = a.allow_outside_images, "square"
     if a.config:
@@ -96,10 +106,13 @@ def main(argv=None):
                                                                                               a.data)
         where, outside = f" (stage {stage} of {a.config})", outside or in_config
     elif a.model:
-        from model import load_tokenizer
-        tokenizer = load_tokenizer(a.model)
         with open(os.path.join(a.model, "config.json")) as f:
             saved = json.load(f)
+        if "num_image_tokens" not in saved:
+            p.error(f"--model: {a.model} is not one of our model folders (its config.json has no num_image_tokens): "
+                    "give --tokenizer and --num-image-tokens")
+        from model import load_tokenizer
+        tokenizer = load_tokenizer(a.model)
         n_img, aspect = saved["num_image_tokens"], saved.get("image_aspect_ratio", aspect)
         train_cfg = os.path.join(a.model, "train_config.json")
         if os.path.isfile(train_cfg):
@@ -107,10 +120,12 @@ def main(argv=None):
                 saved = json.load(f)
             template, max_length = saved.get("template", template), max_length or saved.get("max_length")
     elif a.tokenizer:
+        if n_img is None:
+            p.error("--num-image-tokens is needed with --tokenizer (or use --config / --model)")
         from model import load_tokenizer
         tokenizer = load_tokenizer(a.tokenizer)
-    if tokenizer is not None and n_img is None:
-        p.error("--num-image-tokens is needed with --tokenizer (or use --config / --model)")
+    from tqdm import tqdm
+    from data import NOT_BAD, DataError, _where, check, read_records
     if hasattr(sys.stdout, "reconfigure"):   # a file name or id the terminal cannot show must not stop the check
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
@@ -150,4 +165,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ConfigError, OSError, ValueError) as e:   # a --config with bad values, a model folder that cannot be read
+        print("\n".join(f"check_data.py: error: {line}" for line in str(e).splitlines()), file=sys.stderr)
+        sys.exit(2)

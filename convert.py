@@ -31,16 +31,19 @@ import json
 import os
 import sys
 
+from settings import TEMPLATES, Choice, Int, Model, Output, Parser
+
 
 def cli():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="convert.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("from-tinyllava", "to-tinyllava", "to-llava"):
         s = sub.add_parser(name)
-        s.add_argument("src"), s.add_argument("dst")
-        s.add_argument("--template", default=None, help="chat template (default: the model's own)")
+        s.add_argument("src", type=Model()), s.add_argument("dst", type=Output())
+        s.add_argument("--template", default=None, type=Choice(*TEMPLATES), help="chat template (default: the "
+                       "model's own)")
         if name == "to-tinyllava":
-            s.add_argument("--max-length", type=int, default=None, help="tokenizer_model_max_length to record")
+            s.add_argument("--max-length", type=Int(1), default=None, help="tokenizer_model_max_length to record")
         if name == "to-llava":
             s.add_argument("--no-verify", action="store_true", help="skip the logits check against the export")
         s.add_argument("--trust-remote-code", action="store_true",
@@ -50,7 +53,7 @@ def cli():
 
 
 if __name__ == "__main__":
-    cli().parse_args()   # --help and a mistyped command end here, before torch and transformers load (6 s)
+    cli().parse_args()   # --help, a mistyped command and a bad value end here, before torch loads (6 s)
 
 import torch
 from transformers import CONFIG_MAPPING, AddedToken

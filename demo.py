@@ -2,10 +2,11 @@
 The embedded demo: train a tiny vision-language model on real handwritten digits (shipped in demo/) on a CPU,
 through the same code as the real configs, then score it on the held-out split with evaluate.py's scorers.
 
-    python demo.py                  # about 4 CPU-minutes (1 thread), no network; held-out accuracy >= 90 per type
+    python demo.py                  # about 4-5 CPU-minutes (1 thread), no network; held-out accuracy >= 90 per type
     python demo.py --seed=1 --finetune.epochs=3    # any train.py key can be overridden, as with train.py
     python demo.py --resume         # continue an interrupted demo (otherwise each run starts over in out/demo/)
     python demo.py --only-base      # only build and save the random-init base models in out/demo-base/
+    python demo.py --eval-images=20 # score the questions of the first 20 held-out images only (a quick look)
 
 The LLM (Llama architecture) and the SigLIP tower are built from the configs below with random weights and saved
 to out/demo-base/, then loaded back through from_pretrained like a Hub model (configs/demo.py names them).
@@ -65,21 +66,31 @@ def per_type(custom, pope):
 
 def main(argv):
     """Train and score the demo; returns the held-out scores (per type, POPE-style). Besides train.py's keys:
-    --only-base (build the base models, nothing else), --eval_images=N (score the questions of N held-out images)."""
+    --only-base (build the base models, nothing else), --eval-images=N (score the questions of N held-out images);
+    its own flags and train.py's keys are taken in either spelling (--eval_images, --max-steps)."""
+    from settings import Int, say
     if {"-h", "--help"} & set(argv):
-        return print(__doc__)
-    if "--only-base" in argv:
+        return say(__doc__)
+    own, rest, args = {}, [], list(argv)   # demo.py's own flags, either spelling (--eval-images N, --eval_images=N)
+    while args:
+        flag, eq, value = args.pop(0).partition("=")
+        name = flag.replace("_", "-")
+        if name == "--eval-images" and not eq and args and not args[0].startswith("--"):
+            value = args.pop(0)
+        if name in ("--only-base", "--eval-images"):
+            own[name] = Int(1).check(flag, value) if name == "--eval-images" else True
+        else:
+            rest.append(flag + eq + value)
+    if "--only-base" in own:
         make_base_models(BASE)
-        return print(f"random-init base models written to {BASE}/llm and {BASE}/siglip")
-    n_images = [a.split("=", 1)[1] for a in argv if a.startswith("--eval_images=")]
-    if not all(n.isdigit() and int(n) > 0 for n in n_images):
-        from recipes import ConfigError
-        raise ConfigError(f"--eval_images: expected a positive whole number, got {n_images[-1]!r}")
-    n_images = [int(n) for n in n_images]
-    argv = [a for a in argv if not a.startswith("--eval_images=")]
+        return say(f"random-init base models written to {BASE}/llm and {BASE}/siglip")
+    n_images, argv = [own[k] for k in own if k == "--eval-images"], rest
     limit = ["--limit", str(5 * n_images[-1])] if n_images else []   # 5 VQAv2-style questions per image
     if "--resume" not in argv and not any(a.startswith("--resume=") for a in argv):
         argv = ["--overwrite", *argv]   # a demo run starts over: out/demo/ holds only the last one
+    argv = ["--config", "configs/demo.py", f"--llm={BASE}/llm", f"--vision_tower={BASE}/siglip", *argv]
+    from recipes import load_config, stage_configs
+    stage_configs(load_config(argv))   # every key and value, before torch loads (train.main checks the rest)
     import torch
 
     import evaluate
@@ -89,8 +100,7 @@ def main(argv):
     t0, c0 = time.time(), time.process_time()
     if not os.path.isfile(f"{BASE}/llm/config.json"):
         make_base_models(BASE)
-    model_dir, results = train.main(["--config", "configs/demo.py", f"--llm={BASE}/llm",
-                                     f"--vision_tower={BASE}/siglip", *argv])
+    model_dir, results = train.main(argv)
     t_train = time.time() - t0
     threads = ["--threads", str(torch.get_num_threads())]   # what the training ran on
     # your own benchmark's path (evaluate.py --bench custom): questions with a category each, VQA-style references

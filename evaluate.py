@@ -41,6 +41,7 @@ from datetime import timedelta
 import scorers as S
 from answers import (DiskError, append, check_answers, disk, fingerprint, key, load_questions, merge, mme_task_lines,
                      mmvet_submission, on_file, read_json, read_references, set_name, vqav2_submission, write_json)
+from settings import DTYPES, TEMPLATES, Choice, Device, Exists, File, Float, Folder, Int, Model, Output, Parser
 
 BENCHES = {  # folder in the eval root; question file, images, ground truth in it (--annotations replaces the first);
     # max_new_tokens; split; where the benchmark's own files come from (the question files: LLaVA's eval.zip)
@@ -308,13 +309,6 @@ def grade_mmvet(ask, items, submission, runs, judge_model, path):
 
 
 # ----------------------------------------------------------------------------------------- the command line
-def at_least_1(text):
-    """--limit's type: 0 meant every question and -1 all but the last; both are errors now."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a number of questions >= 1 (leave --limit out for all)")
-    return int(text)
-
-
 def locate(bench, a, judge):
     """(folder, question file, image folder, items, questions), every file it will read checked: a missing one is a
     one-line FileNotFoundError naming the path and where it comes from, before the model loads."""
@@ -372,33 +366,37 @@ def set_threads(threads, model, device, batch_size):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=type("Formatter", (
+    p = Parser(prog="evaluate.py", description=__doc__, formatter_class=type("Formatter", (
         argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))   # every default shown
-    p.add_argument("--model", required=True, help="ours, a TinyLLaVA Factory or a transformers Llava folder")
+    p.add_argument("--model", required=True, type=Model(), help="ours, a TinyLLaVA Factory or a transformers Llava "
+                   "folder")
     p.add_argument("--bench", required=True, help=f"comma-separated: {','.join(BENCHES)}")
-    p.add_argument("--data", help="a benchmark's folder, or the eval root holding them (None: --questions' folder)")
-    p.add_argument("--image-folder", help="None: <benchmark folder>/<BENCHES images>")
-    p.add_argument("--questions", help="question file (one benchmark only)")
-    p.add_argument("--annotations", help="ground truth file (POPE: label folder; one benchmark only)")
-    p.add_argument("--template", help="None: the template the model was trained with")
-    p.add_argument("--batch-size", type=int, default=16, help="questions per batch, per process")
-    p.add_argument("--limit", type=at_least_1, help="only the first N questions (None: all)")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="0: the official script's (128 or 1024)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the official setting)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling, with --temperature > 0")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search width")
-    p.add_argument("--device", help="e.g. cuda:1, mps, cpu (None: Accelerate's device for this process)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--data", type=Folder(), help="a benchmark's folder, or the eval root holding them (None: "
+                   "--questions' folder)")
+    p.add_argument("--image-folder", type=Folder(), help="None: <benchmark folder>/<BENCHES images>")
+    p.add_argument("--questions", type=File(), help="question file (one benchmark only)")
+    p.add_argument("--annotations", type=Exists(), help="ground truth file (POPE: label folder; one benchmark only)")
+    p.add_argument("--template", type=Choice(*TEMPLATES), help="None: the template the model was trained with")
+    p.add_argument("--batch-size", type=Int(1, 1024), default=16, help="questions per batch, per process")
+    p.add_argument("--limit", type=Int(1, what="a number of questions >= 1 (leave --limit out for all)"),
+                   help="only the first N questions (None: all)")
+    p.add_argument("--max-new-tokens", type=Int(0), default=0, help="0: the official script's (128 or 1024)")
+    p.add_argument("--temperature", type=Float(0), default=0.0, help="0: greedy (the official setting)")
+    p.add_argument("--top-p", type=Float(above=0, high=1), help="nucleus sampling, with --temperature > 0")
+    p.add_argument("--num-beams", type=Int(1), default=1, help="beam search width")
+    p.add_argument("--device", type=Device(), help="e.g. cuda:1, mps, cpu (None: Accelerate's device for this "
+                   "process)")
+    p.add_argument("--dtype", default="auto", type=Choice("auto", *DTYPES),
                    help="auto: bfloat16 on a GPU with bf16, else float32")
-    p.add_argument("--threads", type=at_least_1, help="CPU threads (None: 1 or all cores, whichever measured "
+    p.add_argument("--threads", type=Int(1), help="CPU threads (None: 1 or all cores, whichever measured "
                    "faster for the model's width; cached per machine, as train.py)")
-    p.add_argument("--out", help="answers and results folder (None: <model>/eval)")
+    p.add_argument("--out", type=Output(), help="answers and results folder (None: <model>/eval)")
     p.add_argument("--keep-answers", action="store_true", help="score the answers on file, whatever made them")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model's code (OpenELM); never implied")
     p.add_argument("--judge-url", help="MM-Vet: an OpenAI-compatible chat-completions URL")
     p.add_argument("--judge-model", default="gpt-4-0613", help="MM-Vet: the judge's model")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--judge-runs", type=int, default=1, help="MM-Vet: grading runs, averaged")
+    p.add_argument("--judge-runs", type=Int(1), default=1, help="MM-Vet: grading runs, averaged")
     p.add_argument("--judge-allow-http", action="store_true", help="an http:// --judge-url (a judge on this machine)")
     a = p.parse_args(argv)
     benches = [b.strip() for b in a.bench.split(",") if b.strip()]
@@ -412,6 +410,8 @@ def main(argv=None):
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as HF_MODELS
+    if Device.missing(a.device):   # (torch is imported now)
+        p.error(Device.missing(a.device))
     # the timeout: at the merge, the ranks wait for the slowest, which may take long
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(hours=24))
     if int(os.environ.get("WORLD_SIZE", 1)) != state.num_processes:
@@ -484,4 +484,5 @@ if __name__ == "__main__":
     try:
         main()
     except (FileNotFoundError, DiskError, ValueError, JudgeError) as e:   # the messages name the file or option
-        sys.exit(f"evaluate.py: error: {e}")
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

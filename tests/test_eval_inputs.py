@@ -42,6 +42,7 @@ def test_missing_files_fail_before_the_model_loads(setup, tmp_path, no_model, be
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     if bench == "textvqa":
         path = os.path.join(path, "abc1.jpg")
+    (tmp_path / "model").mkdir()   # (never loaded: an empty folder)
     with pytest.raises(FileNotFoundError) as e:   # vqav2 first: nothing is answered while a later one is missing
         run(str(tmp_path / "model"), copy, str(tmp_path / "out"), "--bench", f"vqav2,{bench}" if bench != "vqav2"
             else bench, "--template", "llama")
@@ -53,7 +54,7 @@ def test_the_command_line_says_it_in_one_line(setup, tmp_path):
     model, data, _ = setup
     done = subprocess.run([sys.executable, "evaluate.py", "--model", model, "--data", str(tmp_path), "--bench",
                            "pope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"evaluate.py: error: pope: no question file {tmp_path}/pope/llava_pope_test.jsonl; it is in LLaVA-1.5's "
         "eval.zip (README: Evaluation)"]
 

@@ -333,7 +333,9 @@ def test_bad_inputs_name_the_file_and_the_record(setup, tmp_path):
     bad.write_text('{"question_id": 1, "text": "a"}\n{"question_id": 1, "text": "a"}\n')
     with pytest.raises(ValueError, match="question_id 1 with prompt .a. appears more than once"):
         evaluate.load_questions("pope", str(bad))
+    (tmp_path / "nowhere").mkdir()   # a label folder without the labels (a path that is not there: a flag error)
     with pytest.raises(FileNotFoundError, match="nowhere/coco_pope"):
-        run(model, data, str(tmp_path / "o"), "--bench", "pope", "--annotations", "nowhere", "--limit", "1")
+        run(model, data, str(tmp_path / "o"), "--bench", "pope", "--annotations", str(tmp_path / "nowhere"), "--limit",
+            "1")
     with pytest.raises(SystemExit):
         run(model, data, str(tmp_path / "o"), "--bench", "nope")

@@ -137,7 +137,7 @@ def test_a_full_disk_names_the_file(setup, tmp_path, monkeypatch, bench, ending,
         assert evaluate.read_json(f"{out}/pope_results.json") == {"from": "an earlier run"}   # the old file stays
 
 
-def test_moving_answers_aside_and_making_the_folder_name_the_file(setup, tmp_path, monkeypatch):
+def test_moving_answers_aside_and_making_the_folder_name_the_file(setup, tmp_path, monkeypatch, capsys):
     model, data, _ = setup
     out = str(tmp_path / "out")
     run(model, data, out, "--bench", "pope")
@@ -152,8 +152,10 @@ def test_moving_answers_aside_and_making_the_folder_name_the_file(setup, tmp_pat
         run(model, data, out, "--bench", "pope", "--max-new-tokens", "4")   # other settings: the old ones go aside
     monkeypatch.undo()
     open(tmp_path / "a_file", "w").close()
-    with pytest.raises(OSError, match=rf"^cannot create {tmp_path}/a_file/eval: \[Errno {errno.ENOTDIR}\] "):
+    with pytest.raises(SystemExit):   # --out is checked as it is parsed, before the model loads
         run(model, data, str(tmp_path / "a_file" / "eval"), "--bench", "pope")
+    assert capsys.readouterr().err == f"evaluate.py: error: --out: cannot make {tmp_path}/a_file/eval: {tmp_path}/a_file " \
+        "is a file\n"
 
 
 def test_the_command_line_on_a_full_disk(setup, tmp_path):
@@ -167,7 +169,7 @@ def test_the_command_line_on_a_full_disk(setup, tmp_path):
     done = subprocess.run([sys.executable, "evaluate.py", "--model", model, "--data", data, "--bench", "pope",
                            "--out", str(out), "--max-new-tokens", "3", "--threads", "1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == (f"evaluate.py: error: cannot write {out}/pope_results.json: "
                                                     f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}")
     assert (out / "pope_answers.jsonl").stat().st_size > 0                   # the answers made before it are kept
