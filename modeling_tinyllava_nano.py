@@ -260,10 +260,12 @@ class TinyLlavaNanoForConditionalGeneration(PreTrainedModel, GenerationMixin):
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate() needs left-padded prompts (the processor's padding_side='left')")
-        kwargs.setdefault("generation_config", self.generation_config)
+        config = kwargs.pop("generation_config", None) or self.generation_config
+        config = type(config).from_dict(config.to_dict())   # a copy
+        kwargs = config.update(**kwargs)   # one config (the folder's + this call's): generate() deprecates both
         new = self.language_model.generate(inputs_embeds=self.embed(input_ids, pixel_values),
-                                           attention_mask=attention_mask, **kwargs)
-        pad = kwargs["generation_config"].pad_token_id or 0
+                                           attention_mask=attention_mask, generation_config=config, **kwargs)
+        pad = config.pad_token_id or 0
         return torch.cat([input_ids.masked_fill(input_ids < 0, pad), new.to(input_ids.device)], dim=1)
 
 
@@ -285,6 +287,9 @@ class TinyLlavaNanoProcessor(ProcessorMixin):
         return encode_text(self.tokenizer, text, self.num_image_tokens, add_special_tokens)
 
     def pixels(self, image):
+        if isinstance(image, str):   # a path, an http(s) URL or base64 ({"type": "image", "path" | "url": ...})
+            from transformers.image_utils import load_image
+            image = load_image(image)
         image = image.convert("RGB")
         if self.image_aspect_ratio == "pad":
             w, h = image.size
@@ -319,6 +324,12 @@ class TinyLlavaNanoProcessor(ProcessorMixin):
         if flat:
             data["pixel_values"] = torch.stack([self.pixels(im) for im in flat])
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        """pipeline("image-text-to-text")'s decoding: the image sentinels (negative ids) are no tokens."""
+        rows = generated_outputs.tolist() if hasattr(generated_outputs, "tolist") else list(generated_outputs)
+        rows = rows if rows and isinstance(rows[0], (list, tuple)) else [rows]
+        return self.batch_decode(rows, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def batch_decode(self, sequences, **kwargs):
         return [self.decode(s, **kwargs) for s in sequences]
