@@ -1,0 +1,211 @@
+"""
+Where an answer looks: for each generated token, a heatmap over each image of its attention to the image tokens
+(averaged over the heads and layers chosen, mapped back onto the patch grid and upsampled onto the picture), its
+top-k next-token probabilities, and its attention to the earlier text tokens. Drawn with Pillow into one PNG.
+
+    python visualize.py --model out/demo/2_finetune --image demo/images/0.png --prompt "What digit is this?" --out vis.png
+    python visualize.py --model DIR --image a.png --prompt "..." --layers -2: --heads 0,1 --top-k 8 --max-new-tokens 16
+
+The answer is chat.py's (greedy by default; the same prompt, template and image preprocessing). The attention of a
+token is that of the step that generated it: one eager forward over prompt + answer gives, at the position before
+each answer token, the same attention rows and logits as the cached generation step. --layers / --heads take
+indices or Python slices ("all", "-1", "0,2", "-4:"). The web demo (web_demo.py) draws the same panels.
+"""
+import argparse
+import math
+import sys
+
+from settings import TEMPLATES, Choice, Image, Int, Model, Output, Parser
+
+IMAGE_TOKEN_INDEX = -200   # data.IMAGE_TOKEN_INDEX
+
+
+def pick(spec, n):
+    """Indices of range(n) that `spec` names: "all", "3", "-1", "0,2", "-4:" (a Python slice)."""
+    spec = str(spec).strip()
+    if spec in ("", "all", ":"):
+        return list(range(n))
+    out = []
+    for part in spec.split(","):
+        if ":" in part:
+            bounds = [int(x) if x.strip() else None for x in part.split(":")]
+            out += list(range(n))[slice(*bounds)]
+        else:
+            k = int(part)
+            if not -n <= k < n:
+                raise ValueError(f"index {k} is out of range for {n}")
+            out.append(k % n)
+    if not out:
+        raise ValueError(f"{spec!r} selects nothing of {n}")
+    return sorted(set(out))
+
+
+def spec(text):
+    """--layers / --heads checked before torch loads: "all", or indices and slices ("-1", "0,2", "-4:")."""
+    try:
+        pick(text, 1 << 20) if str(text).strip() not in ("", "all", ":") else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected all, indices or slices like -1, 0,2 or -4:, got {text!r}") from None
+    return text
+
+
+def grid_of(n):
+    """(rows, cols, skip) of n image tokens: a square patch grid, the same after a leading CLS token, else one row."""
+    for skip in (0, 1):
+        side = math.isqrt(n - skip)
+        if side * side == n - skip and side > 0:
+            return side, side, skip
+    return 1, n, 0
+
+
+def trace(model, tokenizer, prompt_ids, new_ids, images=None, layers="all", heads="all", top_k=5):
+    """One record per token of `new_ids` (what model.generate returned for `prompt_ids` [1, T] and `images`):
+    {"token", "heat": [rows x cols tensor per image], "top": [(token, p)], "text": [(position, token, weight)]}."""
+    import torch
+    lm = model.language_model
+    ids = torch.cat([prompt_ids, new_ids.to(prompt_ids.device).reshape(1, -1)], dim=1)
+    before = getattr(lm.config, "_attn_implementation", None)
+    lm.set_attn_implementation("eager")   # SDPA returns no attention weights
+    try:
+        with torch.no_grad():
+            out = lm(inputs_embeds=model.embed(ids, images), output_attentions=True)
+    finally:
+        if before:
+            lm.set_attn_implementation(before)
+    chosen = pick(layers, len(out.attentions))
+    att = torch.stack([out.attentions[k][0].float() for k in chosen])   # layers x heads x T x T
+    att = att[:, pick(heads, att.shape[1])].mean(dim=(0, 1))          # T x T
+    is_image = (ids[0] == IMAGE_TOKEN_INDEX).tolist()
+    image_pos = [i for i, x in enumerate(is_image) if x]
+    per = getattr(model, "num_image_tokens", 0) or 0
+    per = per if isinstance(per, int) else sum(per)
+    blocks = [image_pos[k:k + per] for k in range(0, len(image_pos), per)] if per else []
+    probs = out.logits[0].float().softmax(-1)
+    records = []
+    for j in range(new_ids.numel()):
+        q = prompt_ids.shape[1] + j - 1   # the position whose output chose token j
+        heat = []
+        for block in blocks:
+            rows, cols, skip = grid_of(len(block))
+            heat.append(att[q, block[skip:]].reshape(rows, cols))
+        p, top = probs[q].topk(min(top_k, probs.shape[-1]))
+        text = [(i, tokenizer.decode([int(ids[0, i])]), float(att[q, i])) for i in range(q + 1) if not is_image[i]]
+        records.append({"token": tokenizer.decode([int(ids[0, q + 1])]), "heat": heat,
+                        "top": [(tokenizer.decode([int(t)]), float(v)) for t, v in zip(top, p)], "text": text})
+    return records
+
+
+def overlay(picture, heat, size=160):
+    """The picture with `heat` (rows x cols, any scale) upsampled onto it in red."""
+    from PIL import Image as PILImage
+    base = picture.convert("L").convert("RGB").resize((size, size))   # grey, so the red reads on any picture
+    h = heat.float()
+    h = (h - h.min()) / (h.max() - h.min() + 1e-12)
+    mask = PILImage.fromarray((h * 255).byte().numpy(), "L").resize((size, size), PILImage.BILINEAR)
+    red = PILImage.new("RGB", (size, size), (255, 0, 0))
+    return PILImage.composite(red, base, mask.point(lambda v: int(v * 0.6)))
+
+
+def panel(record, pictures, size=160, texts=8):
+    """One token's picture: heatmaps over each image, the top-k bars, the most-attended earlier text tokens."""
+    from PIL import Image as PILImage, ImageDraw
+    width = max(size * max(len(pictures), 1), 2 * size) + 20
+    height = 24 + (size + 8 if pictures else 0) + 16 * (len(record["top"]) + min(texts, len(record["text"])) + 2)
+    im = PILImage.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(im)
+    d.text((10, 6), f"token {record['token']!r}", fill="black")
+    y = 24
+    for k, (pic, heat) in enumerate(zip(pictures, record["heat"])):
+        im.paste(overlay(pic, heat, size), (10 + k * size, y))
+    y += size + 8 if pictures else 0
+    bar = width - 150
+
+    def bars(title, rows, colour):
+        nonlocal y
+        d.text((10, y), title, fill="black")
+        y += 16
+        top = max([v for _, v in rows] + [1e-12])
+        for name, v in rows:
+            d.rectangle([120, y + 2, 120 + int(bar * v / top), y + 12], fill=colour)
+            d.text((10, y), f"{name!r}"[:16], fill="black")
+            d.text((124, y), f"{v:.3f}", fill="black")
+            y += 16
+    bars("next-token probability", record["top"], (80, 120, 220))
+    text = sorted(record["text"], key=lambda r: -r[2])[:texts]
+    bars("attention to earlier text", [(tok, w) for _, tok, w in text], (230, 140, 40))
+    return im
+
+
+def render(records, pictures, size=160, columns=4):
+    """Every token's panel on one sheet, `columns` per row."""
+    from PIL import Image as PILImage
+    panels = [panel(r, pictures, size) for r in records]
+    if not panels:
+        return PILImage.new("RGB", (size, size), "white")
+    w, h = max(p.width for p in panels), max(p.height for p in panels)
+    cols = min(columns, len(panels))
+    sheet = PILImage.new("RGB", (w * cols, h * math.ceil(len(panels) / cols)), "white")
+    for k, p in enumerate(panels):
+        sheet.paste(p, ((k % cols) * w, (k // cols) * h))
+    return sheet
+
+
+def answer_and_trace(model, tokenizer, processor, template, question, pictures, history=(), max_new_tokens=32,
+                     layers="all", heads="all", top_k=5, **generate_kwargs):
+    """chat.py's answer to `question` after `history` (LLaVA turns; the images go with the first question) and its
+    trace: (answer text, records)."""
+    import torch
+    from data import IMAGE_PLACEHOLDER, encode, preprocess_image
+    device = next(model.parameters()).device
+    turns = list(history)
+    if not turns and pictures:
+        question = "\n".join([IMAGE_PLACEHOLDER] * len(pictures) + [question])   # as chat.py: "<image>\n<question>"
+    turns.append({"from": "human", "value": question})
+    ids = encode(turns, template, tokenizer, model.num_image_tokens, for_generation=True)["input_ids"][None].to(device)
+    images = torch.stack([preprocess_image(p, processor, model.args.image_aspect_ratio) for p in pictures]).to(device) \
+        if pictures else None
+    generate_kwargs.setdefault("do_sample", False)
+    new = model.generate(ids, torch.ones_like(ids), images=images, max_new_tokens=max_new_tokens, **generate_kwargs)
+    answer = tokenizer.decode(new[0], skip_special_tokens=True).strip()
+    return answer, trace(model, tokenizer, ids, new[0], images, layers, heads, top_k)
+
+
+def main(argv=None):
+    p = Parser(prog="visualize.py", description=__doc__.split("\n\n")[0].strip(),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Model(), help="a model directory (as chat.py) or a Hub id")
+    p.add_argument("--image", action="append", default=[], type=Image(), help="a picture (repeat for several)")
+    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--out", required=True, type=Output(folder=False), help="the PNG to write")
+    p.add_argument("--template", default=None, type=Choice(*TEMPLATES), help="chat template (default: the model's)")
+    p.add_argument("--max-new-tokens", type=Int(1), default=16)
+    p.add_argument("--layers", default="all", type=spec, help="layers to average: all, -1, 0,2, -4: (default all)")
+    p.add_argument("--heads", default="all", type=spec, help="heads to average, as --layers (default all)")
+    p.add_argument("--top-k", type=Int(1), default=5)
+    a = p.parse_args(argv)
+    from data import load_image
+    from folders import model_template
+    from model import load_pretrained
+    model, tokenizer, processor = load_pretrained(a.model)
+    try:
+        template = model_template(a.model, model, a.template)
+    except ValueError as e:
+        p.error(str(e))
+    pictures = [load_image(path) for path in a.image]
+    try:
+        answer, records = answer_and_trace(model.eval(), tokenizer, processor, template, a.prompt, pictures,
+                                           max_new_tokens=a.max_new_tokens, layers=a.layers, heads=a.heads,
+                                           top_k=a.top_k)
+    except ValueError as e:   # a --layers / --heads outside the model
+        p.error(str(e))
+    render(records, pictures).save(a.out)
+    print(f"ASSISTANT: {answer}\nwrote {a.out} ({len(records)} tokens)")
+    return answer, records
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (OSError, ValueError) as e:
+        print(f"visualize.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
