@@ -102,9 +102,11 @@ def key(row):   # what names an answer: MME asks two questions of each question_
 
 
 # ------------------------------------------------------------------------- question and reference files
-def load_questions(bench, path):
-    """The question file -> items {question_id, text (the model's question, no image token), image (or None),
-    prompt (what LLaVA's script saves in the answer row), category, answer (preset: not generated)}."""
+def load_questions(bench, path, mmmu_multi_image="answer"):
+    """The question file -> items {question_id, text (the model's question, no image token; with several images
+    their <image> placeholders in place), image (a path, a list of paths, or None), prompt (what LLaVA's script
+    saves in the answer row), category, answer (preset: not generated)}. MMMU questions with several images are
+    answered from all of them ("answer"), or given the original's guess ("guess": TinyLLaVA's numbers)."""
     items = []
     for i, q in enumerate(read_json(path)):
         try:
@@ -114,11 +116,18 @@ def load_questions(bench, path):
                             prompt=("<image>\n" if q.get("image") else "") + text)
             elif bench == "mmmu":      # model_vqa_mmmu: questions without one "image" have several: not run
                 item = dict(question_id=q["id"], text=q["prompt"], image=q.get("image"), prompt=q["prompt"])
-                if not q.get("image"):
-                    item["answer"] = mmmu_multi_image_answer(q)
+                if not isinstance(q.get("image"), str) and mmmu_multi_image == "answer" and mmmu_images(q):
+                    item.update(zip(("text", "image"), mmmu_in_place(q["prompt"], mmmu_images(q))))
+                elif not isinstance(q.get("image"), str) or not q["image"]:
+                    item.update(image=None, answer=mmmu_multi_image_answer(q))
             else:                      # model_vqa_loader / model_vqa: the saved prompt is the file's text
                 item = dict(question_id=q["question_id"], text=q["text"], image=q.get("image"), prompt=q["text"],
                             category=q.get("category"))
+                if isinstance(item["image"], list):   # several: one <image> each in the text, or all in front
+                    n = item["text"].count("<image>")
+                    item["text"] = "<image>\n" * len(item["image"]) * (n == 0) + item["text"]
+                    if n not in (0, len(item["image"])) or not all(isinstance(x, str) for x in item["image"]):
+                        raise TypeError(f"{len(item['image'])} images but {n} <image> placeholders")
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: record {i} is not a {bench} question ({type(e).__name__}: {e}): "
                              f"{json.dumps(q)[:200]}") from None
@@ -129,6 +138,36 @@ def load_questions(bench, path):
         raise ValueError(f"{path}: question_id {twice[0]['question_id']!r} with prompt {twice[0]['prompt'][:60]!r} "
                          "appears more than once; answers are keyed by both")
     return items
+
+
+def image_files(item) -> list:
+    """An item's image paths: [] (none), [path] or its list."""
+    image = item.get("image")
+    return [] if not image else list(image) if isinstance(image, list) else [image]
+
+
+def mmmu_images(question) -> list:
+    """The image files of a MMMU question with several: an "image" list, or image_1 ... image_7 (MMMU's fields)."""
+    if isinstance(question.get("image"), list):
+        return list(question["image"])
+    return [question[f"image_{k}"] for k in range(1, 8) if isinstance(question.get(f"image_{k}"), str)]
+
+
+def mmmu_in_place(prompt, files):
+    """(text, images): each image right after the first `<image k>` that names it, in order of mention (k-th file
+    for k); those never named lead the text. A text already holding `<image>` placeholders stays as it is."""
+    if prompt.count("<image>") == len(files):
+        return prompt, list(files)
+    order = []
+    for m in re.finditer(r"<image (\d+)>", prompt):
+        k = int(m.group(1))
+        if 1 <= k <= len(files) and k not in order:
+            order.append(k)
+    text = prompt
+    for k in order:
+        text = text.replace(f"<image {k}>", f"<image {k}> <image>", 1)
+    rest = [k for k in range(1, len(files) + 1) if k not in order]
+    return "".join(f"<image {k}> <image>\n" for k in rest) + text, [files[k - 1] for k in rest + order]
 
 
 def mmmu_multi_image_answer(question, seed=42):

@@ -1,14 +1,17 @@
 """
-Chat with a model about one image: one answer, or a conversation read from stdin, streamed as it is generated.
+Chat with a model about images: one answer, or a conversation read from stdin, streamed as it is generated.
 
     python chat.py --model out/demo/2_finetune --image demo/images/0.png --prompt "What digit is this?"
     python chat.py --model DIR --image cat.jpg                       # a question per line; empty line / EOF ends
     python chat.py --model DIR --image cat.jpg --temperature 0.2 --top-p 0.9 --max-new-tokens 256 --seed 1
     python chat.py --model DIR --image cat.jpg --save chat.json      # the conversation as a LLaVA-format record
     python chat.py --model path/to/TinyLLaVA-Phi-2-SigLIP-3.1B --image cat.jpg   # an original checkpoint, offline
+    python chat.py --model DIR --image a.png --image b.png --prompt "Are these the same digit?"   # several images
+    # on stdin, a line "/image PATH" adds a picture to the next question (images in later turns)
 
-The image goes with the first question; every question is asked with the whole conversation before it, each earlier
-answer in full (TinyLLaVA Factory's CLI stores its answers cut short). Decoding is greedy unless --temperature > 0,
+The images of --image go with the first question, each as an <image> placeholder in order; "/image PATH" adds one
+to the next question. Every question is asked with the whole conversation before it (and every image so far), each
+earlier answer in full (TinyLLaVA Factory's CLI stores its answers cut short). Decoding is greedy unless --temperature > 0,
 which samples (with --top-p nucleus filtering when given). The chat template is --template, else the one in
 <model>/train_config.json, else the one a TinyLLaVA Factory checkpoint implies (see convert.py). Images are
 preprocessed as the model was trained (its image_aspect_ratio). Runs on the GPU when there is one (bf16), else CPU fp32.
@@ -40,27 +43,31 @@ def streamer(tokenizer):
 
 
 class Chat:
-    """A conversation about one image (or none). ask() answers a question and keeps both in .history, which is
-    in LLaVA's format: [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]."""
+    """A conversation about images (or none). ask() answers a question and keeps both in .history, which is
+    in LLaVA's format: [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...].
+    `image` (one) or `images` (several) go with the first question; add_image() adds one to the next question."""
 
     def __init__(self, model, tokenizer, processor, template, image=None, max_new_tokens=512, temperature=0.0,
-                 top_p=None):
-        from data import preprocess_image
+                 top_p=None, images=()):
         self.model, self.tokenizer, self.template = model.eval(), tokenizer, template
-        self.device = next(model.parameters()).device
-        self.pixels = None
-        if image is not None:
-            self.pixels = preprocess_image(image, processor, model.args.image_aspect_ratio)[None].to(self.device)
+        self.device, self.processor = next(model.parameters()).device, processor
+        self.pixels, self.pending = None, []   # every picture so far [n, 3, H, W]; those of the next question
+        for im in ([image] if image is not None else []) + list(images):
+            self.add_image(im)
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
         if temperature > 0:
             self.generate_kwargs.update(temperature=temperature, **({"top_p": top_p} if top_p else {}))
         self.history = []
 
+    def add_image(self, image):
+        """A PIL image for the next question (its <image> placeholders lead the question, in the order added)."""
+        from data import preprocess_image
+        self.pending.append(preprocess_image(image, self.processor, self.model.args.image_aspect_ratio).to(self.device))
+
     def prompt_ids(self, question):
-        """The prompt for `question` after the conversation so far (the image in its first question)."""
+        """The prompt for `question` after the conversation so far (the pending images at its front)."""
         from data import IMAGE_PLACEHOLDER, encode
-        first = not self.history and self.pixels is not None
-        turn = {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}" if first else question}
+        turn = {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n" * len(self.pending) + question}
         ids = encode(self.history + [turn], self.template, self.tokenizer, self.model.num_image_tokens,
                      for_generation=True)["input_ids"][None]
         return turn, ids.to(self.device)
@@ -68,9 +75,12 @@ class Chat:
     def ask(self, question, streamer=None):
         import torch
         turn, ids = self.prompt_ids(question)
-        # every prompt holds the first turn's image tokens, so every turn passes the picture
-        new = self.model.generate(ids, torch.ones_like(ids), images=self.pixels, streamer=streamer,
+        # every prompt holds the image tokens of every turn so far, so every turn passes all the pictures
+        pixels = torch.stack(self.pending) if self.pending else None
+        pixels = pixels if self.pixels is None else self.pixels if pixels is None else torch.cat([self.pixels, pixels])
+        new = self.model.generate(ids, torch.ones_like(ids), images=pixels, streamer=streamer,
                                   **self.generate_kwargs)
+        self.pixels, self.pending = pixels, []
         answer = self.tokenizer.decode(new[0], skip_special_tokens=True).strip()
         self.history += [turn, {"from": "gpt", "value": answer}]
         return answer
@@ -97,7 +107,8 @@ def main(argv=None):
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Model(), help="a model directory (ours, or a TinyLLaVA Factory "
                    "checkpoint), or a Hub id")
-    p.add_argument("--image", default=None, type=Image(), help="the picture to talk about (optional)")
+    p.add_argument("--image", action="append", default=[], type=Image(), help="a picture to talk about (optional; "
+                   "repeat it for several, in order)")
     p.add_argument("--prompt", default=None, help="ask this one question and exit (default: read stdin)")
     p.add_argument("--template", default=None, type=Choice(*TEMPLATES), help="chat template (default: the model's own)")
     p.add_argument("--temperature", type=Float(0), default=0.0, help="0 = greedy; > 0 samples")
@@ -133,15 +144,25 @@ def main(argv=None):
     except ValueError as e:   # no template given, none saved with the model
         p.error(str(e))
     torch.manual_seed(a.seed)
-    chat = Chat(model.to(a.device), tokenizer, processor, template, load_image(a.image) if a.image else None,
-                a.max_new_tokens, a.temperature, a.top_p)
+    chat = Chat(model.to(a.device), tokenizer, processor, template, None, a.max_new_tokens, a.temperature, a.top_p,
+                images=[load_image(path) for path in a.image])
+    paths = list(a.image)
     for question in questions(a.prompt):
+        if question.startswith("/image "):   # a picture for the next question
+            try:
+                chat.add_image(load_image(question[len("/image "):].strip()))
+                paths.append(question[len("/image "):].strip())
+            except (OSError, ValueError) as e:
+                print(f"chat.py: {e}", flush=True)
+            continue
         print("ASSISTANT: ", end="", flush=True)
         answer = chat.ask(question, None if a.no_stream else streamer(tokenizer))
         if a.no_stream:
             print(answer, flush=True)
     if a.save:
-        save(a.save, {"id": "chat", **({"image": a.image} if a.image else {}), "conversations": chat.history})
+        paths = paths[:0 if chat.pixels is None else len(chat.pixels)]   # those asked about
+        image = {"image": paths if len(paths) > 1 else paths[0]} if paths else {}
+        save(a.save, {"id": "chat", **image, "conversations": chat.history})
     return chat.history
 
 

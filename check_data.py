@@ -15,13 +15,14 @@ What it finds, by code (data.check: records.record_problems, data.load_image, da
                no-conversations, bad-turn, empty-conversation, empty-turn, starts-with-assistant,
                turns-not-alternating, unanswered-last-turn, text-unencodable (a lone surrogate: "\\ud800"),
                duplicate-id (reported; training keeps it), bad-image-field, image-without-placeholder,
-               placeholder-without-image, multiple-images, image-in-answer, image-outside (an absolute path or one
-               through '..'; --allow-outside-images)
+               placeholder-without-image, image-count-mismatch (a list's entries vs its <image>s, or several with
+               one path), empty-image-list, repeated-image, too-many-images (records.MAX_IMAGES), image-in-answer,
+               image-outside (an absolute path or one through '..'; --allow-outside-images)
   image        image-missing, image-not-a-file (a directory, FIFO, device: only a regular file is opened),
                image-unreadable, image-truncated, image-too-large (over data.MAX_IMAGE_PIXELS; with
                image_aspect_ratio "pad", also a padded square over data.MAX_PAD_SIDE)
-  sample       answer-truncated (at max_length), no-supervised-tokens, prompt-too-long, template-error,
-               feature-cache-miss
+  sample       answer-truncated (at max_length), images-over-max-length, no-supervised-tokens, prompt-too-long,
+               template-error, feature-cache-miss
   anything     internal-error: an exception on one record is reported with its text, and the check goes on
 A leading system message is dropped, as the original does: a note, not a problem. --config takes the tokenizer,
 template, max_length, image-token count and image_aspect_ratio of one stage of the recipe (--stage; default: the

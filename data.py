@@ -17,8 +17,9 @@ Public API (each docstring gives the details)
         -> {"input_ids": LongTensor[T], "labels": LongTensor[T]}
     load_image(path, aspect) -> PIL.Image (RGB);  preprocess_image(image, processor, aspect="square"|"pad")
         -> Tensor[3, H, W]
-    VLMDataset(...)[i] -> {"input_ids", "labels", "pixel_values": Tensor[3, H, W] | None, "tower_features", "id",
-        "skipped"};  .lengths;  .skipped: [(index, id, problem)] left out at load;  read_skip_log(*paths)
+    VLMDataset(...)[i] -> {"input_ids", "labels", "pixel_values": Tensor[3, H, W] ([n, 3, H, W]: a list) | None,
+        "tower_features", "id", "skipped"};  .lengths;  .skipped: [(index, id, problem)] left out at load;
+        read_skip_log(*paths)
     collate(batch, pad_token_id, padding_side) -> {"input_ids", "attention_mask", "labels", "images", ...}
     check(records, image_folder, tokenizer, ...) -> {"problems", "notes", "lengths", ...}: what training refuses
 
@@ -32,8 +33,10 @@ is supervised iff it covers a character of such a span. This equals the original
 wherever those are consistent, and never silently masks a whole sample: anything odd raises DataError naming
 file, record and id, ending in the problem's code (DataError.code, listed in check_data.py): "... [image-missing]".
 
-Not done here (on purpose): multi-image samples, anyres tiling, dummy zero images for text-only samples (those
-rows carry no image at all, so the vision tower never runs on them), tokenizers that append EOS to every call.
+Several images: "image" a list, one `<image>` per entry in order in any human turn; a turn with one keeps the
+original's relocation, a turn with several keeps them in place. Not done here (on purpose): anyres tiling, dummy
+zero images for text-only samples (those rows carry no image at all, so the vision tower never runs on them),
+tokenizers that append EOS to every call.
 """
 
 import json
@@ -46,8 +49,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageFile
 
-from records import (IMAGE_PLACEHOLDER, NOT_BAD, BadLine, DataError, _error, _id, _json, _turns, _where,  # noqa: F401
-                     load_records, read_records, record_problems, scan)   # (re-exported: data.DataError, ...)
+from records import (IMAGE_PLACEHOLDER, MAX_IMAGES, NOT_BAD, BadLine, DataError, _error, _id, _json,  # noqa: F401
+                     _turns, _where, load_records, read_records, record_images, record_problems, scan)   # re-exported
 
 IGNORE_INDEX = -100  # label of tokens that take no loss (torch CrossEntropyLoss default ignore_index)
 IMAGE_TOKEN_INDEX = -200  # sentinel id at image positions; model.py writes image features there (LLaVA's value)
@@ -113,10 +116,12 @@ def get_template(template):
 
 
 def _question(t: ChatTemplate, q: str) -> str:
-    has_image = IMAGE_PLACEHOLDER in q
-    q = q if t.keep_question else ""
-    if has_image:  # exactly the original's relocation, including its two strip() calls
+    n_images = q.count(IMAGE_PLACEHOLDER)
+    q = q if t.keep_question else IMAGE_PLACEHOLDER * n_images
+    if n_images == 1:  # exactly the original's relocation, including its two strip() calls
         q = (t.image + q.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
+    elif n_images > 1:  # several images in one turn stay where they are, interleaved with the text
+        q = q.strip()
     return t.user.replace("{q}", q, 1)
 
 
@@ -141,7 +146,7 @@ def _render_hf(turns, tokenizer, for_generation):
         raise ValueError("template 'auto' needs a tokenizer with a chat_template")
     messages = []
     for q, a in turns:
-        if IMAGE_PLACEHOLDER in q:
+        if q.count(IMAGE_PLACEHOLDER) == 1:   # several stay in place, as in _question
             q = IMAGE_PLACEHOLDER + "\n" + q.replace(IMAGE_PLACEHOLDER, "").strip()
         messages.append({"role": "user", "content": q})
         if a is not None:
@@ -290,13 +295,13 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def __init__(self, records, tokenizer, image_processor, template, num_image_tokens, max_length,
                  image_folder=None, image_aspect_ratio="square", bad_samples="error", feature_cache=None,
-                 allow_outside_images=False, skip_log=None):
+                 allow_outside_images=False, skip_log=None, max_images=MAX_IMAGES):
         if bad_samples not in ("error", "skip"):
             raise ValueError(f"unknown bad_samples policy {bad_samples!r}; valid: error, skip")
         self.source = str(records) if isinstance(records, (str, os.PathLike)) else "<records>"
         records = read_records(records) if isinstance(records, (str, os.PathLike)) else records
         self.records, self.origin, self.skipped, self.skip_log, dups = [], [], [], skip_log, []
-        for i, record, problems in scan(records, allow_outside_images):
+        for i, record, problems in scan(records, allow_outside_images, max_images):
             dups += [i] * any(c in NOT_BAD for c, _ in problems)   # listed by the check, trained on (below)
             problems = [(c, m) for c, m in problems if c not in NOT_BAD]
             if not problems:
@@ -345,7 +350,7 @@ class VLMDataset(torch.utils.data.Dataset):
             self._lengths = []
             for r in self.records:
                 n = sum(len(turn["value"]) for turn in r["conversations"]) // 4 + 1
-                self._lengths.append(n + self.num_image_tokens if r.get("image") is not None else -n)
+                self._lengths.append(n + self.num_image_tokens * len(record_images(r)) if r.get("image") else -n)
         return self._lengths
 
     def sample(self, i) -> dict:
@@ -353,21 +358,34 @@ class VLMDataset(torch.utils.data.Dataset):
         try:
             out = encode(record["conversations"], self.template, self.tokenizer, self.num_image_tokens,
                          self.max_length)
-            pixel_values = feats = None
-            # the image may have been cut away by truncation; then the sample carries no picture either
-            if record.get("image") is not None and bool((out["input_ids"] == IMAGE_TOKEN_INDEX).any()):
-                if self.feature_cache is not None:
-                    feats = self.feature_cache.load(self.image_folder, record["image"])
-                if feats is None:
-                    image = load_image(os.path.join(self.image_folder, record["image"]), self.image_aspect_ratio)
-                    if self.feature_cache is not None:
-                        raise DataError(f"image {record['image']} is not in the feature cache "
-                                        f"{self.feature_cache.dir}", "feature-cache-miss")
-                    pixel_values = preprocess_image(image, self.image_processor, self.image_aspect_ratio)
+            # images may have been cut away by truncation (whole ones, from the end): the sample keeps the rest
+            kept = int((out["input_ids"] == IMAGE_TOKEN_INDEX).sum()) // max(1, self.num_image_tokens)
+            pixel_values, feats = self._images(record_images(record)[:kept])
+            if pixel_values is not None and not isinstance(record["image"], list):
+                pixel_values = pixel_values[0]   # one image as a string: [3, H, W] as ever
+            if feats is not None and not isinstance(record["image"], list):
+                feats = tuple(f[0] for f in feats) if isinstance(feats, tuple) else feats[0]
         except Exception as e:  # noqa: BLE001 - a tokenizer's TypeError on one odd text, too: this record's problem
             code, what = (e.code, e) if isinstance(e, DataError) else ("internal-error", f"{type(e).__name__}: {e}")
             raise DataError(f"{_where(self.source, self.origin[i], record)}: {what} [{code}]", code) from None
         return {**out, "pixel_values": pixel_values, "tower_features": feats, "id": record.get("id")}
+
+    def _images(self, names):
+        """(pixels [n, 3, H, W], None) or, with a feature cache, (None, tower outputs [n, ...] or a pair of them)."""
+        if not names:
+            return None, None
+        if self.feature_cache is None:
+            return torch.stack([preprocess_image(load_image(os.path.join(self.image_folder, name),
+                                                            self.image_aspect_ratio), self.image_processor,
+                                                 self.image_aspect_ratio) for name in names]), None
+        feats = []
+        for name in names:
+            feats.append(self.feature_cache.load(self.image_folder, name))
+            if feats[-1] is None:
+                load_image(os.path.join(self.image_folder, name), self.image_aspect_ratio)   # its own problem first
+                raise DataError(f"image {name} is not in the feature cache {self.feature_cache.dir}",
+                                "feature-cache-miss")
+        return None, tuple(map(torch.stack, zip(*feats))) if isinstance(feats[0], tuple) else torch.stack(feats)
 
     def __getitem__(self, i) -> dict:
         if self.bad_samples == "error":
@@ -411,34 +429,44 @@ def collate(batch, pad_token_id, padding_side="right") -> dict:
         input_ids[row, cols] = sample["input_ids"]
         labels[row, cols] = sample["labels"]
         attention_mask[row, cols] = 1
-    pictures = [s["pixel_values"] for s in batch if s.get("pixel_values") is not None]
-    images = torch.stack(pictures) if pictures else None
+    pictures = [_many(s["pixel_values"], 3) for s in batch if s.get("pixel_values") is not None]
+    images = torch.cat(pictures) if pictures else None
     feats = [s["tower_features"] for s in batch if s.get("tower_features") is not None]
     if feats:   # cached tower outputs instead of pictures (a pair per image for MoF)
-        feats = tuple(torch.stack(f) for f in zip(*feats)) if isinstance(feats[0], tuple) else torch.stack(feats)
+        feats = tuple(torch.cat([_many(x, 2) for x in f]) for f in zip(*feats)) if isinstance(feats[0], tuple) \
+            else torch.cat([_many(x, 2) for x in feats])
+    n_images = len(images) if images is not None else len(feats[0] if isinstance(feats, tuple) else feats)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images,
-            "tower_features": feats if len(feats) else None,
+            "tower_features": feats if len(feats) else None, "n_images": n_images,
             "skipped": [x for s in batch for x in s.get("skipped", ())]}
+
+
+def _many(x, dims):   # one image's tensor ([3, H, W]; [tokens, D]) as a stack of one, a stack as it is
+    return x[None] if x.dim() == dims else x
 
 
 # ---- The data check (check_data.py prints it) ----------------------------------------------------------------------
 def check(records, image_folder=None, tokenizer=None, template="phi", num_image_tokens=0, max_length=None,
-          allow_outside_images=False, on_problem=None, progress=False, image_aspect_ratio="square"):
+          allow_outside_images=False, on_problem=None, progress=False, image_aspect_ratio="square",
+          max_images=MAX_IMAGES):
     """Every record as training reads it (scan, then load_image and encode with training's settings) -> {"problems":
     [(index, id, code, message)], "notes": [(index, id, message)], "lengths": [tokens], "over_max_length": n, ...};
     on_problem(index, record, code, message) is called as each problem or note (code "note") is found."""
     from tqdm import tqdm
     problems, notes, lengths, over = [], [], [], 0
     bar = tqdm(total=len(records), unit=" records", file=sys.stderr, disable=not progress)
-    for i, r, found in scan(records, allow_outside_images):
+    for i, r, found in scan(records, allow_outside_images, max_images):
         rid = r.get("id") if isinstance(r, dict) else None
         good = lambda: all(c in NOT_BAD for c, _ in found)  # noqa: E731 - a record training keeps, so far
         try:
-            if good() and image_folder is not None and r.get("image") is not None:   # training: when read
+            for name in record_images(r) if good() and image_folder is not None else ():   # training: when read
                 try:
-                    load_image(os.path.join(image_folder, r["image"]), image_aspect_ratio)
+                    load_image(os.path.join(image_folder, name), image_aspect_ratio)
                 except DataError as e:
                     found.append((e.code, str(e)))
+            if good() and max_length and num_image_tokens * len(record_images(r)) >= max_length:
+                found.append(("images-over-max-length", f"{len(record_images(r))} images x {num_image_tokens} "
+                                                        f"tokens leave no room for text in max_length={max_length}"))
             if good() and r["conversations"][0]["from"] != "human":
                 notes.append((i, rid, f"first message is from {r['conversations'][0]['from']!r}: dropped, as the "
                                       "original does"))

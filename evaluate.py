@@ -39,8 +39,9 @@ from collections import Counter
 from datetime import timedelta
 
 import scorers as S
-from answers import (DiskError, append, check_answers, disk, fingerprint, key, load_questions, merge, mme_task_lines,
-                     mmvet_submission, on_file, read_json, read_references, set_name, vqav2_submission, write_json)
+from answers import (DiskError, append, check_answers, disk, fingerprint, image_files, key, load_questions, merge,
+                     mme_task_lines, mmvet_submission, on_file, read_json, read_references, set_name, vqav2_submission,
+                     write_json)
 from settings import DTYPES, TEMPLATES, Choice, Device, Exists, File, Float, Folder, Int, Model, Output, Parser
 
 BENCHES = {  # folder in the eval root; question file, images, ground truth in it (--annotations replaces the first);
@@ -95,21 +96,27 @@ def answer(model, tokenizer, processor, items, image_folder, template, answers_f
     model.eval()
 
     def prompt(it):   # ours: token ids; transformers': the chat template's text
+        several = isinstance(it["image"], list)   # their <image> placeholders are in the text already
         if ours:
-            return encode([{"from": "human", "value": ("<image>\n" if it["image"] else "") + it["text"]}], template,
-                          tokenizer, model.num_image_tokens, for_generation=True)["input_ids"]
+            return encode([{"from": "human", "value": ("<image>\n" if it["image"] and not several else "") +
+                            it["text"]}], template, tokenizer, model.num_image_tokens, for_generation=True)["input_ids"]
         content = [{"type": "image"}] * bool(it["image"]) + [{"type": "text", "text": it["text"]}]
+        if several:   # each image at its placeholder
+            content = [c for k, t in enumerate(it["text"].split("<image>")) for c in [{"type": "image"}] * (k > 0)
+                       + [{"type": "text", "text": t}] * bool(t)]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def generate(prompts, images):   # the new tokens
         if ours:
-            pixels = [im and preprocess_image(im, processor, model.args.image_aspect_ratio) for im in images]
+            pre = lambda x: preprocess_image(x, processor, model.args.image_aspect_ratio)   # noqa: E731
+            pixels = [torch.stack(list(map(pre, im))) if isinstance(im, list) else im and pre(im) for im in images]
             b = collate([{"input_ids": x, "labels": x, "pixel_values": px} for x, px in zip(prompts, pixels)],
                         tok.pad_token_id, padding_side="left")
             return model.generate(b["input_ids"].to(embeddings.device), b["attention_mask"].to(embeddings.device),
                                   images=b["images"] if b["images"] is None else b["images"].to(embeddings.device),
                                   **generate_kwargs)
-        x = processor(images=[im for im in images if im] or None, text=prompts, padding=True, return_tensors="pt")
+        flat = [x for im in images for x in (im if isinstance(im, list) else [im] if im else [])]
+        x = processor(images=flat or None, text=prompts, padding=True, return_tensors="pt")
         x = {k: v.to(embeddings.device, embeddings.dtype if v.is_floating_point() else v.dtype) for k, v in x.items()}
         return model.generate(**x, **generate_kwargs)[:, x["input_ids"].shape[1]:]
 
@@ -128,7 +135,9 @@ def answer(model, tokenizer, processor, items, image_folder, template, answers_f
             bar.update(len(texts))
             for i in range(0, len(order), batch_size):
                 chunk = order[i:i + batch_size]   # a batch's images are in memory only while it runs
-                images = [part[j]["image"] and load_image(os.path.join(image_folder, part[j]["image"])) for j in chunk]
+                images = [[load_image(os.path.join(image_folder, f)) for f in image_files(it)] if isinstance(
+                    it["image"], list) else it["image"] and load_image(os.path.join(image_folder, it["image"]))
+                    for it in (part[j] for j in chunk)]
                 for j, ids in zip(chunk, generate([prompts[j] for j in chunk], images)):
                     texts[j] = tok.decode(ids, skip_special_tokens=True).strip()
                 bar.update(len(chunk))
@@ -318,7 +327,7 @@ def locate(bench, a, judge):
     if not os.path.isfile(qfile):
         raise FileNotFoundError(f"{bench}: no question file {qfile}" + "; it is in LLaVA-1.5's eval.zip (README: "
                                 "Evaluation)" * (bench != "custom"))
-    questions = load_questions(bench, qfile)
+    questions = load_questions(bench, qfile, getattr(a, "mmmu_multi_image", "answer"))
     items = questions[:a.limit]
     gts = [a.annotations or f"{folder}/{n}" if not i else f"{folder}/{n}" for i, n in enumerate(spec["gt"])]
     if bench == "pope":   # a label file per split asked
@@ -327,7 +336,7 @@ def locate(bench, a, judge):
         gts = [a.annotations or (image_folder if bench == "mme" else f"{folder}/mm-vet.json")]
     elif bench == "vqav2" and not os.path.isfile(f"{folder}/llava_vqav2_mscoco_test2015.jsonl"):   # no upload:
         gts = [a.annotations or f"{folder}/v2_mscoco_val2014_annotations.json"]                      # local score
-    pictures = [f"{image_folder}/{it['image']}" for it in items if it["image"]]
+    pictures = [f"{image_folder}/{f}" for it in items for f in image_files(it)]
     missing = [p for p in pictures if not os.path.isfile(p)]
     for path in gts + missing[:1]:
         if not os.path.exists(path):
@@ -393,6 +402,8 @@ def main(argv=None):
     p.add_argument("--out", type=Output(), help="answers and results folder (None: <model>/eval)")
     p.add_argument("--keep-answers", action="store_true", help="score the answers on file, whatever made them")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model's code (OpenELM); never implied")
+    p.add_argument("--mmmu-multi-image", default="answer", type=Choice("answer", "guess"), help="MMMU questions with "
+                   "several images: answer from all of them, or guess (the original's; the paper's numbers)")
     p.add_argument("--judge-url", help="MM-Vet: an OpenAI-compatible chat-completions URL")
     p.add_argument("--judge-model", default="gpt-4-0613", help="MM-Vet: the judge's model")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
@@ -454,7 +465,8 @@ def main(argv=None):
         tokens = a.max_new_tokens or BENCHES[bench]["tokens"]
         made = {"model": os.path.abspath(a.model), "weights": weights, "template": template, "dtype": dtype,
                 "max_new_tokens": tokens, "temperature": a.temperature, "top_p": a.top_p if a.temperature > 0
-                else None, "num_beams": a.num_beams, "image_folder": os.path.abspath(image_folder)}   # -> answers
+                else None, "num_beams": a.num_beams, "image_folder": os.path.abspath(image_folder),   # -> answers
+                **({"mmmu_multi_image": a.mmmu_multi_image} if bench == "mmmu" else {})}
         if state.is_main_process:
             settings = check_answers(answers_file, made, a.keep_answers)
             reused = len(on_file(answers_file).keys() & {key(it) for it in items})

@@ -15,6 +15,7 @@ from collections import namedtuple
 
 IMAGE_PLACEHOLDER = "<image>"
 NOT_BAD = {"duplicate-id"}   # listed by scan, trained on: ids only name records in messages
+MAX_IMAGES = 16   # images per sample over this are a bad sample (too-many-images); the max_images setting
 
 
 class DataError(ValueError):
@@ -103,8 +104,15 @@ def _turns(conversations, for_generation) -> list[tuple[str, str | None]]:
 
 
 # ---- Checking ----------------------------------------------------------------------------------------------------
-def record_problems(record, allow_outside_images=False) -> list[tuple[str, str]]:
-    """[(code, message)] of one record: shape, text, turns, <image> vs 'image', a path outside the image folder."""
+def record_images(record) -> list:
+    """The record's image paths in placeholder order: 'image' as a list, a one-path list for a string, [] if none."""
+    image = record.get("image") if isinstance(record, dict) else None
+    return [] if image is None else list(image) if isinstance(image, list) else [image]
+
+
+def record_problems(record, allow_outside_images=False, max_images=MAX_IMAGES) -> list[tuple[str, str]]:
+    """[(code, message)] of one record: shape, text, turns, <image>s vs 'image' (a path, or a list of paths one per
+    placeholder in order), repeated files, over max_images (None: no limit), a path outside the image folder."""
     if isinstance(record, BadLine):
         return [("bad-jsonl-line", f"bad JSON line: {record.error}")]
     if not isinstance(record, dict):
@@ -116,7 +124,7 @@ def record_problems(record, allow_outside_images=False) -> list[tuple[str, str]]
         if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
             return [("bad-turn", f"turn {t} must be {{'from': str, 'value': str}}, got {turn!r:.80}")]
     problems = []
-    texts = [v for v in (record.get("id"), record.get("image")) if isinstance(v, str)]
+    texts = [v for v in [record.get("id")] + record_images(record) if isinstance(v, str)]
     try:   # json.load accepts a lone surrogate ("\ud800"), and a tokenizer then fails with a TypeError
         "".join(texts + [m["from"] + m["value"] for m in convs]).encode("utf-8")
     except UnicodeEncodeError:
@@ -131,27 +139,39 @@ def record_problems(record, allow_outside_images=False) -> list[tuple[str, str]]
     image = record.get("image")
     if any(IMAGE_PLACEHOLDER in turn["value"] for turn in convs if turn["from"] == "gpt"):
         problems.append(("image-in-answer", f"{IMAGE_PLACEHOLDER} inside a gpt turn"))
-    if image is not None and not (isinstance(image, str) and image):
-        problems.append(("bad-image-field", f"'image' must be a non-empty relative path, got {image!r}"))
-    elif n_tags > 1:
-        problems.append(("multiple-images", f"{n_tags} {IMAGE_PLACEHOLDER} placeholders; one image per sample"))
+    if isinstance(image, list) and not image:
+        problems.append(("empty-image-list", "'image' is an empty list (leave it out for a text-only sample)"))
+    elif image is not None and not all(isinstance(x, str) and x for x in record_images(record)):
+        problems.append(("bad-image-field", f"'image' must be a non-empty relative path or a list of them, got "
+                                            f"{image!r:.80}"))
+    elif isinstance(image, list) and n_tags != len(image):
+        problems.append(("image-count-mismatch", f"{len(image)} images in 'image' but {n_tags} "
+                                                 f"{IMAGE_PLACEHOLDER} placeholders (one per image, in order)"))
     elif image is not None and n_tags == 0:
         problems.append(("image-without-placeholder", f"has 'image' but no {IMAGE_PLACEHOLDER} in its text"))
-    elif image is None and n_tags == 1:
+    elif image is None and n_tags:
         problems.append(("placeholder-without-image", f"has {IMAGE_PLACEHOLDER} in its text but no 'image'"))
+    elif n_tags > 1 and not isinstance(image, list):
+        problems.append(("image-count-mismatch", f"{n_tags} {IMAGE_PLACEHOLDER} placeholders but one image: "
+                                                 "several images are a list, one per placeholder"))
+    files = [x for x in record_images(record) if isinstance(x, str)]
+    if len(set(map(os.path.normpath, files))) < len(files):
+        problems.append(("repeated-image", "the same image file twice in 'image' (a list of distinct files)"))
+    if max_images and len(files) > max_images:
+        problems.append(("too-many-images", f"{len(files)} images, over max_images={max_images}"))
     # lexical, so that a data set laid out with symbolic links inside the image folder still works
-    outside = isinstance(image, str) and (os.path.isabs(image) or os.path.normpath(image).split(os.sep)[0] == "..")
+    outside = [x for x in files if os.path.isabs(x) or os.path.normpath(x).split(os.sep)[0] == ".."]
     if outside and not allow_outside_images:
-        problems.append(("image-outside", f"image path {image!r} leaves the image folder (allow_outside_images)"))
+        problems.append(("image-outside", f"image path {outside[0]!r} leaves the image folder (allow_outside_images)"))
     return problems
 
 
-def scan(records, allow_outside_images=False):
+def scan(records, allow_outside_images=False, max_images=MAX_IMAGES):
     """(index, record, [(code, message)]) per record: record_problems, duplicate-id, internal-error (an exception)."""
     first = {}
     for i, record in enumerate(records):
         try:
-            problems = record_problems(record, allow_outside_images)
+            problems = record_problems(record, allow_outside_images, max_images)
         except Exception as e:  # noqa: BLE001 - one record's surprise must not stop a check of 600k
             problems = [("internal-error", f"{type(e).__name__}: {e}")]
         rid = record.get("id") if isinstance(record, dict) else None

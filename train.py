@@ -151,7 +151,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     import torch
     from accelerate.utils import DistributedType
     from torch.utils.data import DataLoader
-    from data import IMAGE_TOKEN_INDEX, VLMDataset, collate
+    from data import VLMDataset, collate, record_images
     from flops import fastest_threads, flop_profile, machine_name, measured, process_peak, train_flops
     from model import ModelArgs, build_model, load_pretrained   # load: ours, and the original's layouts
     from recipes import apply_recipe, quantization_kwargs
@@ -209,7 +209,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
         if cfg["feature_cache"] and not any(p.requires_grad for p in model.vision_tower.parameters()):
             from model import FeatureCache
             dataset.feature_cache = FeatureCache(cfg["feature_cache"], model, processor)
-            done, failed = dataset.feature_cache.fill(model, [r["image"] for r in dataset.records if r.get("image")],
+            done, failed = dataset.feature_cache.fill(model, [x for r in dataset.records for x in record_images(r)],
                                                       images, 4 * mb, accelerator.process_index, world)
             if main:
                 print(f"feature cache {dataset.feature_cache.dir}: {done} images computed here ({failed} unreadable)")
@@ -316,7 +316,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
                                 tower_features=b["tower_features"])
                     accelerator.backward(out["loss_sum"] * accum * world / max(n_step, 1))
                 step_loss += float(out["loss_sum"].detach())
-                n_img = int((b["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum())
+                n_img = b["n_images"]
                 work = [work[0] + b["input_ids"].shape[0], work[1] + int(b["attention_mask"].sum()), work[2] +
                         train_flops(flops_of, b["attention_mask"], b["labels"], n_img, dataset.feature_cache is None)]
             # the norm is measured even without clipping (max_norm inf): a non-finite one skips the step

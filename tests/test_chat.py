@@ -71,6 +71,34 @@ def test_multi_turn_on_stdin_keeps_the_full_history(tiny_chat_model, tmp_path, m
     assert first in out and history[3]["value"] in out
 
 
+def expected_many(parts, conversation, image_paths, max_new_tokens=6):
+    model, tok, proc = parts
+    x = encode(conversation, "llama", tok, model.num_image_tokens, for_generation=True)["input_ids"][None]
+    pixels = torch.stack([preprocess_image(Image.open(p).convert("RGB"), proc) for p in image_paths])
+    new = model.generate(x, torch.ones_like(x), images=pixels, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(new[0], skip_special_tokens=True).strip()
+
+
+def test_several_images_and_an_image_in_a_later_turn(tiny_chat_model, tmp_path, monkeypatch):
+    """Two --image go with the first question, in order; "/image PATH" on stdin adds one to the next question;
+    every answer is model.generate's on all the pictures so far; --save writes the list."""
+    model_dir, image, parts = tiny_chat_model
+    other, third = str(tmp_path / "b.png"), str(tmp_path / "c.png")
+    Image.new("RGB", (30, 30), (250, 10, 10)).save(other)
+    Image.new("RGB", (30, 30), (10, 10, 250)).save(third)
+    saved = str(tmp_path / "chat.json")
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"Same?\n/image {third}\nAnd now?\n/image {image}\n\n"))
+    chat.main(["--model", model_dir, "--image", image, "--image", other, "--max-new-tokens", "6", "--save", saved])
+    with open(saved) as f:
+        record = json.load(f)
+    history = record["conversations"]
+    assert record["image"] == [image, other, third]   # the last /image was never asked about
+    assert [t["value"] for t in history[::2]] == ["<image>\n<image>\nSame?", "<image>\nAnd now?"]
+    assert history[1]["value"] == expected_many(parts, history[:1], [image, other])
+    assert history[3]["value"] == expected_many(parts, history[:3], [image, other, third])
+    assert expected_many(parts, history[:1], [image, other]) != expected_many(parts, history[:1], [other, image])
+
+
 def test_sampling_is_seeded_and_not_greedy(tiny_chat_model, capsys):
     model_dir, image, parts = tiny_chat_model
     args = ["--model", model_dir, "--image", image, "--prompt", "What is shown?", "--max-new-tokens", "12",
