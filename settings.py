@@ -21,6 +21,7 @@ before its arguments are parsed, so --help and a refused value cost no torch.
 """
 import argparse
 import ast
+import json
 import math
 import os
 import re
@@ -39,7 +40,8 @@ class Rule:
     what, disk = "a value", False   # disk: looks at the file system (train.py: in check_settings, not at parsing)
 
     def bad(self, value, what=None):
-        return ValueError(f"expected {what or self.what}, got {value!r}")
+        got = repr(value)
+        return ValueError(f"expected {what or self.what}, got {got if len(got) <= 80 else got[:60] + '...'}")
 
     def parse(self, value):
         return value
@@ -105,7 +107,7 @@ class Float(Rule):
             raise self.bad(value)
         try:
             v = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):   # (10 ** 400 has no float)
             raise self.bad(value) from None
         if not (math.isfinite(v) and (self.low is None or v >= self.low) and (self.high is None or v <= self.high)
                 and (self.above is None or v > self.above) and (self.below is None or v < self.below)):
@@ -235,7 +237,7 @@ class Image(File):
         try:
             with PILImage.open(value) as im:
                 im.verify()
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, PILImage.DecompressionBombError) as e:
             raise ValueError(f"{value} is not an image that can be read ({type(e).__name__}: {e})") from None
         return value
 
@@ -257,10 +259,10 @@ class Model(Rule):
         value = Text().parse(value)
         if os.path.isdir(value) or value == "" and self.empty or not os.path.exists(value) and is_hub_id(value):
             return value
-        if os.path.exists(value):
-            raise ValueError(f"{value} is a file, not a model folder")
-        raise ValueError(f"no folder {value}, and not a Hub id (owner/name)" if value else "empty: name a model "
-                         "folder or a Hub id")
+        if not value:
+            raise self.bad(value)
+        raise ValueError(f"{value} is a file, not a model folder" if os.path.exists(value) else
+                         f"no folder {value}, and not a Hub id (owner/name)")
 
 
 def unwritable(path, folder=True):
@@ -305,9 +307,11 @@ class Output(Rule):
         value = Text().parse(value)
         if value == "" and self.empty:
             return value
-        problem = unwritable(value, self.folder) if value else self.bad(value)
+        if not value:
+            raise self.bad(value)
+        problem = unwritable(value, self.folder)
         if problem:
-            raise problem if isinstance(problem, ValueError) else ValueError(problem)
+            raise ValueError(problem)
         return value
 
 
@@ -371,7 +375,7 @@ def tower_layers(path):
     """The layer count in a local vision tower's config.json (CLIP's full config: its vision_config), else None."""
     try:
         with open(os.path.join(path, "config.json")) as f:
-            config = __import__("json").load(f)
+            config = json.load(f)
         return int(config.get("vision_config", config)["num_hidden_layers"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

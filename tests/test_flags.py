@@ -267,8 +267,9 @@ def test_each_rule_takes_its_values_and_says_what_it_expected(tmp_path):
     S = settings
     good = [(S.Int(1), "1e3", 1000), (S.Int(0, S.SEED_MAX), 7.0, 7), (S.Int(0, also=(-1,)), "-1", -1),
             (S.Float(0, 1), "1", 1.0), (S.Float(above=0, below=1), 0.5, 0.5), (S.Bool(), "no", False),
-            (S.Bool(also=("auto",)), "AUTO", "auto"), (S.Choice(4, 8), "8", 8), (S.CONNECTOR, "mlp3x_gelu", "mlp3x_gelu"),
-            (S.Names(), "['q_proj']", ["q_proj"]), (S.Stages(), [{"name": "a"}], [{"name": "a"}]),
+            (S.Bool(also=("auto",)), "AUTO", "auto"), (S.Choice(4, 8), "8", 8),
+            (S.CONNECTOR, "mlp3x_gelu", "mlp3x_gelu"), (S.Names(), "['q_proj']", ["q_proj"]),
+            (S.Stages(), [{"name": "a"}], [{"name": "a"}]),
             (S.Text(), tmp_path, str(tmp_path)), (S.Model(empty=True), "", ""), (S.Model(), "org/name", "org/name"),
             (S.Folder(), str(tmp_path), str(tmp_path)), (S.Exists(), str(tmp_path), str(tmp_path)),
             (S.Output(), str(tmp_path / "a" / "b"), str(tmp_path / "a" / "b")), (S.Device(), "cuda:1", "cuda:1")]
@@ -280,13 +281,13 @@ def test_each_rule_takes_its_values_and_says_what_it_expected(tmp_path):
     bad = [(S.Int(1), "0", "expected a whole number >= 1, got '0'"), (S.Int(), True, "got True"),
            (S.Int(), "1e400", "got '1e400'"), (S.Int(), [1], "got [1]"), (S.Float(0), "nan", ">= 0, got 'nan'"),
            (S.Float(above=0, high=1), "0", "> 0 and <= 1"), (S.Float(), None, "got None"),
-           (S.Bool(), "maybe", "expected true/false"), (S.Choice("", "x"), "y", "one of '', x"), (S.Text(), 3, "a string"),
-           (S.Names(), "[", "a list of names"), (S.Stages(), "x", "a list of stages"),
+           (S.Bool(), "maybe", "expected true/false"), (S.Choice("", "x"), "y", "one of '', x"),
+           (S.Text(), 3, "a string"), (S.Names(), "[", "a list of names"), (S.Stages(), "x", "a list of stages"),
            (S.Stages(), [{"name": "a", 1: 2}], "a list of stages"),
            (S.File(), str(tmp_path), "is a folder, not a file"), (S.File(), str(tmp_path / "no"), "no file"),
            (S.Folder(), str(tmp_path / "f"), "is a file, not a folder"), (S.Exists(), str(tmp_path / "no"), "no file"),
            (S.Image(), str(tmp_path / "f"), "is not an image"), (S.Model(), str(tmp_path / "f"), "not a model folder"),
-           (S.Model(), "", "empty"), (S.Output(), "", "a folder that can be written, got ''"),
+           (S.Model(), "", "got ''"), (S.Output(), "", "a folder that can be written, got ''"),
            (S.Output(), str(tmp_path / "f" / "x"), "is a file"), (S.Output(), str(tmp_path / "f"), "not a folder"),
            (S.Output(folder=False), str(tmp_path), "is a folder"), (S.Output(), "/proc/x/y", "cannot make a folder"),
            (S.Device(), "gpu", "expected cpu, cuda")]

@@ -154,8 +154,8 @@ def test_moving_answers_aside_and_making_the_folder_name_the_file(setup, tmp_pat
     open(tmp_path / "a_file", "w").close()
     with pytest.raises(SystemExit):   # --out is checked as it is parsed, before the model loads
         run(model, data, str(tmp_path / "a_file" / "eval"), "--bench", "pope")
-    assert capsys.readouterr().err == f"evaluate.py: error: --out: cannot make {tmp_path}/a_file/eval: {tmp_path}/a_file " \
-        "is a file\n"
+    assert capsys.readouterr().err == (f"evaluate.py: error: --out: cannot make {tmp_path}/a_file/eval: "
+                                       f"{tmp_path}/a_file is a file\n")
 
 
 def test_the_command_line_on_a_full_disk(setup, tmp_path):
