@@ -101,9 +101,7 @@ def answer(model, tokenizer, processor, items, image_folder, template, answers_f
             return encode([{"from": "human", "value": ("<image>\n" if it["image"] and not several else "") +
                             it["text"]}], template, tokenizer, model.num_image_tokens, for_generation=True)["input_ids"]
         content = [{"type": "image"}] * bool(it["image"]) + [{"type": "text", "text": it["text"]}]
-        if several:   # each image at its placeholder
-            content = [c for k, t in enumerate(it["text"].split("<image>")) for c in [{"type": "image"}] * (k > 0)
-                       + [{"type": "text", "text": t}] * bool(t)]
+        content = it["text"] if several else content   # the template places each <image> where the text has it
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def generate(prompts, images):   # the new tokens

@@ -308,16 +308,16 @@ def chat_template(template, tokenizer=None, image=IMAGE_PLACEHOLDER):
     body = (
         "{{- " + s(t.system) + " -}}"
         "{%- for message in messages -%}"
-        "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set has_image = false -%}"
-        "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
-        " | join('') -%}{%- set has_image = message['content'] | selectattr('type', 'equalto', 'image') | list"
-        " | length > 0 -%}{%- endif -%}"
-        "{%- if message['role'] == 'user' -%}"
-        "{%- if '<image>' in text -%}{%- set has_image = true -%}{%- endif -%}"
-        "{%- set text = text.replace('<image>', '') if has_image else text -%}"
-        + ("" if t.keep_question else "{%- set text = '' -%}") +
-        "{%- if has_image -%}{%- set text = (" + s(t.image.replace(IMAGE_PLACEHOLDER, image))
-        + " + text.strip()).strip() -%}{%- endif -%}"
+        "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+        "{%- else -%}{%- set ns = namespace(text='') -%}{%- for c in message['content'] -%}"   # images in place
+        "{%- set ns.text = ns.text + (c['text'] if c['type'] == 'text' else '<image>\\n' if c['type'] == 'image' else '')"
+        " -%}{%- endfor -%}{%- set text = ns.text -%}{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}{%- set n = text.count('<image>') -%}"
+        "{%- set text = text.replace('<image>', '') if n == 1 else text -%}"
+        + ("" if t.keep_question else "{%- set text = '<image>' * n if n > 1 else '' -%}") +
+        "{%- if n == 1 -%}{%- set text = (" + s(t.image.replace(IMAGE_PLACEHOLDER, image))
+        + " + text.strip()).strip() -%}"   # one image: moved to the front; several: in place (data.render)
+        "{%- elif n > 1 -%}{%- set text = text.strip().replace('<image>', " + s(image) + ") -%}{%- endif -%}"
         "{{- " + s(user_pre) + " + text + " + s(user_post) + " + " + s(t.prompt) + " -}}"
         "{%- elif message['role'] == 'assistant' -%}"
         "{{- " + s(ans_pre) + " + text + " + s(ans_post) + " + " + s(t.eos) + " -}}"

@@ -215,7 +215,7 @@ def eval_setup(tiny_llms, tiny_towers, tmp_path_factory):
     torch.manual_seed(0)
     for p in model.connector.parameters():
         p.data.normal_(0, 0.3)
-    save_pretrained(model, tok, proc, str(root / "model"))
+    save_pretrained(model, tok, proc, str(root / "model"), template="llama")
     (root / "model" / "train_config.json").write_text(json.dumps({"template": "llama"}))
     folder = images(root / "custom" / "images")
     qs = [{"question_id": "two", "image": ["0.png", "1.png"], "text": "Same colour?", "category": "pair"},
@@ -270,3 +270,44 @@ def test_evaluate_answers_questions_with_several_images_batched_as_one_by_one(ev
     import answers
     assert guess["validation_Art_1"] == answers.mmmu_multi_image_answer(mmmu_question("validation_Art_1"))
     assert guess["validation_Art_2"] == rows["4"]["validation_Art_2"]
+
+
+# ---------------------------------------------------------------------------- stage folders, pipeline, to-llava
+def test_a_stage_folder_pipeline_and_llava_export_answer_two_images_as_chat(eval_setup, tmp_path):
+    """The folder's chat template puts each image where the conversation has it, as training does; its processor
+    and model (the registered Auto classes), pipeline("image-text-to-text") and the to-llava export answer a
+    two-image question, and one with an image added in a later turn, as chat.py does."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoModelForImageTextToText, pipeline
+    import chat
+    import convert
+    from data import load_image
+    model_dir, _, folder, (model, tok, proc) = eval_setup
+    pics = [load_image(os.path.join(folder, f)) for f in ("0.png", "1.png", "3.png")]
+    talk = chat.Chat(model, tok, proc, "llama", None, 6, images=pics[:2])
+    first = talk.ask("Same colour?")
+    talk.add_image(pics[2])
+    second = talk.ask("And this one?")
+    msgs = [{"role": "user", "content": [{"type": "image", "image": pics[0]}, {"type": "image", "image": pics[1]},
+                                         {"type": "text", "text": "Same colour?"}]}]
+    later = msgs + [{"role": "assistant", "content": [{"type": "text", "text": first}]},
+                    {"role": "user", "content": [{"type": "image", "image": pics[2]},
+                                                 {"type": "text", "text": "And this one?"}]}]
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")   # training's pixels
+    hf = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    for conv, want in ((msgs, first), (later, second)):
+        x = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt")
+        new = hf.generate(**x, max_new_tokens=6, do_sample=False)[0, x["input_ids"].shape[1]:]
+        assert processor.decode(new, skip_special_tokens=True).strip() == want
+    pipe = pipeline("image-text-to-text", model=model_dir, trust_remote_code=True)
+    reply = pipe(text=msgs, max_new_tokens=6)[0]["generated_text"][-1]["content"]
+    assert reply.strip() == first
+    convert.main(["to-llava", model_dir, str(tmp_path / "llava")])
+    from transformers import LlavaForConditionalGeneration
+    llava = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "llava")).eval()
+    lproc = AutoProcessor.from_pretrained(str(tmp_path / "llava"))
+    x = lproc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                  return_tensors="pt")
+    new = llava.generate(**x, max_new_tokens=6, do_sample=False)[0, x["input_ids"].shape[1]:]
+    assert lproc.decode(new, skip_special_tokens=True).strip() == first
