@@ -267,7 +267,8 @@ class Model(Rule):
 
 def unwritable(path, folder=True):
     """Why `path` (a folder made with its parents, or a file in an existing folder) cannot be written, else None:
-    tried by making a temporary folder where it goes (permissions alone do not tell, for root or /proc)."""
+    tried by making a file where it goes (permissions alone do not tell, for root or /proc), unnamed (O_TMPFILE) so
+    that no one listing the folder meanwhile sees it."""
     if os.path.isdir(path):
         if not folder:
             return f"{path} is a folder, not a file"
@@ -289,9 +290,9 @@ def unwritable(path, folder=True):
                 return f"cannot make {path}: {where} is a file"
             where = os.path.dirname(where)
     try:
-        os.rmdir(tempfile.mkdtemp(dir=where, prefix=".write-test-"))
+        tempfile.TemporaryFile(dir=where).close()
     except OSError as e:
-        return f"cannot write {path}: cannot make a folder in {where} ({e.strerror or e})"
+        return f"cannot write {path}: cannot make a file in {where} ({e.strerror or e})"
     return None
 
 

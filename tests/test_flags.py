@@ -289,7 +289,7 @@ def test_each_rule_takes_its_values_and_says_what_it_expected(tmp_path):
            (S.Image(), str(tmp_path / "f"), "is not an image"), (S.Model(), str(tmp_path / "f"), "not a model folder"),
            (S.Model(), "", "got ''"), (S.Output(), "", "a folder that can be written, got ''"),
            (S.Output(), str(tmp_path / "f" / "x"), "is a file"), (S.Output(), str(tmp_path / "f"), "not a folder"),
-           (S.Output(folder=False), str(tmp_path), "is a folder"), (S.Output(), "/proc/x/y", "cannot make a folder"),
+           (S.Output(folder=False), str(tmp_path), "is a folder"), (S.Output(), "/proc/x/y", "cannot make a file in /proc"),
            (S.Device(), "gpu", "expected cpu, cuda")]
     for rule, value, said in bad:
         with pytest.raises(ValueError) as e:
