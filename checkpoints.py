@@ -179,7 +179,7 @@ def stage_folder_names(names):
     return [f"{i + 1}_{n}" for i, n in enumerate(names)]
 
 
-def claim_out_dir(cfg, scfgs, argv=()):
+def claim_out_dir(cfg, scfgs):
     """Main process, before anything is built: create out_dir, take its lock, and check that it holds nothing but
     this run (the same stages) or nothing at all. A model folder, someone's files or another recipe's run is refused
     with the names; --overwrite replaces a run of ours (its recorded stage folders), never anything else.
@@ -190,6 +190,7 @@ def claim_out_dir(cfg, scfgs, argv=()):
         raise ConfigError("--out_dir is empty: name the folder the run writes to")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out_dir={out}: exists and is not a folder")
+    created = not os.path.lexists(out)
     try:
         os.makedirs(out, exist_ok=True)
         lock = RunLock(out).acquire()
@@ -224,6 +225,8 @@ def claim_out_dir(cfg, scfgs, argv=()):
             print(f"{out}/config.json: the record of an earlier version's run; this version's is {RUN_RECORD}")
     except BaseException:
         lock.release()
+        if created and not os.listdir(out):   # a refused run leaves no folder of its own behind
+            os.rmdir(out)
         raise
     LOCK = lock
     return lock
