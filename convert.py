@@ -193,7 +193,8 @@ def export_llava(model, tokenizer, processor, out_dir, template, verify=True):
     drop_first = model.vision_tower.has_cls[0] or model.args.legacy_patch_drop
     strategy = "default" if model.args.vision_feature_select_strategy == "patch" and drop_first else "full"
     os.makedirs(out_dir, exist_ok=True)
-    gen = copy.deepcopy(lm.generation_config)
+    gen = next(o for o in hf_files(tokenizer, template, model.num_image_tokens, model.args.image_aspect_ratio)[0]
+               if type(o).__name__ == "GenerationConfig")   # the stage folder's decoding (greedy, 128, its EOS)
     if image_id >= rows:
         gen.suppress_tokens = [image_id]
     save_files(out_dir, gen, LlavaConfig(
