@@ -94,3 +94,23 @@ def test_transformers_serve_runs_the_llava_export(llava_export, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.mark.parametrize("name", ["phi", "phi_mof"])
+def test_serve_py_runs_what_llava_cannot_hold(name, tiny_llms, tiny_towers, tmp_path):
+    """Phi's biased LM head and MoF have no Llava layout: serve.py runs the stage folder itself, same API."""
+    import serve
+    from test_pipeline import CASES
+    folder = make_folder(tiny_llms, tiny_towers, str(tmp_path / name), **CASES[name])
+    image = str(tmp_path / "img.png")
+    from PIL import Image
+    Image.new("RGB", (40, 24), (20, 140, 230)).save(image)
+    want = chat.main(["--model", folder, "--image", image, "--prompt", QUESTION, "--max-new-tokens", str(NEW),
+                      "--no-stream"])[-1]["value"]
+    server = serve.start(serve.Engine(folder), "127.0.0.1", 0)
+    try:
+        assert completion(server.server_port, folder, image, QUESTION, NEW).strip() == want
+        assert completion(server.server_port, folder, image, QUESTION, NEW).strip() == want   # no state kept
+    finally:
+        server.shutdown()
+        server.server_close()
