@@ -220,7 +220,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     if accum < 1 or accum * mb * world != cfg["global_batch_size"]:
         raise ValueError(f"global_batch_size {cfg['global_batch_size']} is not micro_batch_size {mb} x "
                          f"{world} processes x an integer number of accumulation steps")
-    accelerator.gradient_accumulation_steps = accum
+    accelerator.gradient_state.plugin_kwargs.update(num_steps=accum, sync_with_dataloader=False)   # docs/training.md
     collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
 
     def loader(epoch):   # each rank takes every world-th batch of the same seeded order
@@ -304,7 +304,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         it = iter(accelerator.skip_first_batches(loader(epoch), done_in_epoch * accum))
         for _ in range(steps_per_epoch - done_in_epoch):
-            micro = [next(it) for _ in range(accum)]
+            micro, accelerator.step = [next(it) for _ in range(accum)], 0   # sync (DeepSpeed: step) at the last
             # Normalise by the supervised tokens of the whole optimizer step, across micro-batches and ranks:
             # accelerator.backward divides by `accum` and DDP averages over ranks, hence the * accum * world.
             local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
