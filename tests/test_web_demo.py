@@ -17,6 +17,8 @@ pytest.importorskip("gradio", reason="pip install -r requirements-extras.txt")
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-extras.txt")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NEW = 8
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGIT = "What digit is shown?"
 
 
 def free_port():
@@ -27,8 +29,9 @@ def free_port():
 
 @pytest.mark.skipif(CHROMIUM is None, reason="apt-get install -y chromium")
 def test_browser_chat_visualizer_and_clear(tiny_chat_model, tmp_path, monkeypatch):
-    model_dir, image, _ = tiny_chat_model
-    monkeypatch.setattr("sys.stdin", io.StringIO("What is shown?\nIs it sunny?\n\n"))
+    model_dir, _, _ = tiny_chat_model
+    image = os.path.join(ROOT, "demo", "images", "00002.png")   # a demo digit, the demo's digit question
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{DIGIT}\nIs the digit even?\n\n"))
     want = [t["value"] for t in chat.main(["--model", model_dir, "--image", image, "--max-new-tokens", str(NEW),
                                            "--no-stream"])[1::2]]   # chat.py's two answers
     page = web_demo.build_page(web_demo.load_engine(model_dir), max_new_tokens=NEW)
@@ -53,8 +56,8 @@ def test_browser_chat_visualizer_and_clear(tiny_chat_model, tmp_path, monkeypatc
                     sync_api.expect(bot).to_have_count(answers, timeout=60000)
                     tab.wait_for_selector("#question textarea:not([disabled])", timeout=60000)
                     return bot.last.inner_text().strip()
-                assert ask("What is shown?", 1, [image]) == want[0]
-                assert ask("Is it sunny?", 2) == want[1]   # asked over the whole conversation, as chat.py
+                assert ask(DIGIT, 1, [image]) == want[0]
+                assert ask("Is the digit even?", 2) == want[1]   # asked over the whole conversation, as chat.py
                 tab.click("#look")
                 sync_api.expect(tab.locator("#visualizer img")).to_have_count(NEW, timeout=60000)
                 tab.screenshot(path=str(tmp_path / "page.png"), full_page=True)
