@@ -10,11 +10,10 @@ import socket
 import pytest
 
 import chat
+import visualize
 import web_demo
 from test_chat import tiny_chat_model  # noqa: F401 (the fixture: chat.py's tiny model)
 
-pytest.importorskip("gradio", reason="pip install -r requirements-extras.txt")
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-extras.txt")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NEW = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,8 +26,30 @@ def free_port():
         return s.getsockname()[1]
 
 
+def test_several_images_and_a_later_one_answer_as_chat_py(tiny_chat_model, tmp_path, monkeypatch):
+    """The page's conversation (no browser, no Gradio): two images with the first question, one more with the
+    second, as chat.py's --image twice and "/image PATH"."""
+    from PIL import Image
+    model_dir, image, _ = tiny_chat_model
+    other = str(tmp_path / "other.png")
+    Image.open(image).transpose(0).save(other)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"What is shown?\n/image {image}\nAnd now?\n\n"))
+    want = [t["value"] for t in chat.main(["--model", model_dir, "--image", image, "--image", other,
+                                           "--max-new-tokens", str(NEW), "--no-stream"])[1::2]]
+    engine, conv = web_demo.load_engine(model_dir), web_demo.Conversation()
+    pics = [Image.open(p).convert("RGB") for p in (image, other)]
+    got = [list(conv.answer(engine, "What is shown?", pics, max_new_tokens=NEW))[-1],
+           list(conv.answer(engine, "And now?", pics[:1], max_new_tokens=NEW))[-1]]
+    assert got == want and len(conv.pictures) == 3
+    assert len(conv.explain(engine)) == len(conv.last[1])   # a panel per token of the last answer
+    records = visualize.trace(engine["model"], engine["tokenizer"], *conv.last)
+    assert {len(r["heat"]) for r in records} == {3}   # a heatmap per image of the conversation
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="apt-get install -y chromium")
 def test_browser_chat_visualizer_and_clear(tiny_chat_model, tmp_path, monkeypatch):
+    pytest.importorskip("gradio", reason="pip install -r requirements-extras.txt")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-extras.txt")
     model_dir, _, _ = tiny_chat_model
     image = os.path.join(ROOT, "demo", "images", "00002.png")   # a demo digit, the demo's digit question
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{DIGIT}\nIs the digit even?\n\n"))
