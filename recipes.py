@@ -57,6 +57,7 @@ DEFAULTS = dict(
                                       # main process: the demo's 7,784 records 2.6 s; the base recipe's 558k + 665k
                                       # ~50 min (estimated: 1-3.5 ms a record here). False once check_data.py passed
     allow_outside_images=False,       # True: image paths may be absolute or leave the image folder ("../x.png")
+    max_images=16,                    # images per sample (an "image" list) over this: a bad sample (too-many-images)
     feature_cache="",                 # a folder: a frozen tower's outputs computed once, reused (model.FeatureCache)
     num_workers=2,
     threads=0,                        # CPU threads for torch; 0 = measured once per machine and LLM width (cached):

@@ -356,7 +356,7 @@ TRAIN = dict(
     template=Choice(*TEMPLATES), image_aspect_ratio=Choice("square", "pad"), max_length=Int(1),
     **{f"{kind}_{name}": Text() for kind in ("data", "images")
        for name in ("pretrain", "finetune", "share", "share_finetune", "val")},
-    group_by_length=Bool(), bad_samples=Choice("error", "skip"), check_data_at_start=Bool(),
+    group_by_length=Bool(), bad_samples=Choice("error", "skip"), check_data_at_start=Bool(), max_images=Int(1),
     allow_outside_images=Bool(), feature_cache=Output(empty=True), num_workers=Int(0), threads=Int(0),
     recipe=Text(), stages=Stages(), tune_llm=Choice("frozen", "full", "lora", "qlora", patterns=(TUNE,)),
     tune_vision_tower=Choice("frozen", "full", "lora", patterns=(TUNE,)), tune_connector=Choice("frozen", "full",

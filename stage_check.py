@@ -45,7 +45,8 @@ def check_stages(stages, start=None, show=50):
     done, errors, out = {}, [], []
     for s in stages:
         data, images = s[f"data_{s['data']}"], s[f"images_{s['data']}"] or None
-        key = (data, images, s["template"], s["max_length"], s["image_aspect_ratio"], s["allow_outside_images"])
+        key = (data, images, s["template"], s["max_length"], s["image_aspect_ratio"], s["allow_outside_images"],
+               s["max_images"])
         if key not in done:
             t0, shown = time.time(), [0]
 
@@ -61,7 +62,7 @@ def check_stages(stages, start=None, show=50):
                 continue
             report = check(records, images, tokenizer, s["template"], n_img, s["max_length"],
                            s["allow_outside_images"], found, len(records) >= PROGRESS_MIN and sys.stderr.isatty(),
-                           s["image_aspect_ratio"])
+                           s["image_aspect_ratio"], s["max_images"])
             bad = Counter(c for _, _, c, _ in report["problems"] if c not in NOT_BAD)
             n_bad = len({i for i, _, c, _ in report["problems"] if c not in NOT_BAD})
             done[key] = (len(records), n_bad, bad, time.time() - t0)

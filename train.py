@@ -187,7 +187,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
         cfg["data_files"] = {f"data_{cfg['data']}": fingerprint(data)}
     dataset = VLMDataset(data, tokenizer, processor, cfg["template"], model.num_image_tokens, cfg["max_length"],
                          images or None, cfg["image_aspect_ratio"], cfg["bad_samples"],
-                         allow_outside_images=cfg["allow_outside_images"],
+                         allow_outside_images=cfg["allow_outside_images"], max_images=cfg["max_images"],
                          skip_log=os.path.join(work_dir, f"skipped.rank{accelerator.process_index}.jsonl"))
     world, mb, device = accelerator.num_processes, cfg["micro_batch_size"], accelerator.device
     with accelerator.local_main_process_first():   # one process per machine measures, the others read its cache

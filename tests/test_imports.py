@@ -8,7 +8,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
 CONVERT_IMPORTERS = {"test_checkpoints.py", "test_eval_models.py", "test_hf_native.py", "test_loaders.py",
-                     "test_trust.py"}   # convert.main, save_tinyllava, export_llava, llava_blockers, chat templates
+                     "test_trust.py", "test_multi_image.py"}   # convert.main, save_tinyllava, export_llava, llava_blockers, chat templates
 
 
 def imported(path, names):

@@ -46,6 +46,21 @@ def test_the_checks_of_image_lists():
     assert codes(three, max_images=2) == ["too-many-images"] and codes(three, max_images=None) == []
 
 
+def test_the_max_images_setting(tmp_path):
+    import recipes
+    from stage_check import check_stages
+    assert recipes.load_config(["--max_images=2"])["max_images"] == 2
+    with pytest.raises(recipes.ConfigError, match="max_images"):
+        recipes.load_config(["--max_images=0"])
+    three = [{"id": "3", "image": ["0.png", "1.png", "2.png"], "conversations": conv("<image><image><image>", "A.")}]
+    (tmp_path / "d.json").write_text(json.dumps(three))
+    images(tmp_path / "images")
+    stage = dict(recipes.load_config(["--max_images=2"]), stage="finetune", data="finetune",
+                 data_finetune=str(tmp_path / "d.json"), images_finetune=str(tmp_path / "images"))
+    with pytest.raises(Exception, match="too-many-images"):
+        check_stages([stage], "nowhere")
+
+
 def test_a_turn_with_several_images_keeps_them_in_place_and_one_is_relocated_as_ever():
     text, _ = render(conv("First <image> then <image> same?", "No.", "Now <image>?", "Yes."), "phi")
     assert "USER: First <image> then <image> same? ASSISTANT:" in text
