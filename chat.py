@@ -1,7 +1,7 @@
 """
 Chat with a model about images: one answer, or a conversation read from stdin, streamed as it is generated.
 
-    python chat.py --model out/demo/2_finetune --image demo/images/0.png --prompt "What digit is this?"
+    python chat.py --model out/demo/2_finetune --image demo/images/00002.png --prompt "What digit is shown?"
     python chat.py --model DIR --image cat.jpg                       # a question per line; empty line / EOF ends
     python chat.py --model DIR --image cat.jpg --temperature 0.2 --top-p 0.9 --max-new-tokens 256 --seed 1
     python chat.py --model DIR --image cat.jpg --save chat.json      # the conversation as a LLaVA-format record

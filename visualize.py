@@ -3,7 +3,7 @@ Where an answer looks: for each generated token, a heatmap over each image of it
 (averaged over the heads and layers chosen, mapped back onto the patch grid and upsampled onto the picture), its
 top-k next-token probabilities, and its attention to the earlier text tokens. Drawn with Pillow into one PNG.
 
-    python visualize.py --model out/demo/2_finetune --image demo/images/0.png --prompt "What digit is this?" --out vis.png
+    python visualize.py --model out/demo/2_finetune --image demo/images/00002.png --prompt "What digit is shown?" --out vis.png
     python visualize.py --model DIR --image a.png --prompt "..." --layers -2: --heads 0,1 --top-k 8 --max-new-tokens 16
 
 The answer is chat.py's (greedy by default; the same prompt, template and image preprocessing). The attention of a
