@@ -39,8 +39,9 @@ def make_base_models(base=BASE, seed=0, tokenizer="demo/tokenizer", llm=None, to
     SiglipImageProcessor(size={"height": size, "width": size}).save_pretrained(f"{base}/siglip")
 
 
-TYPES = ["digit", "color", "background", "even", "gt4"]   # the held-out questions' categories
+TYPES = ["digit", "color", "background", "even", "gt4", "same"]   # the held-out questions' categories
 QUESTIONS, ANSWERS = "demo/eval/vqav2/llava_vqav2_demo_val.jsonl", "demo/eval/vqav2/demo_val_annotations.json"
+PAIRS = "demo/eval/pairs"   # two-image questions (issue 26): "Are these the same digit?", half yes
 
 
 def constant_baselines():
@@ -52,13 +53,16 @@ def constant_baselines():
     by_type = {}
     for a in anns:
         by_type.setdefault(a["question_type"], []).append(a["multiple_choice_answer"])
+    with open(f"{PAIRS}/answers.jsonl") as f:
+        by_type["same"] = [json.loads(line)["answers"][0] for line in f]
     return {t: 100 * max(map(v.count, set(v))) / len(v) for t, v in by_type.items()}
 
 
-def per_type(custom, pope):
+def per_type(custom, pope, pairs=None):
     """{type: accuracy} from the custom benchmark's categories (exact match after VQA normalisation), plus
     POPE-style F1, accuracy and yes-ratio (percent)."""
-    out = {t: custom["metrics"]["categories"][t]["exact_match"] for t in TYPES if t in custom["metrics"]["categories"]}
+    cats = {**custom["metrics"]["categories"], **(pairs["metrics"]["categories"] if pairs else {})}
+    out = {t: cats[t]["exact_match"] for t in TYPES if t in cats}
     p = pope["metrics"]["splits"]["random"]
     out.update(pope_f1=100 * p["f1"], pope_acc=100 * p["accuracy"], pope_yes=100 * p["yes_ratio"])
     return out
@@ -106,11 +110,14 @@ def main(argv):
     # your own benchmark's path (evaluate.py --bench custom): questions with a category each, VQA-style references
     custom, = evaluate.main(["--model", model_dir, "--bench", "custom", "--questions", QUESTIONS, "--annotations",
                              ANSWERS, "--image-folder", "demo/images", "--batch-size", "64", *threads, *limit])
+    pairs, = evaluate.main(["--model", model_dir, "--bench", "custom", "--questions", f"{PAIRS}/questions.jsonl",
+                            "--annotations", f"{PAIRS}/answers.jsonl", "--image-folder", "demo/images", "--batch-size",
+                            "64", *threads, *(limit and ["--limit", str(n_images[-1])])])
     pope, = evaluate.main(["--model", model_dir, "--bench", "pope", "--data", "demo/eval", "--image-folder",
                            "demo/images", "--batch-size", "64", *threads, *(limit and ["--limit", str(2 * n_images[-1])])])
     for stage, losses in results.items():
         print(f"{stage}: loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} ({len(losses)} steps)")
-    scores = per_type(custom, pope)
+    scores = per_type(custom, pope, pairs)
     with open(os.path.join(model_dir, "demo_scores.json"), "w") as f:
         json.dump(scores, f, indent=1)
     print("held-out accuracy per question type (best constant answer): " + ", ".join(

@@ -37,6 +37,11 @@ QUESTIONS = {
     "gt4": (["Is the digit greater than 4?", "Is the number larger than 4?", "Is the digit more than 4?"], "yes/no"),
     "there": (["Is there a {d} in the image?", "Is the digit a {d}?", "Does the image show a {d}?"], "yes/no"),
 }
+# two images (issue 26): records added after all the others from their own seeded stream, so every earlier record,
+# image and the tokenizer (trained on the others' text) stay byte for byte as they were
+PAIR_QUESTIONS = ["Are these the same digit?", "Do the two images show the same digit?",
+                  "Is it the same digit in both images?"]
+N_PAIRS = 1500
 EVAL_PHRASINGS = {"digit": 2}  # how many of the first phrasings the evaluation draws from (default 1)
 VQA_TYPES = ["digit", "color", "background", "even", "gt4"]   # the VQAv2-style evaluation; "there" is POPE's
 KEEP = "\n## "   # README.md from its first section heading on is hand-written: kept when regenerating
@@ -70,6 +75,14 @@ def text_only(rng):
     a, b = rng.randrange(10), rng.randrange(10)
     return rng.choice([(f"What is {a} plus {b}?", str(a + b)), (f"Is {a} an even number?", YN[a % 2 == 0]),
                        (f"What is {max(a, b)} minus {min(a, b)}?", str(abs(a - b)))])
+
+
+def pairs(samples, n, rng, phrasings=None):
+    """n (first, second, question, answer) "same digit?" questions, half yes, half no (k even: the same digit)."""
+    for k in range(n):
+        a = rng.choice(samples)
+        b = rng.choice([s for s in samples if (s["digit"] == a["digit"]) == (k % 2 == 0) and s is not a])
+        yield a, b, rng.choice(PAIR_QUESTIONS[:phrasings]), YN[k % 2 == 0]
 
 
 def turn(q, a):
@@ -156,6 +169,10 @@ def main(out=OUT, caption="first", layout="pairs"):
         q, a = text_only(rng)
         finetune.append({"id": f"text_{k:04d}", "conversations": turn(q + SUFFIX, a)})
     rng.shuffle(finetune)
+    plain, prng = list(finetune), random.Random(SEED + 26)   # the tokenizer is trained on `plain` (as before)
+    finetune += [{"id": f"pair_{k:04d}", "image": [a["image"], b["image"]],
+                  "conversations": turn("<image>\n<image>\n" + q + SUFFIX, y)}
+                 for k, (a, b, q, y) in enumerate(pairs(trains, N_PAIRS, prng))]
     dump(out / "pretrain.json", pretrain)
     dump(out / "finetune.json", finetune)
 
@@ -187,6 +204,12 @@ def main(out=OUT, caption="first", layout="pairs"):
         pope_q.append({"question_id": qid, "image": s["image"], "text": q + SUFFIX, "category": "random"})
         pope_l.append({"question_id": qid, "image": s["image"], "text": q, "label": a.lower()})
     dump(out / "eval/pope/llava_pope_test.jsonl", pope_q, jsonl=True)
+    # held-out two-image questions (evaluate.py --bench custom: an image list per question, references per line)
+    pair_q = [(f"pair_{k:03d}", a, b, q, y) for k, (a, b, q, y) in enumerate(pairs(evals, N_EVAL, prng, 1))]
+    dump(out / "eval/pairs/questions.jsonl", [{"question_id": i, "image": [a["image"], b["image"]], "text": q + SUFFIX,
+                                               "category": "same"} for i, a, b, q, y in pair_q], jsonl=True)
+    dump(out / "eval/pairs/answers.jsonl", [{"question_id": i, "answers": [y.lower()]} for i, *_, y in pair_q],
+         jsonl=True)
     dump(out / "eval/pope/coco/coco_pope_random.json", pope_l, jsonl=True)
 
     # what a model that learned nothing about the images scores: the most frequent TRAINING answer of each type
@@ -199,13 +222,14 @@ def main(out=OUT, caption="first", layout="pairs"):
         rows.append(f"| `{qt}` | {len(gt)} | {100 * gt.count(maj[qt]) / len(gt):.1f} ({maj[qt]}) | "
                     f"{100 * best[1] / len(gt):.1f} ({best[0]}) |")
     rows.append(f"| POPE-style (accuracy; F1 of always yes: 66.7) | {len(pope_l)} | 50.0 | 50.0 |")
+    rows.append(f"| `same` (two images: \"{PAIR_QUESTIONS[0]}\") | {len(pair_q)} | 50.0 (yes) | 50.0 (yes) |")
 
     texts = [SYSTEM, "USER:", "ASSISTANT:"] + [  # what the demo LLM reads, rendered roughly as data.py does
         SYSTEM + " " + " ".join(f"USER: {h['value'].replace('<image>', '')} ASSISTANT: {g['value']}"
                                 for h, g in zip(r["conversations"][::2], r["conversations"][1::2]))
-        for r in finetune + pretrain] + [q["text"] for q in vqa_q + pope_q]
+        for r in plain + pretrain] + [q["text"] for q in vqa_q + pope_q]
     tok = make_tokenizer(texts, out / "tokenizer")
-    answers = sorted({g["value"] for r in finetune for g in r["conversations"][1::2]}, key=lambda a: (len(a), a))
+    answers = sorted({g["value"] for r in plain for g in r["conversations"][1::2]}, key=lambda a: (len(a), a))
     n_qa = {qt: sum(c.values()) for qt, c in sorted(train_answers.items())}
     readme = f"""# Demo data (`make_demo_data.py`, seed {SEED})
 
@@ -217,14 +241,16 @@ black (drawn at random per image). {N_EVAL} images are held out for evaluation, 
 - `finetune.json`: {len(finetune)} records, {sum(n_qa.values())} question-answer turns: per training image every question type
   ({", ".join(f"{k} {v}" for k, v in n_qa.items())}), in {layout} conversations
   (one of digit / even / greater than 4 / "Is there a D?" each, with a colour or background question; ~5% with
-  `<image>` after the question); {len(finetune) - sum(1 for r in finetune if r.get("image"))} text-only sums; questions in 3-4 phrasings per type, the
+  `<image>` after the question); {len(finetune) - sum(1 for r in finetune if r.get("image"))} text-only sums; {N_PAIRS} two-image
+  "same digit?" questions (half yes; appended last, from their own seeded stream); questions in 3-4 phrasings per type, the
   evaluation's among them; {len(answers)} distinct answers:
   {" ".join(answers)}.
 - `eval/`: the {N_EVAL} held-out images (never trained on), laid out as LLaVA's eval folders:
   `vqav2/llava_vqav2_demo_val.jsonl` ({len(vqa_q)} questions: every type about every image) + official-format
   `vqav2/demo_val_annotations.json` (`question_type` is the demo's type: vqaEval reports accuracy per type) and
   `vqav2/demo_val_questions.json`; `pope/llava_pope_test.jsonl` ({len(pope_q)} "Is there a D in the image?": per image one
-  yes and one no) + `pope/coco/coco_pope_random.json`.
+  yes and one no) + `pope/coco/coco_pope_random.json`; `pairs/questions.jsonl` ({len(pair_q)} two-image "{PAIR_QUESTIONS[0]}",
+  half yes) + `pairs/answers.jsonl`.
 - `tokenizer/`: phi-2 style byte-level BPE, {len(tok)} tokens, `<|endoftext|>` = bos/eos/unk/pad (template "phi").
 
 What a model that learned nothing about the images scores (held-out accuracy, %):
