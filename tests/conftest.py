@@ -109,3 +109,26 @@ def write_dataset(root, n=16, text_only=4, seed=0):
     with open(path, "w") as f:
         json.dump(records, f)
     return path, os.path.join(root, "images")
+
+
+def run_train(argv):
+    """train.main in this process, Accelerate's singletons reset before and after (tests run many trainings)."""
+    import train
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+    try:
+        return train.main([str(a) for a in argv])
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def crash_after_checkpoint(monkeypatch, at_step):
+    """The run dies (KeyboardInterrupt: nothing of ours catches it) right after writing step `at_step`'s checkpoint."""
+    import train
+    real = train.save_checkpoint
+
+    def save(accelerator, work_dir, step, *rest):
+        real(accelerator, work_dir, step, *rest)
+        if step == at_step:
+            raise KeyboardInterrupt(f"killed after the checkpoint of step {step}")
+    monkeypatch.setattr(train, "save_checkpoint", save)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import write_dataset
+from conftest import crash_after_checkpoint, write_dataset
 
 import train
 from model import load_pretrained
@@ -59,17 +59,6 @@ def run(argv):
         return train.main(argv)
     finally:
         AcceleratorState._reset_state(True)
-
-
-def crash_after_checkpoint(monkeypatch, at_step):
-    """The run dies (KeyboardInterrupt: nothing of ours catches it) right after writing step `at_step`'s checkpoint."""
-    real = train.save_checkpoint
-
-    def save(accelerator, work_dir, step, *rest):
-        real(accelerator, work_dir, step, *rest)
-        if step == at_step:
-            raise KeyboardInterrupt(f"killed after the checkpoint of step {step}")
-    monkeypatch.setattr(train, "save_checkpoint", save)
 
 
 def weights(stage_dir):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 from accelerate.state import AcceleratorState
-from conftest import write_dataset
+from conftest import crash_after_checkpoint, run_train, write_dataset
 
 import checkpoints
 import train
@@ -45,12 +45,7 @@ def args(tiny_llms, tiny_towers, data, out, *extra):
             "--gradient_checkpointing=false", *extra]
 
 
-def run(argv):
-    AcceleratorState._reset_state(True)
-    try:
-        return train.main([str(a) for a in argv])
-    finally:
-        AcceleratorState._reset_state(True)
+run = run_train
 
 
 def tree(folder):
@@ -115,16 +110,6 @@ def test_an_earlier_versions_run_is_recognised_by_its_config_json(tiny_llms, tin
 
 
 # ----------------------------------------------------------------------------- 2: data edited in place
-def crash_after_checkpoint(monkeypatch, at_step):
-    real = train.save_checkpoint
-
-    def save(accelerator, work_dir, step, *rest):
-        real(accelerator, work_dir, step, *rest)
-        if step == at_step:
-            raise KeyboardInterrupt(f"killed after the checkpoint of step {step}")
-    monkeypatch.setattr(train, "save_checkpoint", save)
-
-
 def test_resume_refuses_a_data_file_edited_in_place(tiny_llms, tiny_towers, data, tmp_path, monkeypatch, capsys):
     common = args(tiny_llms, tiny_towers, data, tmp_path / "run", ONE_STAGE, "--save_every=2")
     crash_after_checkpoint(monkeypatch, 2)

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import write_dataset
+from conftest import run_train, write_dataset
 
 import flops
 import run_log
@@ -47,12 +47,7 @@ def args(tiny_llms, tiny_towers, dataset, out, *extra, llm=None):
             "--lr=1e-3", "--max_length=256", "--peak_flops=1e10", "--threads=1", *extra]
 
 
-def run(argv):
-    AcceleratorState._reset_state(True)
-    try:
-        return train.main([str(a) for a in argv])
-    finally:
-        AcceleratorState._reset_state(True)
+run = run_train
 
 
 def rows(stage_dir):
