@@ -433,10 +433,11 @@ def main(argv=None):
     template = "processor chat template" if hf else a.template
     if template is None:
         from folders import trained_settings
-        if trained_settings(a.model) is None:
+        saved = trained_settings(a.model)
+        if saved is None:
             p.error(f"{a.model}/train_config.json not found: pass --template (the chat template the model was trained "
                     "with)")
-        template = trained_settings(a.model)["template"]
+        template = saved["template"]
     ask = None
     if a.judge_url and "mmvet" in benches:   # checked before the model loads
         try:

@@ -260,8 +260,8 @@ def trained_settings(path):
 
 def model_template(path, model, template=None):
     """`template`, else <path>/train_config.json's, else the one an original checkpoint implies (model.template)."""
-    if template is None and trained_settings(path):
-        template = trained_settings(path)["template"]
+    if template is None:
+        template = (trained_settings(path) or {}).get("template")
     template = template or getattr(model, "template", None)
     if template is None:
         raise ValueError(f"{path} has no train_config.json: pass --template (the chat template it was trained with)")
