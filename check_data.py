@@ -19,8 +19,8 @@ What it finds, by code (data.check: records.record_problems, data.load_image, da
                one path), empty-image-list, repeated-image, too-many-images (records.MAX_IMAGES), image-in-answer,
                image-outside (an absolute path or one through '..'; --allow-outside-images)
   image        image-missing, image-not-a-file (a directory, FIFO, device: only a regular file is opened),
-               image-unreadable, image-truncated, image-too-large (over data.MAX_IMAGE_PIXELS; with
-               image_aspect_ratio "pad", also a padded square over data.MAX_PAD_SIDE)
+               image-unreadable, image-truncated, image-too-large (over images.MAX_IMAGE_PIXELS; with
+               image_aspect_ratio "pad", also a padded square over images.MAX_PAD_SIDE)
   sample       answer-truncated (at max_length), images-over-max-length, no-supervised-tokens, prompt-too-long,
                template-error, feature-cache-miss
   anything     internal-error: an exception on one record is reported with its text, and the check goes on

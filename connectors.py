@@ -32,20 +32,73 @@ INIT_STD = 0.02  # TinyLLaVA's _init_weights uses the LLM's initializer_range: 0
 
 
 class Connector(nn.Module):
-    """The wrapper model.py sees: forward and num_tokens; its single child `_connector` fixes the key prefix."""
+    """The wrapper model.py sees: forward and num_tokens; its single child `_connector` fixes the key prefix.
+    With tiling (model.ModelArgs.max_tiles) it also holds `image_newline`, the learned embedding that ends each row of
+    an image's views (key `connector.image_newline`; absent without tiling, so the keys stay the original's)."""
 
-    def __init__(self, name: str, connector: nn.Module):
+    def __init__(self, name: str, connector: nn.Module, llm_dim: int = 0, newline: bool = False):
         super().__init__()
         self.name = name
         self._connector = connector
+        if newline:
+            self.image_newline = nn.Parameter(torch.randn(llm_dim) * INIT_STD)
 
-    def forward(self, x):
-        return self._connector(x)
+    def forward(self, x, grids=None):
+        """Tower features (views, N, Dv) -> (views, M, D); with `grids` (tiling: one (rows, cols) per image, its
+        views consecutive in x) the tokens of all images as one (sum of image_tokens, D) tensor, laid out by tile_tokens."""
+        y = self._connector(x)
+        return y if grids is None else tile_tokens(y, grids, self.image_newline)
 
     def num_tokens(self, n_in):
-        """Output tokens per image for n_in input tokens (a pair (n_clip, n_dino) for mof_mlp)."""
+        """Output tokens per view for n_in input tokens (a pair (n_clip, n_dino) for mof_mlp)."""
         count = getattr(self._connector, "num_tokens", None)  # token-preserving connectors define none
         return count(n_in) if count is not None else n_in
+
+
+def views_of(grid) -> int:
+    """Views of a tiled image on a (rows, cols) grid: the global view, plus the tiles unless the grid is 1x1."""
+    rows, cols = grid
+    return 1 if rows * cols == 1 else 1 + rows * cols
+
+
+def image_tokens(per_view: int, grid=None) -> int:
+    """Tokens of one image: per_view without tiling (grid None); tiled, each row of views (the global view, then
+    each row of tiles) followed by one newline: per_view * views + 1 + rows (1x1: per_view + 1)."""
+    if grid is None:
+        return per_view
+    rows = 0 if grid[0] * grid[1] == 1 else grid[0]
+    return per_view * views_of(grid) + 1 + rows
+
+
+def most_image_tokens(per_view: int, max_tiles: int) -> int:
+    """The tokens of an image on the grid of at most max_tiles tiles that takes the most (a row of them)."""
+    return max(image_tokens(per_view, (r, max_tiles // r)) for r in range(1, max_tiles + 1)) if max_tiles else per_view
+
+
+def token_count(per_view: int, max_tiles: int = 0) -> str:
+    """How many tokens an image takes, in words (the training log, check_data.py)."""
+    if not max_tiles:
+        return f"{per_view} tokens per image"
+    most = most_image_tokens(per_view, max_tiles)
+    return (f"tiled (max_tiles={max_tiles}): {per_view} tokens per view, {per_view + 1} per image (a grid of 1x1, "
+            f"the global view alone) to {most}")
+
+
+def tile_tokens(views, grids, newline):
+    """(total views, M, D) connector outputs, each image's views consecutive (global, then tiles row-major) ->
+    (sum of image_tokens, D): per image the global view's M tokens, newline, then for each row of tiles its tiles'
+    tokens left to right and a newline (LLaVA-NeXT's learned image_newline, one per tile row instead of per
+    feature row: tiles are not merged into one feature map)."""
+    out, v, nl = [], 0, newline.to(views.dtype)[None]
+    for rows, cols in (g.tolist() if torch.is_tensor(g) else g for g in grids):
+        n = views_of((rows, cols))
+        mine, v = views[v:v + n], v + n
+        out += [mine[0], nl]
+        for r in range(rows if n > 1 else 0):
+            out += [mine[1 + r * cols:1 + (r + 1) * cols].flatten(0, 1), nl]
+    if v != views.shape[0]:
+        raise ValueError(f"{views.shape[0]} views for grids that have {v}")
+    return torch.cat(out) if out else views.new_zeros(0, views.shape[-1])
 
     def extra_repr(self):
         return f"name={self.name!r}"
@@ -283,7 +336,8 @@ def build_connector(name: str, vision_dim: int, llm_dim: int, *,
                     num_layers: int = 3, resampler_heads: int = 8, resampler_dim_head: int = 64,
                     qformer_hidden: int = 768, qformer_heads: int = 12, qformer_layers: int = 12,
                     qformer_ffn: int = 3072, qformer_cross_freq: int = 2, qformer_dropout: float = 0.1,
-                    init: str = "tinyllava") -> Connector:  # tinyllava: Linear N(0, 0.02), bias 0 | torch: defaults
+                    init: str = "tinyllava",  # tinyllava: Linear N(0, 0.02), bias 0 | torch: defaults
+                    newline: bool = False) -> Connector:  # tiling: an image_newline embedding (Connector)
     """Build the connector called `name`; options a connector does not use are ignored."""
     if init not in ("tinyllava", "torch"):
         raise ValueError(f"init must be 'tinyllava' or 'torch', got {init!r}")
@@ -295,7 +349,7 @@ def build_connector(name: str, vision_dim: int, llm_dim: int, *,
                    resampler_heads=resampler_heads, resampler_dim_head=resampler_dim_head,
                    qformer_hidden=qformer_hidden, qformer_heads=qformer_heads, qformer_layers=qformer_layers,
                    qformer_ffn=qformer_ffn, qformer_cross_freq=qformer_cross_freq, qformer_dropout=qformer_dropout)
-    connector = Connector(name, build(match, vision_dim, llm_dim, options))
+    connector = Connector(name, build(match, vision_dim, llm_dim, options), llm_dim, newline)
     if init == "tinyllava":
         connector.apply(_init_tinyllava)
     return connector

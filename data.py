@@ -15,8 +15,7 @@ Public API (each docstring gives the details)
     TEMPLATES: name -> ChatTemplate | HFChatTemplate;  get_template;  render -> (text, supervised character spans)
     encode(conversations, template, tokenizer, num_image_tokens, max_length=None, for_generation=False)
         -> {"input_ids": LongTensor[T], "labels": LongTensor[T]}
-    load_image(path, aspect) -> PIL.Image (RGB);  preprocess_image(image, processor, aspect="square"|"pad")
-        -> Tensor[3, H, W]
+    load_image, preprocess_image, preprocess_views, image_inputs: images.py's (reading, padding, tiling pictures)
     VLMDataset(...)[i] -> {"input_ids", "labels", "pixel_values": Tensor[3, H, W] ([n, 3, H, W]: a list) | None,
         "tower_features", "id", "skipped"};  .lengths;  .skipped: [(index, id, problem)] left out at load;
         read_skip_log(*paths)
@@ -34,34 +33,30 @@ wherever those are consistent, and never silently masks a whole sample: anything
 file, record and id, ending in the problem's code (DataError.code, listed in check_data.py): "... [image-missing]".
 
 Several images: "image" a list, one `<image>` per entry in order in any human turn; a turn with one keeps the
-original's relocation, a turn with several keeps them in place. Not done here (on purpose): anyres tiling, dummy
-zero images for text-only samples (those rows carry no image at all, so the vision tower never runs on them),
+original's relocation, a turn with several keeps them in place. Tiling (max_tiles > 0): an image is its global view
+and the tiles of its grid (modeling_tinyllava_nano.choose_grid), and its `<image>` becomes
+connectors.image_tokens(num_image_tokens, grid) sentinels; samples carry "image_grids". Not done here (on purpose):
+the original's "anyres" (dead code there), dummy zero images for text-only samples (those rows carry no image at all, so the vision tower never runs on them),
 tokenizers that append EOS to every call.
 """
 
 import json
 import os
-import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageFile
 
+from connectors import image_tokens, most_image_tokens, token_count  # noqa: F401 (data.token_count)
+from images import (MAX_IMAGE_PIXELS, MAX_PAD_SIDE, NOT_REGULAR, image_inputs, load_image,  # noqa: F401 (re-exported)
+                    preprocess_image, preprocess_views)
+from modeling_tinyllava_nano import choose_grid
 from records import (IMAGE_PLACEHOLDER, MAX_IMAGES, NOT_BAD, BadLine, DataError, _error, _id, _json,  # noqa: F401
                      _turns, _where, load_records, read_records, record_images, record_problems, scan)   # re-exported
 
 IGNORE_INDEX = -100  # label of tokens that take no loss (torch CrossEntropyLoss default ignore_index)
 IMAGE_TOKEN_INDEX = -200  # sentinel id at image positions; model.py writes image features there (LLaVA's value)
-
-# Over these limits an image is a bad sample (image-too-large): training images are far smaller (COCO 640 px, SAM
-# 1500x2250); a 100 KB PNG may declare 30000x30000 (2.7 GB as RGB). PIL's limits: 89 Mpx warns, 179 Mpx raises.
-MAX_IMAGE_PIXELS = 8192 * 8192
-# "pad" puts the image on a max(w, h)-sided square, held as float32 by the processor: a 1x15000 image (147 bytes)
-# took 3.5 GB, one padded to 8192 px takes 0.9 GB. (Resizing before padding would change every image's pixels.)
-MAX_PAD_SIDE = 8192
-
 
 # ---- Chat templates (strings from TinyLLaVA Factory data/template/*.py, see reference §5.3) ----------------------
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -173,7 +168,8 @@ def _render_hf(turns, tokenizer, for_generation):
 
 # ---- Tokenisation with labels by construction --------------------------------------------------------------------
 def encode(conversations, template, tokenizer, num_image_tokens, max_length=None, for_generation=False) -> dict:
-    """Token ids and labels of one conversation; each image placeholder becomes `num_image_tokens` sentinels.
+    """Token ids and labels of one conversation; each image placeholder becomes `num_image_tokens` sentinels (a
+    list: the k-th placeholder its k-th entry, tiled images' counts).
 
     Ids equal LLaVA's `tokenizer_image_token`: the text is split on "<image>", each chunk is tokenized with the
     tokenizer's default special tokens, and the BOS it adds to every chunk but the first is dropped. A token is
@@ -185,11 +181,13 @@ def encode(conversations, template, tokenizer, num_image_tokens, max_length=None
     for s, e in spans:
         supervised[s:e] = b"\x01" * (e - s)
 
+    counts = num_image_tokens if isinstance(num_image_tokens, (list, tuple)) else None
     ids, labels, base = [], [], 0
     for k, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if k > 0:
-            ids += [IMAGE_TOKEN_INDEX] * num_image_tokens
-            labels += [IGNORE_INDEX] * num_image_tokens
+            n = counts[k - 1] if counts is not None else num_image_tokens
+            ids += [IMAGE_TOKEN_INDEX] * n
+            labels += [IGNORE_INDEX] * n
             base += len(IMAGE_PLACEHOLDER)
         enc = tokenizer(chunk, return_offsets_mapping=True)
         chunk_ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
@@ -218,70 +216,12 @@ def encode(conversations, template, tokenizer, num_image_tokens, max_length=None
             n = len(ids)
             ids, labels = ids[:cut], labels[:cut]
             if all(x == IGNORE_INDEX for x in labels):
+                per = "+".join(map(str, counts)) + " for its images" if counts is not None else f"{num_image_tokens} per image"
                 raise DataError(f"answer truncated away at max_length={max_length} (sample is {n} tokens, "
-                                f"{num_image_tokens} per image)", "answer-truncated")
+                                f"{per})", "answer-truncated")
         if all(x == IGNORE_INDEX for x in labels):
             raise DataError("no supervised tokens", "no-supervised-tokens")
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
-
-
-# ---- Images ------------------------------------------------------------------------------------------------------
-def load_image(path, aspect="square") -> Image.Image:
-    """`path` as RGB, or DataError: image-missing, -not-a-file (a directory, FIFO, device or socket: only a regular
-    file is opened, since opening a FIFO waits for a writer forever), -too-large (over MAX_IMAGE_PIXELS; with aspect
-    "pad" also a padded square over MAX_PAD_SIDE; from the header, before decoding), -truncated (never grey),
-    -unreadable."""
-    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # whoever set it
-    try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise _NotAFile(next((what for test, what in NOT_REGULAR.items() if test(mode)), "not a regular file")
-                            + ", not a regular file")
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, over data.MAX_IMAGE_PIXELS")
-            if aspect == "pad" and _pad_problem(*im.size):
-                raise Image.DecompressionBombError(_pad_problem(*im.size))
-            return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - whatever a decoder throws at a bad file, it is this file's problem
-        code = ("image-missing" if isinstance(e, (FileNotFoundError, NotADirectoryError)) else
-                "image-not-a-file" if isinstance(e, (IsADirectoryError, _NotAFile)) else
-                "image-too-large" if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)) else
-                "image-truncated" if "truncated" in str(e).lower() else "image-unreadable")
-        raise DataError(f"cannot read image {path}: {e}", code) from None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
-
-
-class _NotAFile(OSError):
-    pass
-
-
-NOT_REGULAR = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device",
-               stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
-
-
-def _pad_problem(w, h):   # why "pad" refuses a w x h image, or None
-    if max(w, h) > MAX_PAD_SIDE:
-        return (f"a {w}x{h} image cannot be padded: its {max(w, h)}x{max(w, h)} square is over data.MAX_PAD_SIDE = "
-                f"{MAX_PAD_SIDE}")
-
-
-def preprocess_image(image: Image.Image, processor, aspect="square") -> torch.Tensor:
-    """PIL image -> (3, H, W) float tensor. "square": the processor's own resize/crop (TinyLLaVA's default);
-    "pad": LLaVA's expand2square first, centring the image on a square canvas filled with the mean colour (DataError
-    when that square's side would exceed MAX_PAD_SIDE)."""
-    if aspect == "pad":
-        (w, h), side = image.size, max(image.size)
-        if _pad_problem(w, h):
-            raise DataError(_pad_problem(w, h), "image-too-large")
-        fill = tuple(int(255 * m) for m in processor.image_mean)  # SigLIP -> (127,127,127), CLIP -> (122,116,104)
-        canvas = Image.new(image.mode, (side, side), fill)
-        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
-        image = canvas
-    elif aspect != "square":
-        raise ValueError(f"unknown image_aspect_ratio {aspect!r}; valid: square, pad")
-    return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 # ---- Dataset and collator ----------------------------------------------------------------------------------------
@@ -295,7 +235,7 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def __init__(self, records, tokenizer, image_processor, template, num_image_tokens, max_length,
                  image_folder=None, image_aspect_ratio="square", bad_samples="error", feature_cache=None,
-                 allow_outside_images=False, skip_log=None, max_images=MAX_IMAGES):
+                 allow_outside_images=False, skip_log=None, max_images=MAX_IMAGES, max_tiles=0):
         if bad_samples not in ("error", "skip"):
             raise ValueError(f"unknown bad_samples policy {bad_samples!r}; valid: error, skip")
         self.source = str(records) if isinstance(records, (str, os.PathLike)) else "<records>"
@@ -318,7 +258,7 @@ class VLMDataset(torch.utils.data.Dataset):
         self.bad_samples, self.feature_cache = bad_samples, feature_cache   # model.FeatureCache: no pixels
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template = get_template(template)
-        self.num_image_tokens, self.max_length = num_image_tokens, max_length
+        self.num_image_tokens, self.max_length, self.max_tiles = num_image_tokens, max_length, max_tiles
         self.image_folder, self.image_aspect_ratio = image_folder, image_aspect_ratio
         if image_aspect_ratio not in ("square", "pad"):
             raise ValueError(f"unknown image_aspect_ratio {image_aspect_ratio!r}; valid: square, pad")
@@ -344,17 +284,20 @@ class VLMDataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self) -> list[int]:
-        """Rough token count per sample (characters / 4, plus the image tokens), positive for image samples and
-        negative for text-only ones like the original's modality_lengths; for length-grouped sampling only."""
+        """Rough token count per sample (characters / 4, plus the image tokens: tiled, as if each image had the grid
+        of most tokens), positive for image samples and negative for text-only ones like the original's
+        modality_lengths; for length-grouped sampling only."""
         if self._lengths is None:
-            self._lengths = []
+            self._lengths, per = [], most_image_tokens(self.num_image_tokens, self.max_tiles)
             for r in self.records:
                 n = sum(len(turn["value"]) for turn in r["conversations"]) // 4 + 1
-                self._lengths.append(n + self.num_image_tokens * len(record_images(r)) if r.get("image") else -n)
+                self._lengths.append(n + per * len(record_images(r)) if r.get("image") else -n)
         return self._lengths
 
     def sample(self, i) -> dict:
         record = self.records[i]
+        if self.max_tiles:
+            return self._tiled_sample(i, record)
         try:
             out = encode(record["conversations"], self.template, self.tokenizer, self.num_image_tokens,
                          self.max_length)
@@ -369,6 +312,41 @@ class VLMDataset(torch.utils.data.Dataset):
             code, what = (e.code, e) if isinstance(e, DataError) else ("internal-error", f"{type(e).__name__}: {e}")
             raise DataError(f"{_where(self.source, self.origin[i], record)}: {what} [{code}]", code) from None
         return {**out, "pixel_values": pixel_values, "tower_features": feats, "id": record.get("id")}
+
+    def _tiled_sample(self, i, record) -> dict:
+        """sample() with tiling: the images' grids first (their token counts), then the text; always stacks (the
+        views of every kept image, [views, 3, H, W] or [views, tokens, D]) and image_grids [kept, 2]."""
+        try:
+            names = record_images(record)
+            views = [self._views(name) for name in names]
+            counts = [image_tokens(self.num_image_tokens, grid) for _, grid in views]
+            out = encode(record["conversations"], self.template, self.tokenizer, counts, self.max_length)
+            slots, kept = int((out["input_ids"] == IMAGE_TOKEN_INDEX).sum()), 0   # truncation drops whole images
+            while kept < len(counts) and slots >= counts[kept]:
+                slots, kept = slots - counts[kept], kept + 1
+            views = views[:kept]
+            grids = torch.tensor([grid for _, grid in views], dtype=torch.long).reshape(-1, 2) if views else None
+            data = [v for v, _ in views]
+            pixel_values = torch.cat(data) if data and self.feature_cache is None else None
+            feats = None
+            if data and self.feature_cache is not None:
+                feats = tuple(map(torch.cat, zip(*data))) if isinstance(data[0], tuple) else torch.cat(data)
+        except Exception as e:  # noqa: BLE001 - as in sample()
+            code, what = (e.code, e) if isinstance(e, DataError) else ("internal-error", f"{type(e).__name__}: {e}")
+            raise DataError(f"{_where(self.source, self.origin[i], record)}: {what} [{code}]", code) from None
+        return {**out, "pixel_values": pixel_values, "tower_features": feats, "image_grids": grids,
+                "id": record.get("id")}
+
+    def _views(self, name):
+        """Tiling: (the image's views as pixels, or its tower outputs from the feature cache; its grid)."""
+        if self.feature_cache is None:
+            image = load_image(os.path.join(self.image_folder, name), self.image_aspect_ratio)
+            return preprocess_views(image, self.image_processor, self.image_aspect_ratio, self.max_tiles)
+        found = self.feature_cache.load(self.image_folder, name)
+        if found is None:
+            load_image(os.path.join(self.image_folder, name), self.image_aspect_ratio)   # its own problem first
+            raise DataError(f"image {name} is not in the feature cache {self.feature_cache.dir}", "feature-cache-miss")
+        return found
 
     def _images(self, names):
         """(pixels [n, 3, H, W], None) or, with a feature cache, (None, tower outputs [n, ...] or a pair of them)."""
@@ -431,14 +409,24 @@ def collate(batch, pad_token_id, padding_side="right") -> dict:
         attention_mask[row, cols] = 1
     pictures = [_many(s["pixel_values"], 3) for s in batch if s.get("pixel_values") is not None]
     images = torch.cat(pictures) if pictures else None
+    grids = [s["image_grids"] for s in batch if s.get("image_grids") is not None]   # tiling: (rows, cols) per image
     feats = [s["tower_features"] for s in batch if s.get("tower_features") is not None]
     if feats:   # cached tower outputs instead of pictures (a pair per image for MoF)
         feats = tuple(torch.cat([_many(x, 2) for x in f]) for f in zip(*feats)) if isinstance(feats[0], tuple) \
             else torch.cat([_many(x, 2) for x in feats])
     n_images = len(images) if images is not None else len(feats[0] if isinstance(feats, tuple) else feats)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": images,
-            "tower_features": feats if len(feats) else None, "n_images": n_images,
+            "tower_features": feats if len(feats) else None, "n_images": n_images,   # tower inputs (tiled: views)
+            "image_grids": torch.cat(grids) if grids else None,
             "skipped": [x for s in batch for x in s.get("skipped", ())]}
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "images", "tower_features", "image_grids")
+
+
+def model_inputs(batch) -> dict:
+    """What of a collated batch the model's forward takes, by name: model(**model_inputs(batch))."""
+    return {k: batch[k] for k in MODEL_INPUTS}
 
 
 def _many(x, dims):   # one image's tensor ([3, H, W]; [tokens, D]) as a stack of one, a stack as it is
@@ -448,25 +436,32 @@ def _many(x, dims):   # one image's tensor ([3, H, W]; [tokens, D]) as a stack o
 # ---- The data check (check_data.py prints it) ----------------------------------------------------------------------
 def check(records, image_folder=None, tokenizer=None, template="phi", num_image_tokens=0, max_length=None,
           allow_outside_images=False, on_problem=None, progress=False, image_aspect_ratio="square",
-          max_images=MAX_IMAGES):
+          max_images=MAX_IMAGES, max_tiles=0, tile=None):
     """Every record as training reads it (scan, then load_image and encode with training's settings) -> {"problems":
-    [(index, id, code, message)], "notes": [(index, id, message)], "lengths": [tokens], "over_max_length": n, ...};
-    on_problem(index, record, code, message) is called as each problem or note (code "note") is found."""
+    [(index, id, code, message)], "notes": [(index, id, message)], "lengths": [tokens], "image_tokens": [tokens of
+    each image read], "over_max_length": n, ...}; on_problem(index, record, code, message) is called as each problem
+    or note (code "note") is found. Tiled (max_tiles, tile = the tower's (H, W)): each image's count from its grid
+    (num_image_tokens is then per view); the images' tokens together must leave room for text in max_length."""
     from tqdm import tqdm
-    problems, notes, lengths, over = [], [], [], 0
+    problems, notes, lengths, over, per_image = [], [], [], 0, []
     bar = tqdm(total=len(records), unit=" records", file=sys.stderr, disable=not progress)
     for i, r, found in scan(records, allow_outside_images, max_images):
         rid = r.get("id") if isinstance(r, dict) else None
         good = lambda: all(c in NOT_BAD for c, _ in found)  # noqa: E731 - a record training keeps, so far
         try:
-            for name in record_images(r) if good() and image_folder is not None else ():   # training: when read
-                try:
-                    load_image(os.path.join(image_folder, name), image_aspect_ratio)
+            counts = [num_image_tokens] * len(record_images(r)) if good() else []
+            for k, name in enumerate(record_images(r) if good() and image_folder is not None else ()):   # training:
+                try:                                                                                     # when read
+                    image = load_image(os.path.join(image_folder, name), image_aspect_ratio)
+                    if max_tiles:
+                        counts[k] = image_tokens(num_image_tokens, choose_grid(*image.size, tile, max_tiles))
+                    per_image.append(counts[k])
                 except DataError as e:
                     found.append((e.code, str(e)))
-            if good() and max_length and num_image_tokens * len(record_images(r)) >= max_length:
-                found.append(("images-over-max-length", f"{len(record_images(r))} images x {num_image_tokens} "
-                                                        f"tokens leave no room for text in max_length={max_length}"))
+            if good() and max_length and sum(counts) >= max_length:
+                per = f"x {num_image_tokens} tokens" if not max_tiles else f"({'+'.join(map(str, counts))} tokens, tiled)"
+                found.append(("images-over-max-length", f"{len(counts)} images {per} leave no room for text in "
+                                                        f"max_length={max_length}"))
             if good() and r["conversations"][0]["from"] != "human":
                 notes.append((i, rid, f"first message is from {r['conversations'][0]['from']!r}: dropped, as the "
                                       "original does"))
@@ -474,11 +469,11 @@ def check(records, image_folder=None, tokenizer=None, template="phi", num_image_
                     on_problem(i, r, "note", notes[-1][2])
             if good() and tokenizer is not None:
                 try:
-                    n = len(encode(r["conversations"], template, tokenizer, num_image_tokens)["input_ids"])
+                    n = len(encode(r["conversations"], template, tokenizer, counts)["input_ids"])
                     lengths.append(n)
                     if max_length and n > max_length:
                         over += 1
-                        encode(r["conversations"], template, tokenizer, num_image_tokens, max_length)
+                        encode(r["conversations"], template, tokenizer, counts, max_length)
                 except DataError as e:
                     found.append((e.code, str(e)))
         except Exception as e:  # noqa: BLE001 - the check reports what it cannot handle and goes on
@@ -491,4 +486,4 @@ def check(records, image_folder=None, tokenizer=None, template="phi", num_image_
     bar.close()
     image = sum(isinstance(r, dict) and r.get("image") is not None for r in records)
     return {"records": len(records), "image": image, "text_only": len(records) - image, "problems": problems,
-            "notes": notes, "lengths": lengths, "over_max_length": over}
+            "notes": notes, "lengths": lengths, "image_tokens": per_image, "over_max_length": over}

@@ -341,11 +341,11 @@ def chat_template(template, tokenizer=None, image=IMAGE_PLACEHOLDER):
     return "{{- bos_token -}}" + body
 
 
-def hf_files(tokenizer, template, num_image_tokens, image_aspect_ratio):
+def hf_files(tokenizer, template, num_image_tokens, image_aspect_ratio, max_tiles=0):
     """What makes a folder loadable by transformers besides config.json: (objects to save_pretrained, {name: text}).
     With `template` (the one it was trained with) the tokenizer carries its chat template and generation_config.json
-    its EOS and evaluate.py's decoding (greedy, 128 new tokens); processor_config.json the image tokens per image; and
-    our modeling code (connectors.py as modeling_connectors.py)."""
+    its EOS and evaluate.py's decoding (greedy, 128 new tokens); processor_config.json the image tokens per image (per
+    view, and max_tiles, when tiled); and our modeling code (connectors.py as modeling_connectors.py)."""
     tok, objs = copy.deepcopy(tokenizer), []
     if template:   # (unknown: the tokenizer keeps its own chat template, generation uses transformers' defaults)
         t = get_template(template)
@@ -358,7 +358,7 @@ def hf_files(tokenizer, template, num_image_tokens, image_aspect_ratio):
     files = {name: open(os.path.join(HERE, src)).read() for name, src in CODE.items()}
     files["processor_config.json"] = json.dumps({
         "processor_class": "TinyLlavaNanoProcessor", "num_image_tokens": num_image_tokens,
-        "image_aspect_ratio": image_aspect_ratio,
+        "image_aspect_ratio": image_aspect_ratio, **({"max_tiles": max_tiles} if max_tiles else {}),
         "auto_map": {"AutoProcessor": "modeling_tinyllava_nano.TinyLlavaNanoProcessor"}}, indent=2)
     return [tok] + objs, files
 

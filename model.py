@@ -12,7 +12,10 @@ joined by a connector from connectors.py. The transformer blocks are Hugging Fac
 
 How images get in: data.py expands each `<image>` into `model.num_image_tokens` copies of the sentinel id
 IMAGE_TOKEN_INDEX (-200); `embed()` looks up the text embeddings and drops the connector's output into the
-sentinel positions with one masked_scatter. `images` holds only the pictures of the rows that have one, in
+sentinel positions with one masked_scatter. Tiling (max_tiles > 0, off by default): each image is a global view plus
+a grid of tower-sized tiles chosen from its shape (modeling_tinyllava_nano.choose_grid); every view goes through the
+tower in one batch, and the connector lays an image's views out with a learned newline after each row
+(connectors.tile_tokens), so an image takes connectors.image_tokens(num_image_tokens, grid) positions. `images` holds only the pictures of the rows that have one, in
 batch order: text-only rows never run the tower (TinyLLaVA Factory feeds them a zero image; the one exception
 is a trainable tower under ZeRO-3 / FSDP on a batch without pictures, see idle_images).
 
@@ -41,12 +44,13 @@ from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfi
 
 from connectors import build_connector
 from data import IGNORE_INDEX
+from feature_cache import FeatureCache  # noqa: F401 (model.FeatureCache, as before)
 from folders import (auto_load, auto_map, check_finite, hf_files, load_image_processor, load_tokenizer, read_json,
                      resolve, save_files, write_file)
 import layouts
 from modeling_tinyllava_nano import VisionTower  # noqa: F401 (model.VisionTower, as before)
-from modeling_tinyllava_nano import (TinyLlavaNanoConfig, TinyLlavaNanoForConditionalGeneration,
-                                     TinyLlavaNanoProcessor, make_vision_tower, splice, tower_kind,
+from modeling_tinyllava_nano import (TinyLlavaNanoConfig, TinyLlavaNanoForConditionalGeneration,  # noqa: F401
+                                     TinyLlavaNanoProcessor, image_size, make_vision_tower, splice, tower_kind,
                                      tower_tokens)
 
 AutoConfig.register("tinyllava_nano", TinyLlavaNanoConfig, exist_ok=True)   # the Auto classes read our folders
@@ -66,6 +70,7 @@ class ModelArgs:
     vision_feature_select_strategy: str = "patch"  # patch (drop the CLS token) | cls_patch (keep every token)
     legacy_patch_drop: bool = False    # True: 'patch' drops the first token even without CLS (original; SigLIP 729->728)
     image_aspect_ratio: str = "square"  # square (processor default) | pad; saved so evaluation preprocesses alike
+    max_tiles: int = 0                 # 0: one view per image (the original); N: + a grid of <= N tower-sized tiles
     num_queries: int = 128             # qformer / resampler output tokens
     num_resampler_layers: int = 3      # resampler depth (the qformer keeps BERT-base's 12 layers)
     trust_remote_code: bool = False    # only for LLMs outside transformers (OpenELM); runs code from the Hub
@@ -101,14 +106,16 @@ class TinyLlava(nn.Module):
         self.connector = connector
         self.args = args
         self.image_size = image_size
-        self.num_image_tokens = connector.num_tokens(vision_tower.num_tokens(image_size))
+        self.num_image_tokens = connector.num_tokens(vision_tower.num_tokens(image_size))   # tiled: per view
+        self.max_tiles = args.max_tiles
         self.supervised_only_loss = True   # False: the full-logits loss (same value, more memory)
         self.chunked_loss = True           # False: the supervised positions' logits at once (same value, more memory)
         self.tower_no_grad = True          # False: a frozen tower still records autograd (bench.py's baseline)
 
-    def encode_images(self, images=None, tower_features=None):
-        """(N_img, 3, H, W) -> (N_img, num_image_tokens, llm_hidden). A frozen tower runs without autograd;
-        `tower_features` (its outputs, e.g. from a FeatureCache; a pair for MoF) skip it altogether."""
+    def encode_images(self, images=None, tower_features=None, image_grids=None):
+        """(N_img, 3, H, W) -> (N_img, num_image_tokens, llm_hidden); tiled, every image's views (N_views, 3, H, W)
+        and image_grids (N_img, 2) -> all images' tokens (sum of image_tokens, llm_hidden). A frozen tower runs
+        without autograd; `tower_features` (its outputs, e.g. from a FeatureCache; a pair for MoF) skip it."""
         if tower_features is not None:
             feats = tower_features
         elif any(p.requires_grad for p in self.vision_tower.parameters()) or not self.tower_no_grad:
@@ -116,19 +123,21 @@ class TinyLlava(nn.Module):
         else:
             with torch.no_grad():
                 feats = self.vision_tower(images)
-        return self.connector(feats)
+        if self.max_tiles and image_grids is None:
+            raise ValueError("a tiled model (max_tiles > 0) needs image_grids with its images")
+        return self.connector(feats, image_grids if self.max_tiles else None)
 
-    def embed(self, input_ids, images=None, image_features=None, tower_features=None):
+    def embed(self, input_ids, images=None, image_features=None, tower_features=None, image_grids=None):
         """Text embeddings with the image features written into the IMAGE_TOKEN_INDEX positions."""
         if image_features is None and (images is not None or tower_features is not None):
-            image_features = self.encode_images(images, tower_features)
+            image_features = self.encode_images(images, tower_features, image_grids)
         return splice(self.language_model.get_input_embeddings(), input_ids, image_features)
 
     def forward(self, input_ids, attention_mask=None, labels=None, images=None, image_features=None,
-                tower_features=None):
+                tower_features=None, image_grids=None):
         """Without labels: {"logits"}. With labels: {"loss", "loss_sum", "num_tokens"}, the loss being a
         cross-entropy summed over supervised tokens only (train.py divides by the step's total count)."""
-        embeds = self.embed(input_ids, images, image_features, tower_features)
+        embeds = self.embed(input_ids, images, image_features, tower_features, image_grids)
         lm = self.language_model
         if labels is None:
             return {"logits": lm(inputs_embeds=embeds, attention_mask=attention_mask).logits}
@@ -168,20 +177,22 @@ class TinyLlava(nn.Module):
         if not any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in params):
             return sum(p.sum() for p in params)
         device, dtype = self.language_model.get_input_embeddings().weight.device, self.vision_tower.dtype
+        grids = [(1, 1)] if self.max_tiles else None   # tiled: the newline takes part too
         if any(p.requires_grad for p in self.vision_tower.parameters()):
-            return self.encode_images(torch.zeros(1, 3, *self.image_size, dtype=dtype, device=device)).sum()
+            return self.encode_images(torch.zeros(1, 3, *self.image_size, dtype=dtype, device=device),
+                                      image_grids=grids).sum()
         n = self.vision_tower.num_tokens(self.image_size)
         feats = [torch.zeros(1, k, d, dtype=dtype, device=device)
                  for k, d in zip(n if isinstance(n, tuple) else (n,), self.vision_tower.hidden_size)]
-        return self.connector(feats[0] if len(feats) == 1 else tuple(feats)).sum()
+        return self.connector(feats[0] if len(feats) == 1 else tuple(feats), grids).sum()
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, images=None, **kwargs):
+    def generate(self, input_ids, attention_mask, images=None, image_grids=None, **kwargs):
         """Batched generation from LEFT-padded prompts with the KV cache; returns only the new tokens
         (HF's generate returns no prompt when it is given inputs_embeds alone)."""
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate() needs left-padded prompts (collate(..., padding_side='left'))")
-        embeds = self.embed(input_ids, images)
+        embeds = self.embed(input_ids, images, image_grids=image_grids)
         kwargs.setdefault("pad_token_id", self.language_model.generation_config.pad_token_id)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
@@ -240,15 +251,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         (grad_h, grad_w, grad_b), ctx.grads = ctx.grads, None
         scale = lambda g, dtype=None: None if g is None else g.mul_(grad_loss).to(dtype or g.dtype)  # noqa: E731
         return scale(grad_h), scale(grad_w, ctx.dtypes[0]), scale(grad_b, ctx.dtypes[1]), None, None, None, None
-
-
-def image_size(processor):
-    """(H, W) of the processor's output: the crop if it crops, else the resize target."""
-    s = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
-    s = dict(s)
-    if "height" in s:
-        return s["height"], s["width"]
-    return s["shortest_edge"], s["shortest_edge"]
 
 
 FUSED_GELU = True   # False: HF's own gelu_new, op for op (bench.py's re-created original loop sets it)
@@ -312,8 +314,20 @@ def _build(args, text_config=None, vision_configs=None, llm_kwargs=None, lm_weig
     widths = vision.hidden_size
     llm_width = lm.get_input_embeddings().embedding_dim   # OpenELM's config says model_dim, not hidden_size
     connector = build_connector(args.connector, widths[0], llm_width, vision_dim2=widths[-1],
-                                num_queries=args.num_queries, num_layers=args.num_resampler_layers)
+                                num_queries=args.num_queries, num_layers=args.num_resampler_layers,
+                                newline=bool(args.max_tiles))
     return lm, vision, connector.to(dtype)
+
+
+def set_tiling(model, max_tiles):
+    """A stage's max_tiles on a loaded model: 0 keeps the model's; N turns tiling on (a fresh image_newline, as the
+    connector's init) or changes the tile count (the newline stays: it does not depend on it)."""
+    if not max_tiles or max_tiles == model.max_tiles:
+        return
+    if not model.max_tiles:
+        like = model.language_model.get_input_embeddings().weight
+        model.connector.image_newline = nn.Parameter((torch.randn(like.shape[1]) * 0.02).to(like.device, like.dtype))
+    model.max_tiles = model.args.max_tiles = max_tiles
 
 
 def build_model(args, llm_kwargs=None):
@@ -335,7 +349,7 @@ def save_pretrained(model, tokenizer, processor, out_dir, state_dict=None, templ
     it. `state_dict`: weights gathered elsewhere (ZeRO-3)."""
     os.makedirs(out_dir, exist_ok=True)
     config = {"model_type": "tinyllava_nano", "architectures": ["TinyLlavaNanoForConditionalGeneration"],
-              "auto_map": auto_map("TinyLlavaNano"), **asdict(model.args), "trust_remote_code": False,
+              "auto_map": auto_map("TinyLlavaNano"), **tiling_off_unsaid(asdict(model.args)), "trust_remote_code": False,
               "text_config": {k: v for k, v in model.language_model.config.to_dict().items() if k != "auto_map"},
               "vision_configs": [t.config.to_dict() for t in model.vision_tower.towers],
               "num_image_tokens": model.num_image_tokens}
@@ -350,8 +364,14 @@ def save_pretrained(model, tokenizer, processor, out_dir, state_dict=None, templ
                 unique[k] = v.detach().cpu().contiguous()
         write_file(weights, unique)
     write_file(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2, default=str))
-    objs, files = hf_files(tokenizer, template, model.num_image_tokens, model.args.image_aspect_ratio)
+    objs, files = hf_files(tokenizer, template, model.num_image_tokens, model.args.image_aspect_ratio,
+                           model.args.max_tiles)
     save_files(out_dir, objs[0], processor, *objs[1:], files=files)
+
+
+def tiling_off_unsaid(args):
+    """ModelArgs as saved: max_tiles only when tiling is on, so an untiled model's config.json is what it was."""
+    return {k: v for k, v in args.items() if k != "max_tiles" or v}
 
 
 # -------------------- Loading ---------------------------------------------------------------------------------------
@@ -414,76 +434,3 @@ def assemble(config, weights, tokenizer, processor, source, llm_kwargs=None, tru
     if config.get("template"):   # the one an original checkpoint implies (layouts.infer_template)
         model.template = config["template"]
     return model, tokenizer, processor
-
-
-class FeatureCache:
-    """A frozen tower's outputs per image on disk: computed once (fill), then read by the dataset in place of the
-    pixels, across epochs, stages and runs. The folder is named by a fingerprint of everything the features
-    depend on (the tower's weights, feature layer and selection, the image processor, aspect ratio and dtype), so
-    any change starts a fresh one; an entry is keyed by the image's path, size and mtime. One safetensors file per
-    image, written to a temp name and renamed: safe with several ranks writing and with a crash mid-write."""
-
-    def __init__(self, root, model, processor):
-        import hashlib
-        h = hashlib.sha256()
-        for k, v in sorted(model.vision_tower.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-        a = model.args
-        h.update(json.dumps([a.vision_feature_layer, a.vision_feature_select_strategy, a.legacy_patch_drop,
-                             a.image_aspect_ratio, processor.to_dict(), str(model.vision_tower.dtype)],
-                            sort_keys=True, default=str).encode())
-        self.dir = os.path.join(root, h.hexdigest()[:20])
-        self.processor, self.aspect = processor, a.image_aspect_ratio
-
-    def path(self, image_folder, image):
-        import hashlib
-        st = os.stat(os.path.join(image_folder, image))
-        key = hashlib.sha1(f"{image}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-        return os.path.join(self.dir, key[:2], key + ".safetensors")
-
-    def load(self, image_folder, image):
-        """The cached tower outputs (a tensor, or a pair for MoF), or None when the image is not cached."""
-        try:
-            path = self.path(image_folder, image)
-        except OSError:
-            return None
-        if not os.path.isfile(path):
-            return None
-        feats = load_file(path)
-        return feats["0"] if len(feats) == 1 else (feats["0"], feats["1"])
-
-    @torch.no_grad()
-    def fill(self, model, images, image_folder, batch_size=32, rank=0, world=1, device=None):
-        """Compute and store the features of every image in `images` not cached yet (this rank's share).
-        Unreadable images are left out (the dataset's bad-sample policy meets them). Returns (computed, failed)."""
-        from data import DataError, load_image, preprocess_image
-        todo = []
-        for image in sorted(set(images))[rank::world]:
-            try:
-                if not os.path.isfile(self.path(image_folder, image)):
-                    todo.append(image)
-            except OSError:
-                pass   # missing image: the dataset reports it
-        done, failed, tower, was_training = 0, 0, model.vision_tower, model.vision_tower.training
-        tower.eval()
-        for i in range(0, len(todo), batch_size):
-            names, pixels = [], []
-            for image in todo[i:i + batch_size]:
-                try:
-                    pixels.append(preprocess_image(load_image(os.path.join(image_folder, image)), self.processor,
-                                                   self.aspect))
-                    names.append(image)
-                except DataError:
-                    failed += 1
-            if not names:
-                continue
-            feats = tower(torch.stack(pixels).to(device or next(tower.parameters()).device))
-            feats = feats if isinstance(feats, tuple) else (feats,)
-            for j, image in enumerate(names):
-                path = self.path(image_folder, image)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                write_file(path, {str(k): f[j].cpu().contiguous() for k, f in enumerate(feats)})
-                done += 1
-        tower.train(was_training)
-        return done, failed

@@ -17,8 +17,8 @@ loads the folder:
     # flag transformers asks "run the custom code?": it reads config.json first, whose AutoConfig is this file
 
 Images go in as they did in training: the processor tokenizes the text on each side of "<image>" separately (the
-original's tokenizer_image_token) and puts num_image_tokens copies of the sentinel id -200 between them; the model
-writes the connector's output into those positions. So the ids are training's ids exactly, with no token added to
+original's tokenizer_image_token) and puts the image's tokens' worth of the sentinel id -200 between them
+(num_image_tokens; tiled, image_tokens of its grid); the model writes the connector's output into those positions. So the ids are training's ids exactly, with no token added to
 the tokenizer. Also reads the original's release layout (model_type "tinyllava", convert.py to-tinyllava).
 Imports only torch, transformers and connectors.py (copied beside it as modeling_connectors.py; the repository's
 module when imported there).
@@ -35,9 +35,9 @@ try:
 except ImportError:
     Image = None
 try:
-    from .modeling_connectors import build_connector   # connectors.py, copied beside this file in a saved folder
+    from .modeling_connectors import build_connector, image_tokens   # connectors.py, copied beside this file
 except ImportError:   # the repository's own module
-    from connectors import build_connector
+    from connectors import build_connector, image_tokens
 
 IMAGE_TOKEN_INDEX = -200   # data.IMAGE_TOKEN_INDEX
 IMAGE_PLACEHOLDER = "<image>"
@@ -60,6 +60,61 @@ def tower_kind(model_type):
 def tower_tokens(patch_size, has_cls, image_size, strategy, legacy_patch_drop):
     tokens = (image_size[0] // patch_size) * (image_size[1] // patch_size) + int(has_cls)
     return tokens - int(strategy == "patch" and (has_cls or legacy_patch_drop))
+
+
+def image_size(processor):
+    """(H, W) of the image processor's output: the crop if it crops, else the resize target."""
+    s = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+    s = dict(s)
+    if "height" in s:
+        return s["height"], s["width"]
+    return s["shortest_edge"], s["shortest_edge"]
+
+
+# ---- Tiling (ModelArgs.max_tiles > 0): a grid of tower-sized tiles chosen from the image's shape, + a global view
+def choose_grid(width, height, tile, max_tiles):
+    """(rows, cols) for a width x height image, among every grid of at most max_tiles tiles of tile = (H, W) pixels:
+    LLaVA-NeXT's select_best_resolution. Each grid's canvas (cols*W, rows*H) holds the image scaled to fit, keeping
+    its aspect ratio; the grid that keeps the most of the image's pixels wins (scaled-down pixels lost, scaling up
+    gains nothing), then the one with the least padding; ties keep the fewer rows, then fewer columns."""
+    best, best_key = (1, 1), None
+    for rows in range(1, max_tiles + 1):
+        for cols in range(1, max_tiles // rows + 1):
+            w, h = cols * tile[1], rows * tile[0]
+            scale = min(w / width, h / height)
+            kept = min(max(1, min(w, int(width * scale))) * max(1, min(h, int(height * scale))), width * height)
+            key = (kept, -(w * h - kept))
+            if best_key is None or key > best_key:
+                best, best_key = (rows, cols), key
+    return best
+
+
+def tile_images(image, grid, tile, fill):
+    """The tiles of a PIL image on `grid`, row by row: the image scaled (bicubic, keeping its aspect ratio) to fit the
+    grid's canvas, centred on it, the rest `fill`, cut into tile = (H, W) pieces."""
+    (rows, cols), (th, tw) = grid, tile
+    cw, ch = cols * tw, rows * th
+    scale = min(cw / image.width, ch / image.height)
+    w, h = max(1, min(cw, round(image.width * scale))), max(1, min(ch, round(image.height * scale)))
+    canvas = Image.new("RGB", (cw, ch), fill)
+    canvas.paste(image.convert("RGB").resize((w, h), Image.BICUBIC), ((cw - w) // 2, (ch - h) // 2))
+    return [canvas.crop((c * tw, r * th, (c + 1) * tw, (r + 1) * th)) for r in range(rows) for c in range(cols)]
+
+
+def mean_colour(processor):
+    """The processor's mean as 0-255 RGB: the padding colour (SigLIP (127, 127, 127), CLIP (122, 116, 104))."""
+    return tuple(int(255 * m) for m in processor.image_mean)
+
+
+def image_views(image, global_view, processor, max_tiles):
+    """(pixels [views, 3, H, W], (rows, cols)) of a PIL image: `global_view` (the image preprocessed as without
+    tiling) first, then its tiles unless the grid is 1x1 (the tile would be the global view again)."""
+    tile = image_size(processor)
+    grid = choose_grid(image.width, image.height, tile, max_tiles)
+    if grid == (1, 1):
+        return global_view[None], grid
+    tiles = processor(images=tile_images(image, grid, tile, mean_colour(processor)), return_tensors="pt")
+    return torch.cat([global_view[None], tiles["pixel_values"]]), grid
 
 
 def truncate_tower(hf_tower, feature_layer):
@@ -130,14 +185,14 @@ def make_vision_tower(towers, has_cls, feature_layer, strategy="patch", legacy_p
 
 
 def splice(embedding, input_ids, image_features):
-    """Text embeddings of input_ids with the image features (N_img, tokens, D) written, in batch order, into the
-    IMAGE_TOKEN_INDEX positions."""
+    """Text embeddings of input_ids with the image features (N_img, tokens, D), or all images' tokens as one
+    (tokens, D) tensor (tiling), written, in batch order, into the IMAGE_TOKEN_INDEX positions."""
     is_image = input_ids == IMAGE_TOKEN_INDEX
     embeds = embedding(input_ids.masked_fill(is_image, 0))
     n_slots = int(is_image.sum())
-    n_feats = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+    n_feats = 0 if image_features is None else image_features.shape[:-1].numel()
     if n_slots != n_feats:
-        per = "" if image_features is None else f" ({image_features.shape[1]} per image)"
+        per = "" if image_features is None or image_features.dim() < 3 else f" ({image_features.shape[1]} per image)"
         raise ValueError(f"{n_slots} image positions in input_ids but {n_feats} image feature vectors{per}: "
                          "data and model disagree on num_image_tokens")
     if n_feats:
@@ -148,11 +203,12 @@ def splice(embedding, input_ids, image_features):
 
 def encode_text(tokenizer, text, num_image_tokens, add_special_tokens=True):
     """Training's token ids of `text` (data.encode's): each side of "<image>" tokenized on its own, the BOS the
-    tokenizer adds to all but the first dropped, num_image_tokens sentinels for each "<image>"."""
-    ids = []
+    tokenizer adds to all but the first dropped, num_image_tokens sentinels for each "<image>" (a list: the k-th
+    image's count, tiling)."""
+    ids, counts = [], num_image_tokens if isinstance(num_image_tokens, (list, tuple)) else None
     for k, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if k > 0:
-            ids += [IMAGE_TOKEN_INDEX] * num_image_tokens
+            ids += [IMAGE_TOKEN_INDEX] * (counts[k - 1] if counts is not None else num_image_tokens)
         enc = tokenizer(chunk, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         chunk_ids = list(enc["input_ids"])
         if k > 0 and chunk_ids and chunk_ids[0] == tokenizer.bos_token_id and tuple(enc["offset_mapping"][0]) == (0, 0):
@@ -174,7 +230,8 @@ class TinyLlavaNanoConfig(PretrainedConfig):
     image_aspect_ratio: str = "square"
     num_queries: int = 128
     num_resampler_layers: int = 3
-    num_image_tokens: int = 0
+    num_image_tokens: int = 0   # per image; tiled: per view (connectors.image_tokens gives an image's count)
+    max_tiles: int = 0          # 0: no tiling; else each image is a global view + a grid of at most this many tiles
     image_token_index: int = IMAGE_TOKEN_INDEX
 
     def __post_init__(self, **kwargs):
@@ -221,7 +278,8 @@ class TinyLlavaNanoForConditionalGeneration(PreTrainedModel, GenerationMixin):
         widths = self.vision_tower.hidden_size
         self.connector = build_connector(config.connector, widths[0], self.language_model.get_input_embeddings()
                                          .embedding_dim, vision_dim2=widths[-1], num_queries=config.num_queries,
-                                         num_layers=config.num_resampler_layers, init="torch")
+                                         num_layers=config.num_resampler_layers, init="torch",
+                                         newline=bool(config.max_tiles))
         self.post_init()
 
     @classmethod
@@ -239,22 +297,23 @@ class TinyLlavaNanoForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.language_model.get_output_embeddings()
 
-    def embed(self, input_ids, pixel_values=None):
-        feats = None if pixel_values is None else self.connector(self.vision_tower(pixel_values))
+    def embed(self, input_ids, pixel_values=None, image_grids=None):
+        feats = None if pixel_values is None else self.connector(self.vision_tower(pixel_values), image_grids)
         return splice(self.get_input_embeddings(), input_ids, feats)
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, labels=None, inputs_embeds=None,
-                **kwargs):
-        """The LLM's output (logits, and loss for `labels`) on the text embeddings with the images spliced in."""
+                image_grids=None, **kwargs):
+        """The LLM's output (logits, and loss for `labels`) on the text embeddings with the images spliced in
+        (tiled: pixel_values holds every image's views, image_grids one (rows, cols) per image)."""
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_grids)
         if labels is not None:
             labels = labels.masked_fill(labels < 0, -100)   # image positions never take a loss
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                                    **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_grids=None, **kwargs):
         """Prompt + new tokens (image positions in the prompt read as the pad id), from LEFT-padded prompts."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -263,7 +322,7 @@ class TinyLlavaNanoForConditionalGeneration(PreTrainedModel, GenerationMixin):
         config = kwargs.pop("generation_config", None) or self.generation_config
         config = type(config).from_dict(config.to_dict())   # a copy
         kwargs = config.update(**kwargs)   # one config (the folder's + this call's): generate() deprecates both
-        new = self.language_model.generate(inputs_embeds=self.embed(input_ids, pixel_values),
+        new = self.language_model.generate(inputs_embeds=self.embed(input_ids, pixel_values, image_grids),
                                            attention_mask=attention_mask, generation_config=config, **kwargs)
         pad = config.pad_token_id or 0
         return torch.cat([input_ids.masked_fill(input_ids < 0, pad), new.to(input_ids.device)], dim=1)
@@ -275,28 +334,35 @@ class TinyLlavaForConditionalGeneration(TinyLlavaNanoForConditionalGeneration):
 
 class TinyLlavaNanoProcessor(ProcessorMixin):
     """Image processor + tokenizer + the training chat template. Text is tokenized as training did (each side of
-    "<image>" on its own, the BOS of all but the first side dropped), each "<image>" becomes num_image_tokens
-    sentinels; images are preprocessed as in training (`pad`: centred on a square of the mean colour first)."""
+    "<image>" on its own, the BOS of all but the first side dropped), each "<image>" becomes its image's count of
+    sentinels; images are preprocessed as in training (`pad`: centred on a square of the mean colour first; tiled
+    (max_tiles): that global view and the tiles, `image_grids` one (rows, cols) per image)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_image_tokens=0,
-                 image_aspect_ratio="square", **kwargs):
+                 image_aspect_ratio="square", max_tiles=0, **kwargs):
         self.num_image_tokens, self.image_aspect_ratio = num_image_tokens, image_aspect_ratio
+        self.max_tiles = max_tiles
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
-    def encode(self, text, add_special_tokens=True):
-        return encode_text(self.tokenizer, text, self.num_image_tokens, add_special_tokens)
+    def encode(self, text, add_special_tokens=True, counts=None):
+        return encode_text(self.tokenizer, text, self.num_image_tokens if counts is None else counts,
+                           add_special_tokens)
 
     def pixels(self, image):
+        """(pixels [views, 3, H, W], (rows, cols) or None without tiling) of one image."""
         if isinstance(image, str):   # a path, an http(s) URL or base64 ({"type": "image", "path" | "url": ...})
             from transformers.image_utils import load_image
             image = load_image(image)
-        image = image.convert("RGB")
+        image = original = image.convert("RGB")
         if self.image_aspect_ratio == "pad":
             w, h = image.size
-            canvas = Image.new("RGB", (max(w, h),) * 2, tuple(int(255 * m) for m in self.image_processor.image_mean))
+            canvas = Image.new("RGB", (max(w, h),) * 2, mean_colour(self.image_processor))
             canvas.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
             image = canvas
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        if not self.max_tiles:
+            return pixels[None], None
+        return image_views(original, pixels, self.image_processor, self.max_tiles)
 
     def __call__(self, images=None, text=None, videos=None, audio=None, padding=False, return_tensors=None,
                  add_special_tokens=True, padding_side=None, **kwargs):
@@ -308,12 +374,16 @@ class TinyLlavaNanoProcessor(ProcessorMixin):
                 todo[:0] = list(x)
             elif x is not None:
                 flat.append(x)
-        bos = self.tokenizer.bos_token
-        rows = [self.encode(t, add_special_tokens and not (bos and t.startswith(bos))) for t in texts]   # rendered
-        # by the chat template, a text may open with the BOS already
-        slots = sum(r.count(IMAGE_TOKEN_INDEX) for r in rows) // max(self.num_image_tokens, 1)
+        slots = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
         if slots != len(flat):
             raise ValueError(f"{slots} {IMAGE_PLACEHOLDER} in the text but {len(flat)} images")
+        views = [self.pixels(im) for im in flat]
+        counts = [image_tokens(self.num_image_tokens, grid) for _, grid in views]
+        bos, rows = self.tokenizer.bos_token, []
+        for t in texts:   # rendered by the chat template, a text may open with the BOS already
+            n = t.count(IMAGE_PLACEHOLDER)
+            rows.append(self.encode(t, add_special_tokens and not (bos and t.startswith(bos)), counts[:n]))
+            counts = counts[n:]
         width = max(map(len, rows), default=0) if padding or (return_tensors and len(rows) > 1) else 0
         left = (padding_side or self.tokenizer.padding_side) == "left"
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -322,7 +392,9 @@ class TinyLlavaNanoProcessor(ProcessorMixin):
         if isinstance(text, str) and not return_tensors:
             data = {k: v[0] for k, v in data.items()}
         if flat:
-            data["pixel_values"] = torch.stack([self.pixels(im) for im in flat])
+            data["pixel_values"] = torch.cat([pixels for pixels, _ in views])
+        if flat and self.max_tiles:
+            data["image_grids"] = torch.tensor([grid for _, grid in views])
         return BatchFeature(data, tensor_type=return_tensors)
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):

@@ -44,6 +44,8 @@ DEFAULTS = dict(
     # --- data
     template="phi",                   # phi | llama | gemma | qwen2_base | qwen2_instruct | auto (pretrain stages: pretrain)
     image_aspect_ratio="square",      # square (processor default, as the original's scripts) | pad
+    max_tiles=0,                      # N > 0: tiling, each image a global view + a grid of <= N tower-sized tiles
+                                      # chosen from its shape (docs/tiling.md); 0 in a later stage keeps the model's
     max_length=2048,                  # tokens incl. image tokens (the original: 2048; 3072 for share/lora/3.1B)
     data_pretrain="", images_pretrain="",      # LLaVA-format json/jsonl and its image folder, per recipe stage
     data_finetune="", images_finetune="",

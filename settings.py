@@ -353,7 +353,7 @@ TRAIN = dict(
     num_resampler_layers=Int(1), trust_remote_code=Bool(),
     attn_implementation=Choice("", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"),
     dtype=Choice(*DTYPES), init_from=Model(empty=True),
-    template=Choice(*TEMPLATES), image_aspect_ratio=Choice("square", "pad"), max_length=Int(1),
+    template=Choice(*TEMPLATES), image_aspect_ratio=Choice("square", "pad"), max_tiles=Int(0, 64), max_length=Int(1),
     **{f"{kind}_{name}": Text() for kind in ("data", "images")
        for name in ("pretrain", "finetune", "share", "share_finetune", "val")},
     group_by_length=Bool(), bad_samples=Choice("error", "skip"), check_data_at_start=Bool(), max_images=Int(1),

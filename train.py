@@ -98,7 +98,7 @@ def checkpointing_needed(accelerator, model, dataset, collate_fn, mb, trainable)
     fit in the memory free on the device (a CPU's: shared by its processes). Any rank's "no room" turns it on for
     all. Returns (on, why)."""
     import torch
-    from data import DataError
+    from data import DataError, model_inputs
     from flops import TensorMemory, free_mib
     device, batch = accelerator.device, []
     for i in sorted(range(len(dataset)), key=lambda i: -abs(dataset.lengths[i])):
@@ -117,8 +117,7 @@ def checkpointing_needed(accelerator, model, dataset, collate_fn, mb, trainable)
             with torch.random.fork_rng(devices=[device] if cuda else []), \
                     contextlib.nullcontext() if cuda else TensorMemory() as tensors:
                 with accelerator.autocast():
-                    out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"],
-                                tower_features=b["tower_features"])
+                    out = model(**model_inputs(b))
                 accelerator.backward(out["loss_sum"] / out["num_tokens"].clamp(min=1))
                 del out
             peak = torch.cuda.max_memory_allocated(device) - before if cuda else tensors.peak
@@ -151,9 +150,9 @@ def train_stage(cfg, accelerator, init, stage_dir):
     import torch
     from accelerate.utils import DistributedType
     from torch.utils.data import DataLoader
-    from data import VLMDataset, collate, record_images
+    from data import VLMDataset, collate, model_inputs, record_images, token_count
     from flops import fastest_threads, flop_profile, machine_name, measured, process_peak, train_flops
-    from model import ModelArgs, build_model, load_pretrained   # load: ours, and the original's layouts
+    from model import FeatureCache, ModelArgs, build_model, load_pretrained, set_tiling   # load: every layout
     from recipes import apply_recipe, quantization_kwargs
 
     torch.manual_seed(cfg["seed"])
@@ -169,6 +168,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     if init:
         model, tokenizer, processor = load_pretrained(init, llm_kwargs=llm_kwargs,
                                                       trust_remote_code=cfg["trust_remote_code"])
+        set_tiling(model, cfg["max_tiles"])   # 0 keeps the model's
     else:
         model, tokenizer, processor = build_model(margs, llm_kwargs=llm_kwargs)
     work_dir = stage_dir + ".partial"
@@ -188,6 +188,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     dataset = VLMDataset(data, tokenizer, processor, cfg["template"], model.num_image_tokens, cfg["max_length"],
                          images or None, cfg["image_aspect_ratio"], cfg["bad_samples"],
                          allow_outside_images=cfg["allow_outside_images"], max_images=cfg["max_images"],
+                         max_tiles=model.max_tiles,
                          skip_log=os.path.join(work_dir, f"skipped.rank{accelerator.process_index}.jsonl"))
     world, mb, device = accelerator.num_processes, cfg["micro_batch_size"], accelerator.device
     with accelerator.local_main_process_first():   # one process per machine measures, the others read its cache
@@ -207,7 +208,6 @@ def train_stage(cfg, accelerator, init, stage_dir):
         model.connector.to(accelerator.device)
         flops_of = flop_profile(model, model.image_size)   # for the MFU in the log
         if cfg["feature_cache"] and not any(p.requires_grad for p in model.vision_tower.parameters()):
-            from model import FeatureCache
             dataset.feature_cache = FeatureCache(cfg["feature_cache"], model, processor)
             done, failed = dataset.feature_cache.fill(model, [x for r in dataset.records for x in record_images(r)],
                                                       images, 4 * mb, accelerator.process_index, world)
@@ -282,12 +282,13 @@ def train_stage(cfg, accelerator, init, stage_dir):
         print(f"--resume: no checkpoint in {work_dir}; stage {cfg['stage']} starts at step 0")
     if main:
         print(f"{len(dataset)} samples, {steps_per_epoch} steps/epoch, {total} steps; global batch "
-              f"{cfg['global_batch_size']} = {mb} x {world} processes x {accum} accumulation")
+              f"{cfg['global_batch_size']} = {mb} x {world} processes x {accum} accumulation; "
+              + token_count(model.num_image_tokens, model.max_tiles))
 
     val_loader = None
     if cfg["data_val"] and cfg["val_every"]:
-        val_set = VLMDataset(cfg["data_val"], tokenizer, processor, cfg["template"], raw.num_image_tokens,
-                             cfg["max_length"], cfg["images_val"] or None, cfg["image_aspect_ratio"])
+        val_set = VLMDataset(cfg["data_val"], tokenizer, processor, cfg["template"], raw.num_image_tokens, cfg[
+            "max_length"], cfg["images_val"] or None, cfg["image_aspect_ratio"], max_tiles=raw.max_tiles)
         val_loader = accelerator.prepare_data_loader(DataLoader(val_set, batch_size=mb, collate_fn=collate_fn,
                                                                 generator=torch.Generator()))
 
@@ -312,13 +313,11 @@ def train_stage(cfg, accelerator, init, stage_dir):
             step_loss, work = 0.0, [0.0, 0.0, 0.0]   # this rank's loss sum; its samples, tokens and model FLOPs
             for b in micro:
                 with accelerator.accumulate(model), accelerator.autocast():
-                    out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"],
-                                tower_features=b["tower_features"])
+                    out = model(**model_inputs(b))
                     accelerator.backward(out["loss_sum"] * accum * world / max(n_step, 1))
                 step_loss += float(out["loss_sum"].detach())
-                n_img = b["n_images"]
-                work = [work[0] + b["input_ids"].shape[0], work[1] + int(b["attention_mask"].sum()), work[2] +
-                        train_flops(flops_of, b["attention_mask"], b["labels"], n_img, dataset.feature_cache is None)]
+                work = [work[0] + b["input_ids"].shape[0], work[1] + int(b["attention_mask"].sum()), work[2] + train_flops(
+                    flops_of, b["attention_mask"], b["labels"], b["n_images"], dataset.feature_cache is None)]
             # the norm is measured even without clipping (max_norm inf): a non-finite one skips the step
             grad_norm = accelerator.clip_grad_norm_(trainable, cfg["grad_clip"] or math.inf)
             grad_norm = float(grad_norm) if grad_norm is not None else 0.0   # DeepSpeed may not report one
@@ -389,13 +388,14 @@ def train_stage(cfg, accelerator, init, stage_dir):
 
 def validate(model, val_loader, accelerator, max_batches):
     import torch
+    from data import model_inputs
     model.eval()
     total, n = 0.0, 0
     for i, b in enumerate(val_loader):
         if i >= max_batches:
             break
         with torch.no_grad(), accelerator.autocast():
-            out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"])
+            out = model(**model_inputs(b))
         total += float(accelerator.reduce(out["loss_sum"].detach(), "sum"))
         n += int(accelerator.reduce(out["num_tokens"].detach(), "sum"))
     model.train()

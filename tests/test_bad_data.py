@@ -75,7 +75,7 @@ def bad_dataset(root):
     truncated(os.path.join(images, "cut.png"), "PNG")
     truncated(os.path.join(images, "cut.jpg"), "JPEG")
     png_header_only(os.path.join(images, "bomb.png"), 30000, 30000)     # over PIL's own limit
-    png_header_only(os.path.join(images, "big.png"), 10000, 10000)      # over data.MAX_IMAGE_PIXELS only
+    png_header_only(os.path.join(images, "big.png"), 10000, 10000)      # over images.MAX_IMAGE_PIXELS only
 
     ok = conv(f"<image>\n{Q}", "A cat.")
     lines, bad, good = [], {}, []
@@ -383,7 +383,7 @@ def test_a_fifo_or_a_device_is_a_problem_not_a_hang(tok, tmp_path):
 
 
 def test_the_check_refuses_what_pad_refuses_with_the_configs_setting(tiny_llms, tiny_towers, tok, tmp_path, capsys):
-    """A 1x15000 PNG (147 bytes) is fine square, but its padded square is over data.MAX_PAD_SIDE: training with
+    """A 1x15000 PNG (147 bytes) is fine square, but its padded square is over images.MAX_PAD_SIDE: training with
     image_aspect_ratio="pad" refuses it, so the check with that config (or --image-aspect-ratio pad) does too."""
     Image.new("RGB", (1, 15000)).save(tmp_path / "tall.png")
     path = one_image_set(tmp_path, "tall.png")
@@ -392,7 +392,7 @@ def test_the_check_refuses_what_pad_refuses_with_the_configs_setting(tiny_llms, 
                    "image_aspect_ratio = 'pad'\n")
     assert check_data.main([path, "--image-folder", str(tmp_path), "--config", str(cfg)]) == 1
     said = ("record 0 (id='tall.png'): cannot read image {}/tall.png: a 1x15000 image cannot be padded: its "
-            "15000x15000 square is over data.MAX_PAD_SIDE = 8192 [image-too-large]").format(tmp_path)
+            "15000x15000 square is over images.MAX_PAD_SIDE = 8192 [image-too-large]").format(tmp_path)
     assert said in capsys.readouterr().out
     assert check_data.main([path, "--image-folder", str(tmp_path)]) == 0                      # square: fine
     assert check_data.main([path, "--image-folder", str(tmp_path), "--image-aspect-ratio", "pad"]) == 1

@@ -63,7 +63,8 @@ def test_readme_train_commands_resolve_and_their_batches_divide():
 def test_every_script_answers_help():
     import subprocess
     import sys
-    modules = ("answers.py", "checkpoints.py", "connectors.py", "data.py", "errors.py", "flops.py", "folders.py",
+    modules = ("answers.py", "checkpoints.py", "connectors.py", "data.py", "errors.py", "feature_cache.py", "flops.py",
+               "folders.py", "images.py",
                "layouts.py", "model.py", "modeling_tinyllava_nano.py", "recipes.py", "records.py", "run_log.py",
                "scorers.py", "settings.py", "stage_check.py")
     for script in sorted(f for f in CORE if f not in modules):

@@ -22,6 +22,7 @@ import chat
 import convert
 import data
 import folders
+import images
 import model as model_module
 from conftest import write_dataset
 from model import FeatureCache, ModelArgs, build_model, load_pretrained, save_pretrained
@@ -286,7 +287,7 @@ def test_padding_a_sliver_is_refused_before_it_costs_memory(tiny_towers, monkeyp
         data.preprocess_image(Image.new("RGB", (1, data.MAX_PAD_SIDE + 1)), proc, "pad")
     assert one_line(e)
     assert data.preprocess_image(Image.new("RGB", (1, data.MAX_PAD_SIDE + 1)), proc, "square").shape == (3, 32, 32)
-    monkeypatch.setattr(data, "MAX_PAD_SIDE", 64)
+    monkeypatch.setattr(images, "MAX_PAD_SIDE", 64)
     assert data.preprocess_image(Image.new("RGB", (64, 3)), proc, "pad").shape == (3, 32, 32)
     with pytest.raises(data.DataError):
         data.preprocess_image(Image.new("RGB", (65, 3)), proc, "pad")
@@ -296,7 +297,7 @@ def test_a_padded_sliver_is_a_bad_sample(tiny_llms, tiny_towers, monkeypatch, tm
     """Skipped under bad_samples="skip", one line naming the record under "error"."""
     from model import load_tokenizer
     from transformers import AutoImageProcessor
-    monkeypatch.setattr(data, "MAX_PAD_SIDE", 64)
+    monkeypatch.setattr(images, "MAX_PAD_SIDE", 64)
     Image.new("RGB", (65, 3)).save(tmp_path / "sliver.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "fine.png")
     turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]
