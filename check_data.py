@@ -8,6 +8,8 @@ line each), else 0.
     python check_data.py data/llava_v1_5_mix665k.json --image-folder data --config configs/phi2_siglip_base.py
     python check_data.py data.json --image-folder images --model out/phi2_siglip_base/2_finetune
     python check_data.py data.json --image-folder images --tokenizer DIR --template phi --num-image-tokens 729
+    python check_data.py data.json --image-folder images --tokenizer DIR --num-image-tokens 729 --max-tiles 4 \
+        --tile-size 384          # tiled: 729 tokens per view, a grid of <= 4 tiles of 384x384 per image
 
 What it finds, by code (data.check: records.record_problems, data.load_image, data.encode, as training reads):
   file         bad-json, bad-top-level (not a list of records), no-records: "error: ..." and nothing else
@@ -26,7 +28,12 @@ What it finds, by code (data.check: records.record_problems, data.load_image, da
   anything     internal-error: an exception on one record is reported with its text, and the check goes on
 A leading system message is dropped, as the original does: a note, not a problem. --config takes the tokenizer,
 template, max_length, image-token count and image_aspect_ratio of one stage of the recipe (--stage; default: the
-stage that trains on this file, else the last); --model those of a saved model. Training: bad_samples="error"
+stage that trains on this file, else the last; the model of its init_from when that is a folder of ours); --model
+those of a saved model. Tiling (max_tiles > 0: the stage's, else that of the model it starts from, as training does;
+--model: its config.json's; --max-tiles N overrides either, and with --tokenizer it needs --tile-size, the vision
+tower's input side): each image counts the tokens of the grid its shape gets (--num-image-tokens is then per view), a
+sample's images together must leave room for text in max_length (images-over-max-length), and the summary adds the
+tokens per image (p50, p90, max) and the mix of grids. Training: bad_samples="error"
 stops at the first bad record, "skip" leaves it out and counts it (data.VLMDataset); and before its first stage
 trains, train.py checks every stage's data this way (stage_check.py; check_data_at_start=False skips it).
 """
@@ -37,8 +44,9 @@ import sys
 from collections import Counter
 
 # data.py (and torch with it) is imported inside the functions that use it: --help answers at once.
-from settings import TEMPLATES, Choice, ConfigError, File, Folder, Int, Model, Parser
+from settings import TEMPLATES, TRAIN, Choice, ConfigError, File, Folder, Int, Model, Parser
 from stage_check import PROGRESS_MIN, check_stages, model_settings  # noqa: F401 (check_data.check_stages, as before)
+from stage_check import image_token_line, percentiles
 
 
 def __getattr__(name):   # check_data.check is data.check, imported (and torch with it) when first asked for
@@ -48,14 +56,11 @@ def __getattr__(name):   # check_data.check is data.check, imported (and torch w
     raise AttributeError(f"module 'check_data' has no attribute {name!r}")
 
 
-def percentiles(values, qs=(50, 90, 99, 100)):
-    v = sorted(values)
-    return {f"p{q}" if q < 100 else "max": v[min(len(v) - 1, int(len(v) * q / 100))] for q in qs} if v else {}
-
-
-def settings_from_config(path, stage_name, data_path):
-    """tokenizer, template, max_length, num_image_tokens, stage, allow_outside_images, image_aspect_ratio of one
-    stage of a train.py config (no weights loaded)."""
+def settings_from_config(path, stage_name, data_path, max_tiles=0):
+    """tokenizer, template, max_length, num_image_tokens (tiled: per view), stage, allow_outside_images,
+    image_aspect_ratio, max_tiles, tile of one stage of a train.py config (no weights loaded). The model is its
+    init_from's when that is a folder of ours (what training loads), else its llm and towers; max_tiles as training
+    sets it: the last stage up to this one that sets it, else init_from's; `max_tiles` (--max-tiles) overrides."""
     import recipes
     cfg = recipes.load_config(["--config", path])
     stages = recipes.stage_configs(cfg)
@@ -69,14 +74,21 @@ def settings_from_config(path, stage_name, data_path):
         file_of = lambda s: s.get(f"data_{s['data']}") or ""  # noqa: E731
         same = [s for s in stages if file_of(s) and os.path.abspath(file_of(s)) == os.path.abspath(data_path)]
         stage = (same or stages)[-1]
+    start = stage.get("init_from") or ""
+    ours = os.path.isfile(os.path.join(start, "config.json")) if start else False
+    if ours:
+        with open(os.path.join(start, "config.json")) as f:
+            ours = "num_image_tokens" in json.load(f)   # the original's layouts: the llm and towers, as before
     for key in ("llm", "tokenizer", "vision_tower", "vision_tower2"):   # (not a Hub download's error, later)
         recipes.coerce(key, stage[key], f"{path}: {key}", disk=True)
-    if not (stage["llm"] or stage["tokenizer"]) or not stage["vision_tower"]:
+    if not ours and (not (stage["llm"] or stage["tokenizer"]) or not stage["vision_tower"]):
         raise ConfigError(f"--config {path}: names no llm (or tokenizer) and vision_tower: their tokenizer and image "
                           "token count are what the check needs")
-    tokenizer, n_img = model_settings(stage)
+    upto = stages[:stages.index(stage) + 1]   # each stage starts from the one before: 0 keeps its tiling
+    tiles = max_tiles or next((s["max_tiles"] for s in reversed(upto) if s["max_tiles"]), 0)
+    tokenizer, n_img, tiles, tile = model_settings({**stage, "max_tiles": tiles}, start if ours else None)
     return (tokenizer, stage["template"], stage["max_length"], n_img, stage["stage"],
-            stage.get("allow_outside_images", False), stage["image_aspect_ratio"])
+            stage.get("allow_outside_images", False), stage["image_aspect_ratio"], tiles, tile)
 
 
 def main(argv=None):
@@ -90,7 +102,15 @@ def main(argv=None):
     p.add_argument("--model", default=None, type=Folder(), help="a saved model directory instead of --config")
     p.add_argument("--tokenizer", default=None, type=Model(), help="a tokenizer folder or Hub id")
     p.add_argument("--template", default="phi", type=Choice(*TEMPLATES))
-    p.add_argument("--num-image-tokens", type=Int(1), default=None)
+    p.add_argument("--num-image-tokens", type=Int(1), default=None, help="with --tokenizer: tokens per image (tiled: "
+                   "per view)")
+    p.add_argument("--max-tiles", type=TRAIN["max_tiles"], default=None, metavar="N",
+                   help="tiling, as training's max_tiles: each image a global view + a grid of at most N tiles chosen "
+                   "from its shape, its tokens counted from its grid; with --tokenizer (0: off, the default) it needs "
+                   "--tile-size; with --config / --model, N replaces their setting")
+    p.add_argument("--tile-size", type=Int(1), default=None, metavar="PIXELS",
+                   help="with --tokenizer and --max-tiles: the side of a tile, the vision tower's input (e.g. 384); "
+                   "--config and --model read it from the tower's image processor")
     p.add_argument("--max-length", type=Int(1), default=None)
     p.add_argument("--image-aspect-ratio", type=Choice("square", "pad"), default=None,
                    help="as training preprocesses (default: --config's or --model's, else square)")
@@ -100,11 +120,19 @@ def main(argv=None):
     a = p.parse_args(argv)   # --help and every value checked here, before torch loads
     if a.model and not os.path.isfile(os.path.join(a.model, "config.json")):
         p.error(f"--model: {a.model} has no config.json: not a model folder saved by train.py (or convert.py)")
+    if a.tile_size and (a.config or a.model):
+        p.error("--tile-size: only with --tokenizer (--config and --model read the tile from the tower's image "
+                "processor)")
+    if a.tile_size and not a.max_tiles:
+        p.error("--tile-size: the size of --max-tiles' tiles: give --max-tiles N too")
+    if a.max_tiles and not (a.config or a.model or a.tile_size):
+        p.error("--max-tiles: needs --tile-size (the vision tower's input side, e.g. 384) with --tokenizer")
     tokenizer, template, max_length, n_img, where = None, a.template, a.max_length, a.num_image_tokens, ""
     outside, aspect = a.allow_outside_images, "square"
+    tiles, tile = a.max_tiles or 0, (a.tile_size, a.tile_size) if a.tile_size else None
     if a.config:
-        tokenizer, template, max_length, n_img, stage, in_config, aspect = settings_from_config(a.config, a.stage,
-                                                                                              a.data)
+        (tokenizer, template, max_length, n_img, stage, in_config, aspect, tiles,
+         tile) = settings_from_config(a.config, a.stage, a.data, tiles)
         where, outside = f" (stage {stage} of {a.config})", outside or in_config
     elif a.model:
         with open(os.path.join(a.model, "config.json")) as f:
@@ -112,9 +140,8 @@ def main(argv=None):
         if "num_image_tokens" not in saved:
             p.error(f"--model: {a.model} is not one of our model folders (its config.json has no num_image_tokens): "
                     "give --tokenizer and --num-image-tokens")
-        from model import load_tokenizer
-        tokenizer = load_tokenizer(a.model)
-        n_img, aspect = saved["num_image_tokens"], saved.get("image_aspect_ratio", aspect)
+        tokenizer, n_img, tiles, tile = model_settings({"max_tiles": tiles}, a.model)   # 0 keeps the model's
+        aspect = saved.get("image_aspect_ratio", aspect)
         train_cfg = os.path.join(a.model, "train_config.json")
         if os.path.isfile(train_cfg):
             with open(train_cfg) as f:
@@ -147,7 +174,7 @@ def main(argv=None):
 
     aspect = a.image_aspect_ratio or aspect
     report = check(records, a.image_folder, tokenizer, template, n_img or 0, max_length, outside, show,
-                   len(records) >= PROGRESS_MIN, aspect)
+                   len(records) >= PROGRESS_MIN, aspect, max_tiles=tiles, tile=tile)
     kinds = Counter(code for _, _, code, _ in report["problems"])
     listed, bad = ({i for i, _, c, _ in report["problems"] if c not in skip} for skip in ((), NOT_BAD))
     print(f"\n{a.data}{where}: {report['records']} records ({report['image']} with an image, "
@@ -158,10 +185,16 @@ def main(argv=None):
         print(f"  {n:>7}  {kind}")
     if report["lengths"]:
         lens = percentiles(report["lengths"])
-        print(f"tokens per sample incl. {n_img} per image ({template} template): "
+        print(f"tokens per sample incl. {f'{n_img} per image' if not tiles else 'the tokens of each image'} "
+              f"({template} template): "
               + ", ".join(f"{k} {v}" for k, v in lens.items())
               + (f"; {report['over_max_length']} longer than max_length {max_length} (truncated)" if max_length
                  else ""))
+    if tiles and a.image_folder:
+        print(image_token_line(report["image_tokens"], n_img, tiles))
+    elif tiles:
+        print(f"tokens per image, tiled (max_tiles={tiles}, {n_img} per view): unknown without --image-folder (the "
+              f"grids come from the images' shapes); each counted as {n_img}, fewer than any grid's")
     return 1 if bad else 0   # the module docstring's rule
 
 
