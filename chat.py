@@ -14,7 +14,8 @@ to the next question. Every question is asked with the whole conversation before
 earlier answer in full (TinyLLaVA Factory's CLI stores its answers cut short). Decoding is greedy unless --temperature > 0,
 which samples (with --top-p nucleus filtering when given). The chat template is --template, else the one in
 <model>/train_config.json, else the one a TinyLLaVA Factory checkpoint implies (see convert.py). Images are
-preprocessed as the model was trained (its image_aspect_ratio). Runs on the GPU when there is one (bf16), else CPU fp32.
+preprocessed as the model was trained (its image_aspect_ratio; a tiled model's, max_tiles, as a global view and
+the tiles of a grid chosen from the image's shape). Runs on the GPU when there is one (bf16), else CPU fp32.
 """
 import argparse
 import json
@@ -51,7 +52,7 @@ class Chat:
                  top_p=None, images=()):
         self.model, self.tokenizer, self.template = model.eval(), tokenizer, template
         self.device, self.processor = next(model.parameters()).device, processor
-        self.pixels, self.pending = None, []   # every picture so far [n, 3, H, W]; those of the next question
+        self.images, self.pending = [], []   # (pixels, grid, tokens) of every picture asked about; of the next question
         for im in ([image] if image is not None else []) + list(images):
             self.add_image(im)
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
@@ -60,27 +61,38 @@ class Chat:
         self.history = []
 
     def add_image(self, image):
-        """A PIL image for the next question (its <image> placeholders lead the question, in the order added)."""
-        from data import preprocess_image
-        self.pending.append(preprocess_image(image, self.processor, self.model.args.image_aspect_ratio).to(self.device))
+        """A PIL image for the next question (its <image> placeholders lead the question, in the order added);
+        a tiled model's (max_tiles) as its global view and tiles, with its grid and token count."""
+        from data import image_inputs
+        m = self.model
+        pixels, grid, count = image_inputs([image], self.processor, m.args.image_aspect_ratio, m.max_tiles,
+                                           m.num_image_tokens)
+        self.pending.append((pixels.to(self.device), grid, count[0]))
 
     def prompt_ids(self, question):
         """The prompt for `question` after the conversation so far (the pending images at its front)."""
         from data import IMAGE_PLACEHOLDER, encode
         turn = {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n" * len(self.pending) + question}
-        ids = encode(self.history + [turn], self.template, self.tokenizer, self.model.num_image_tokens,
-                     for_generation=True)["input_ids"][None]
-        return turn, ids.to(self.device)
+        counts = [n for _, _, n in self.images + self.pending]   # each image's tokens (untiled: num_image_tokens)
+        ids = encode(self.history + [turn], self.template, self.tokenizer, counts, for_generation=True)["input_ids"]
+        return turn, ids[None].to(self.device)
+
+    def inputs(self):
+        """generate's images and image_grids for every picture so far and the pending ones (None without)."""
+        import torch
+        every = self.images + self.pending
+        pixels = torch.cat([p for p, _, _ in every]) if every else None
+        grids = torch.cat([g for _, g, _ in every]).to(self.device) if every and self.model.max_tiles else None
+        return pixels, grids
 
     def ask(self, question, streamer=None):
         import torch
         turn, ids = self.prompt_ids(question)
         # every prompt holds the image tokens of every turn so far, so every turn passes all the pictures
-        pixels = torch.stack(self.pending) if self.pending else None
-        pixels = pixels if self.pixels is None else self.pixels if pixels is None else torch.cat([self.pixels, pixels])
-        new = self.model.generate(ids, torch.ones_like(ids), images=pixels, streamer=streamer,
+        pixels, grids = self.inputs()
+        new = self.model.generate(ids, torch.ones_like(ids), images=pixels, image_grids=grids, streamer=streamer,
                                   **self.generate_kwargs)
-        self.pixels, self.pending = pixels, []
+        self.images, self.pending = self.images + self.pending, []
         answer = self.tokenizer.decode(new[0], skip_special_tokens=True).strip()
         self.history += [turn, {"from": "gpt", "value": answer}]
         return answer
@@ -160,7 +172,7 @@ def main(argv=None):
         if a.no_stream:
             print(answer, flush=True)
     if a.save:
-        paths = paths[:0 if chat.pixels is None else len(chat.pixels)]   # those asked about
+        paths = paths[:len(chat.images)]   # those asked about
         image = {"image": paths if len(paths) > 1 else paths[0]} if paths else {}
         save(a.save, {"id": "chat", **image, "conversations": chat.history})
     return chat.history

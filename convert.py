@@ -21,9 +21,12 @@ last); Llava's "default" strategy drops the first token (CLS or legacy SigLIP dr
     Gemma-2 soft-capping, OpenELM      Llava runs AutoModel + its own plain head: no soft-cap, no remote code
     template "auto"                    the tokenizer's own template cannot place Llava's image items
     image_aspect_ratio "pad"           the exported processor would not pad to a square first
-What Llava cannot express, our folder runs under plain transformers (trust_remote_code=True). Training tokenized each
-side of the image apart (the original's tokenizer_image_token): Llama-style tokenizers get a "▁" after the image, so
-the exported chat template writes "<image> " where that reproduces the training ids (checked on a probe conversation).
+    tiling (max_tiles > 0)             Llava has no global view + tiles layout and no image_newline
+A tiled model (max_tiles > 0) has no TinyLLaVA Factory layout either: to-tinyllava and to-llava refuse it in one
+line, before DST is touched, rather than write a model that answers differently. What Llava cannot express, our folder
+runs under plain transformers (trust_remote_code=True). Training tokenized each side of the image apart (the
+original's tokenizer_image_token): Llama-style tokenizers get a "▁" after the image, so the exported chat template
+writes "<image> " where that reproduces the training ids (checked on a probe conversation).
 """
 import argparse
 import copy
@@ -76,6 +79,7 @@ def save_tinyllava(model, tokenizer, processor, out_dir, template, max_length=20
     and, as its releases carry theirs, our modeling code and auto_map (folders.hf_files: transformers runs it with
     trust_remote_code=True). What our tower cut away (later layers, post-norm, head) comes from the tower's checkpoint
     when it is available offline, else is left out (the original then initialises it randomly: same output)."""
+    refuse_tiled(model, "to-tinyllava")
     args, towers = model.args, model.vision_tower.towers
     if args.connector == "qformer" or args.connector.startswith("pixel_shuffle"):
         raise ValueError(f"connector {args.connector!r}: the original has no such weights "
@@ -128,6 +132,19 @@ def save_tinyllava(model, tokenizer, processor, out_dir, template, max_length=20
           "after the feature layer filled from the tower checkpoint)")
 
 
+TILED_TARGETS = {"to-tinyllava": "the TinyLLaVA Factory release layout (the original has no tiling)",
+                 "to-llava": "a LlavaForConditionalGeneration (Llava has no tiling)"}
+
+
+def refuse_tiled(model, command):
+    """A one-line ValueError for a tiled model (max_tiles > 0), which `command`'s output cannot hold: its images'
+    tokens (a global view, the tiles of a grid, image_newline after each row) would be read as one view's."""
+    if getattr(model, "max_tiles", 0):
+        raise ValueError(f"{command}: a tiled model (max_tiles={model.max_tiles}) cannot become "
+                         f"{TILED_TARGETS[command]}: no global view + tiles layout, no image_newline; the folder "
+                         "itself runs under transformers (trust_remote_code=True)")
+
+
 # -------------------- Ours -> transformers' LlavaForConditionalGeneration + LlavaProcessor --------------------------
 
 def llava_blockers(model, template):
@@ -145,7 +162,9 @@ def llava_blockers(model, template):
         (not isinstance(get_template(template), ChatTemplate),
          f"template {template!r}: only TinyLLaVA's own templates become a Llava chat template"),
         (args.image_aspect_ratio != "square",
-         f"image_aspect_ratio {args.image_aspect_ratio!r}: the exported processor would not pad")]
+         f"image_aspect_ratio {args.image_aspect_ratio!r}: the exported processor would not pad"),
+        (getattr(model, "max_tiles", 0), "tiled (max_tiles > 0): Llava has no global view + tiles layout, no "
+                                         "image_newline")]
     return [why for bad, why in checks if bad]
 
 
@@ -153,6 +172,7 @@ def export_llava(model, tokenizer, processor, out_dir, template, verify=True):
     """Write LlavaForConditionalGeneration weights + config + LlavaProcessor (image processor, tokenizer with an
     <image> token, chat template) to out_dir. Raises ValueError naming every reason when the model does not fit."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    refuse_tiled(model, "to-llava")
     why = llava_blockers(model, template)
     if why:
         raise ValueError("cannot export to LlavaForConditionalGeneration (the folder itself runs under transformers "
@@ -250,6 +270,8 @@ def main(argv=None):
     check_output(a.dst, "convert.py", a.overwrite)   # before the model loads; claimed once it has
     model, tokenizer, processor = model_py.load_pretrained(a.src, trust_remote_code=a.trust_remote_code)
     template = model_template(a.src, model, a.template)   # a ValueError: one line (below)
+    if a.command in TILED_TARGETS:   # before DST's earlier output is replaced
+        refuse_tiled(model, a.command)
     claim = claim_output(a.dst, "convert.py", a.overwrite, command=a.command, source=src)
     if a.command == "from-tinyllava":
         save_pretrained(model, tokenizer, processor, a.dst, template=template)   # + the template our scripts read:

@@ -72,12 +72,12 @@ def answer(model, tokenizer, processor, items, image_folder, template, answers_f
            max_new_tokens=128, model_id="tinyllava-nano", state=None, settings=None, **generate_kwargs):
     """Answers in LLaVA's format, skipping those on file (a resume). Every process of Accelerate's `state` calls it:
     process r of N answers every N-th question left, rank 0 merges and returns the rows in item order (others: None).
-    Batched with left padding and the KV cache, by prompt length inside windows of 8 batches. `model`: ours
-    (prompted with `template`) or a transformers one (its processor's chat template). answer_id: a UUID named by the
-    settings and the row, so the same answers make the same file."""
+    Batched with left padding and the KV cache, by prompt length inside windows of 8 batches. `model`: ours (prompted
+    with `template`; tiled, each image's tokens from its grid) or a transformers one (its processor's chat template,
+    image_grids too). answer_id: a UUID named by the settings and the row, so the same answers make the same file."""
     import torch
     from tqdm import tqdm
-    from data import collate, encode, load_image, preprocess_image
+    from data import collate, encode, image_inputs, load_image
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     if rank == 0:
         merge(answers_file, items)   # what an interrupted run left, as one file
@@ -95,25 +95,28 @@ def answer(model, tokenizer, processor, items, image_folder, template, answers_f
     salt = json.dumps(settings, sort_keys=True)
     model.eval()
 
-    def prompt(it):   # ours: token ids; transformers': the chat template's text
+    def prompt(it, counts=None):   # ours: token ids (`counts`: each image's tokens, tiled); transformers': text
         several = isinstance(it["image"], list)   # their <image> placeholders are in the text already
         if ours:
             return encode([{"from": "human", "value": ("<image>\n" if it["image"] and not several else "") +
-                            it["text"]}], template, tokenizer, model.num_image_tokens, for_generation=True)["input_ids"]
+                            it["text"]}], template, tokenizer, counts or model.num_image_tokens,
+                          for_generation=True)["input_ids"]
         content = [{"type": "image"}] * bool(it["image"]) + [{"type": "text", "text": it["text"]}]
         content = it["text"] if several else content   # the template places each <image> where the text has it
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
-    def generate(prompts, images):   # the new tokens
-        if ours:
-            pre = lambda x: preprocess_image(x, processor, model.args.image_aspect_ratio)   # noqa: E731
-            pixels = [torch.stack(list(map(pre, im))) if isinstance(im, list) else im and pre(im) for im in images]
-            b = collate([{"input_ids": x, "labels": x, "pixel_values": px} for x, px in zip(prompts, pixels)],
-                        tok.pad_token_id, padding_side="left")
-            return model.generate(b["input_ids"].to(embeddings.device), b["attention_mask"].to(embeddings.device),
-                                  images=b["images"] if b["images"] is None else b["images"].to(embeddings.device),
-                                  **generate_kwargs)
-        flat = [x for im in images for x in (im if isinstance(im, list) else [im] if im else [])]
+    def generate(items, prompts):   # the new tokens; a batch's images are in memory only while it runs
+        images = [[load_image(os.path.join(image_folder, f)) for f in image_files(it)] for it in items]
+        if ours:   # a tiled model's (max_tiles) views, grids and token counts follow each image's shape: re-encoded
+            x = [image_inputs(im, processor, model.args.image_aspect_ratio, model.max_tiles, model.num_image_tokens)
+                 for im in images]
+            prompts = [prompt(it, n) for it, (_, _, n) in zip(items, x)] if model.max_tiles else prompts
+            b = collate([{"input_ids": p, "labels": p, "pixel_values": px, "image_grids": g}
+                         for p, (px, g, _) in zip(prompts, x)], tok.pad_token_id, padding_side="left")
+            b = {k: v.to(embeddings.device) if torch.is_tensor(v) else v for k, v in b.items()}
+            return model.generate(b["input_ids"], b["attention_mask"], images=b["images"],
+                                  image_grids=b["image_grids"], **generate_kwargs)
+        flat = [x for im in images for x in im]
         x = processor(images=flat or None, text=prompts, padding=True, return_tensors="pt")
         x = {k: v.to(embeddings.device, embeddings.dtype if v.is_floating_point() else v.dtype) for k, v in x.items()}
         return model.generate(**x, **generate_kwargs)[:, x["input_ids"].shape[1]:]
@@ -132,11 +135,8 @@ def answer(model, tokenizer, processor, items, image_folder, template, answers_f
             order = sorted(prompts, key=lambda j: len(prompts[j]) if ours else len(tok(prompts[j]).input_ids))
             bar.update(len(texts))
             for i in range(0, len(order), batch_size):
-                chunk = order[i:i + batch_size]   # a batch's images are in memory only while it runs
-                images = [[load_image(os.path.join(image_folder, f)) for f in image_files(it)] if isinstance(
-                    it["image"], list) else it["image"] and load_image(os.path.join(image_folder, it["image"]))
-                    for it in (part[j] for j in chunk)]
-                for j, ids in zip(chunk, generate([prompts[j] for j in chunk], images)):
+                chunk = order[i:i + batch_size]
+                for j, ids in zip(chunk, generate([part[j] for j in chunk], [prompts[j] for j in chunk])):
                     texts[j] = tok.decode(ids, skip_special_tokens=True).strip()
                 bar.update(len(chunk))
             append(shard, "".join(json.dumps(row(it, texts[j])) + "\n" for j, it in enumerate(part)))

@@ -11,6 +11,7 @@ template, the model's generate); binds 127.0.0.1 unless told otherwise. See docs
 
 POST /v1/chat/completions (messages with text and image_url items: a data URL, an http(s) URL or a local path;
 max_tokens, temperature, top_p, seed; no streaming), GET /v1/models, GET /health. One request generates at a time.
+A tiled folder (max_tiles) needs nothing more: its processor gives image_grids with the views, and generate takes them.
 """
 import argparse
 import json

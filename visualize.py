@@ -10,6 +10,14 @@ The answer is chat.py's (greedy by default; the same prompt, template and image 
 token is that of the step that generated it: one eager forward over prompt + answer gives, at the position before
 each answer token, the same attention rows and logits as the cached generation step. --layers / --heads take
 indices or Python slices ("all", "-1", "0,2", "-4:"). The web demo (web_demo.py) draws the same panels.
+
+A tiled model's image (max_tiles: a global view, then the tiles of its grid; connectors.tile_tokens lays out their
+tokens) is drawn as two squares on one colour scale: the global view's heatmap over the picture, as for an untiled
+image; then, unless its grid is 1x1, each tile's heatmap on its patch grid, the tiles placed as on the grid, over the
+picture scaled and centred on the grid's canvas exactly as tiling cut it (tile borders in blue). The newline tokens
+that end each row of views are in no heatmap (their weight is neither an image's nor text's in the panel). Each
+image's token span comes from its own count (connectors.image_tokens of its grid); when the prompt's image positions
+do not add up to its images' counts, trace() raises instead of drawing heat over the wrong tokens.
 """
 import argparse
 import math
@@ -58,9 +66,11 @@ def grid_of(n):
     return 1, n, 0
 
 
-def trace(model, tokenizer, prompt_ids, new_ids, images=None, layers="all", heads="all", top_k=5):
-    """One record per token of `new_ids` (what model.generate returned for `prompt_ids` [1, T] and `images`):
-    {"token", "heat": [rows x cols tensor per image], "top": [(token, p)], "text": [(position, token, weight)]}."""
+def trace(model, tokenizer, prompt_ids, new_ids, images=None, image_grids=None, layers="all", heads="all",
+          top_k=5):
+    """One record per token of `new_ids` (what model.generate returned for `prompt_ids` [1, T], `images` and, tiled,
+    `image_grids`): {"token", "heat": [per image: rows x cols tensor, tiled a dict (module docstring)], "top":
+    [(token, p)], "text": [(position, token, weight)]}."""
     import torch
     lm = model.language_model
     ids = torch.cat([prompt_ids, new_ids.to(prompt_ids.device).reshape(1, -1)], dim=1)
@@ -68,7 +78,7 @@ def trace(model, tokenizer, prompt_ids, new_ids, images=None, layers="all", head
     lm.set_attn_implementation("eager")   # SDPA returns no attention weights
     try:
         with torch.no_grad():
-            out = lm(inputs_embeds=model.embed(ids, images), output_attentions=True)
+            out = lm(inputs_embeds=model.embed(ids, images, image_grids=image_grids), output_attentions=True)
     finally:
         if before:
             lm.set_attn_implementation(before)
@@ -76,18 +86,12 @@ def trace(model, tokenizer, prompt_ids, new_ids, images=None, layers="all", head
     att = torch.stack([out.attentions[k][0].float() for k in chosen])   # layers x heads x T x T
     att = att[:, pick(heads, att.shape[1])].mean(dim=(0, 1))          # T x T
     is_image = (ids[0] == IMAGE_TOKEN_INDEX).tolist()
-    image_pos = [i for i, x in enumerate(is_image) if x]
-    per = getattr(model, "num_image_tokens", 0) or 0
-    per = per if isinstance(per, int) else sum(per)
-    blocks = [image_pos[k:k + per] for k in range(0, len(image_pos), per)] if per else []
+    blocks = image_blocks(model, [i for i, x in enumerate(is_image) if x], image_grids)
     probs = out.logits[0].float().softmax(-1)
     records = []
     for j in range(new_ids.numel()):
         q = prompt_ids.shape[1] + j - 1   # the position whose output chose token j
-        heat = []
-        for block in blocks:
-            rows, cols, skip = grid_of(len(block))
-            heat.append(att[q, block[skip:]].reshape(rows, cols))
+        heat = [image_heat(att[q], block, per, grid, getattr(model, "image_size", None)) for block, per, grid in blocks]
         p, top = probs[q].topk(min(top_k, probs.shape[-1]))
         text = [(i, tokenizer.decode([int(ids[0, i])]), float(att[q, i])) for i in range(q + 1) if not is_image[i]]
         records.append({"token": tokenizer.decode([int(ids[0, q + 1])]), "heat": heat,
@@ -95,29 +99,106 @@ def trace(model, tokenizer, prompt_ids, new_ids, images=None, layers="all", head
     return records
 
 
-def overlay(picture, heat, size=160):
-    """The picture with `heat` (rows x cols, any scale) upsampled onto it in red."""
+def image_blocks(model, image_pos, image_grids=None):
+    """[(positions, tokens per view, grid or None)] per image: the prompt's image positions cut as the connector
+    laid them out (untiled num_image_tokens each; tiled connectors.image_tokens of each grid). ValueError when the
+    counts disagree: a heatmap is never drawn over positions that are not its image's."""
+    from connectors import image_tokens
+    per = getattr(model, "num_image_tokens", 0) or 0
+    per = per if isinstance(per, int) else sum(per)
+    if getattr(model, "max_tiles", 0) and image_grids is not None:
+        grids = [tuple(g) for g in image_grids.tolist()]
+    else:
+        grids = [None] * (len(image_pos) // per if per else 0)
+    counts = [image_tokens(per, g) for g in grids]
+    if sum(counts) != len(image_pos):
+        raise ValueError(f"{len(image_pos)} image positions in the prompt, but its images' layouts take "
+                         f"{'+'.join(map(str, counts)) or 0}: no heatmap drawn")
+    starts = [sum(counts[:k]) for k in range(len(counts))]
+    return [(image_pos[s:s + n], per, g) for s, n, g in zip(starts, counts, grids)]
+
+
+def image_heat(row, block, per, grid=None, tile=None):
+    """One image's share of an attention row: untiled, a rows x cols tensor on the patch grid (grid_of); tiled,
+    {"global": the global view's, "tiles": the tiles' maps side by side as on the grid (rows * r, cols * c; None
+    for a 1x1 grid), "grid": (rows, cols), "tile": the tower's (H, W)}. Newline tokens are left out."""
+    import torch
+
+    def view(positions):   # one view's tokens on its patch grid
+        r, c, skip = grid_of(len(positions))
+        return row[positions[skip:]].reshape(r, c)
+    if grid is None:
+        return view(block)
+    rows, cols = grid
+    tiles, start = [], per + 1   # the global view, its newline, then each row of tiles and a newline
+    for _ in range(rows if rows * cols > 1 else 0):
+        line = block[start:start + cols * per]
+        tiles.append(torch.cat([view(line[c * per:(c + 1) * per]) for c in range(cols)], dim=1))
+        start += cols * per + 1
+    return {"global": view(block[:per]), "tiles": torch.cat(tiles) if tiles else None, "grid": grid, "tile": tile}
+
+
+def overlay(picture, heat, size=160, scale=None):
+    """The picture with `heat` (rows x cols, any scale; `scale` (low, high): that range, else its own) upsampled onto
+    it in red, at size x size (a (width, height) pair: that)."""
     from PIL import Image as PILImage
-    base = picture.convert("L").convert("RGB").resize((size, size))   # grey, so the red reads on any picture
+    size = (size, size) if isinstance(size, int) else size
+    base = picture.convert("L").convert("RGB").resize(size)   # grey, so the red reads on any picture
     h = heat.float()
-    h = (h - h.min()) / (h.max() - h.min() + 1e-12)
-    mask = PILImage.fromarray((h * 255).byte().numpy(), "L").resize((size, size), PILImage.BILINEAR)
-    red = PILImage.new("RGB", (size, size), (255, 0, 0))
+    lo, hi = scale or (float(h.min()), float(h.max()))
+    h = ((h - lo) / (hi - lo + 1e-12)).clamp(0, 1)
+    mask = PILImage.fromarray((h * 255).byte().numpy(), "L").resize(size, PILImage.BILINEAR)
+    red = PILImage.new("RGB", size, (255, 0, 0))
     return PILImage.composite(red, base, mask.point(lambda v: int(v * 0.6)))
+
+
+def drawings(picture, heat, size=160):
+    """One image's heatmaps, size x size each: untiled one; tiled the global view's, then (unless the grid is 1x1)
+    the tiles' on the grid's canvas (the picture scaled and centred as tiling cut it, tile borders in blue), on
+    one colour scale."""
+    import torch
+    from PIL import Image as PILImage, ImageDraw
+    if not isinstance(heat, dict):
+        return [overlay(picture, heat, size)]
+    maps = [heat["global"]] + [heat["tiles"]] * (heat["tiles"] is not None)
+    every = torch.cat([m.flatten().float() for m in maps])
+    scale = float(every.min()), float(every.max())
+    out = [overlay(picture, heat["global"], size, scale)]
+    if heat["tiles"] is not None:
+        from modeling_tinyllava_nano import tile_images
+        (rows, cols), (th, tw) = heat["grid"], heat["tile"]
+        canvas = PILImage.new("RGB", (cols * tw, rows * th))
+        for k, piece in enumerate(tile_images(picture, heat["grid"], heat["tile"], (127, 127, 127))):
+            canvas.paste(piece, ((k % cols) * tw, (k // cols) * th))
+        k = size / max(canvas.size)
+        w, h = max(1, round(canvas.width * k)), max(1, round(canvas.height * k))
+        x, y = (size - w) // 2, (size - h) // 2
+        box = PILImage.new("RGB", (size, size), "white")
+        box.paste(overlay(canvas, heat["tiles"], (w, h), scale), (x, y))
+        d = ImageDraw.Draw(box)
+        for c in range(1, cols):
+            d.line([(x + c * w // cols, y), (x + c * w // cols, y + h)], fill=(40, 80, 220))
+        for r in range(1, rows):
+            d.line([(x, y + r * h // rows), (x + w, y + r * h // rows)], fill=(40, 80, 220))
+        out.append(box)
+    return out
 
 
 def panel(record, pictures, size=160, texts=8):
     """One token's picture: heatmaps over each image, the top-k bars, the most-attended earlier text tokens."""
     from PIL import Image as PILImage, ImageDraw
-    width = max(size * max(len(pictures), 1), 2 * size) + 20
-    height = 24 + (size + 8 if pictures else 0) + 16 * (len(record["top"]) + min(texts, len(record["text"])) + 2)
+    if len(record["heat"]) != len(pictures):
+        raise ValueError(f"{len(pictures)} pictures for the heatmaps of {len(record['heat'])} images")
+    drawn = [im for pic, heat in zip(pictures, record["heat"]) for im in drawings(pic, heat, size)]
+    width = max(size * max(len(drawn), 1), 2 * size) + 20
+    height = 24 + (size + 8 if drawn else 0) + 16 * (len(record["top"]) + min(texts, len(record["text"])) + 2)
     im = PILImage.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(im)
     d.text((10, 6), f"token {record['token']!r}", fill="black")
     y = 24
-    for k, (pic, heat) in enumerate(zip(pictures, record["heat"])):
-        im.paste(overlay(pic, heat, size), (10 + k * size, y))
-    y += size + 8 if pictures else 0
+    for k, drawing in enumerate(drawn):
+        im.paste(drawing, (10 + k * size, y))
+    y += size + 8 if drawn else 0
     bar = width - 150
 
     def bars(title, rows, colour):
@@ -155,19 +236,21 @@ def answer_and_trace(model, tokenizer, processor, template, question, pictures, 
     """chat.py's answer to `question` after `history` (LLaVA turns; the images go with the first question) and its
     trace: (answer text, records)."""
     import torch
-    from data import IMAGE_PLACEHOLDER, encode, preprocess_image
+    from data import IMAGE_PLACEHOLDER, encode, image_inputs
     device = next(model.parameters()).device
     turns = list(history)
     if not turns and pictures:
         question = "\n".join([IMAGE_PLACEHOLDER] * len(pictures) + [question])   # as chat.py: "<image>\n<question>"
     turns.append({"from": "human", "value": question})
-    ids = encode(turns, template, tokenizer, model.num_image_tokens, for_generation=True)["input_ids"][None].to(device)
-    images = torch.stack([preprocess_image(p, processor, model.args.image_aspect_ratio) for p in pictures]).to(device) \
-        if pictures else None
+    images, grids, counts = image_inputs(pictures, processor, model.args.image_aspect_ratio, model.max_tiles,
+                                         model.num_image_tokens)
+    ids = encode(turns, template, tokenizer, counts, for_generation=True)["input_ids"][None].to(device)
+    images, grids = (None if x is None else x.to(device) for x in (images, grids))
     generate_kwargs.setdefault("do_sample", False)
-    new = model.generate(ids, torch.ones_like(ids), images=images, max_new_tokens=max_new_tokens, **generate_kwargs)
+    new = model.generate(ids, torch.ones_like(ids), images=images, image_grids=grids, max_new_tokens=max_new_tokens,
+                         **generate_kwargs)
     answer = tokenizer.decode(new[0], skip_special_tokens=True).strip()
-    return answer, trace(model, tokenizer, ids, new[0], images, layers, heads, top_k)
+    return answer, trace(model, tokenizer, ids, new[0], images, grids, layers, heads, top_k)
 
 
 def main(argv=None):

@@ -8,8 +8,9 @@ A web page to chat with a trained model about one or several images (Gradio; `pi
 Upload images with the first question (or a later one: they join the conversation there, in order), read the answer
 as it is generated, ask again with the whole conversation before it, change temperature / top-p / max new tokens,
 clear. "Where did it look?" draws, for each token of the last answer, visualize.py's panels: a heatmap over each
-image of its attention, its top-k next-token probabilities and its attention to the earlier text. Greedy answers
-(temperature 0) are chat.py's answers. The page binds to 127.0.0.1 unless --host says otherwise.
+image of its attention (a tiled model's: its global view and its tiles, visualize.py), its top-k next-token
+probabilities and its attention to the earlier text. Greedy answers (temperature 0) are chat.py's answers. The page
+binds to 127.0.0.1 unless --host says otherwise.
 """
 import argparse
 import os
@@ -32,16 +33,17 @@ class Conversation:
         the conversation in this turn ("<image>\\n" before the text for each, as chat.py's first turn)."""
         import torch
         from transformers import TextIteratorStreamer
-        from data import IMAGE_PLACEHOLDER, encode, preprocess_image
+        from data import IMAGE_PLACEHOLDER, encode, image_inputs
         model, tokenizer = engine["model"], engine["tokenizer"]
         pictures = list(pictures)
         text = "\n".join([IMAGE_PLACEHOLDER] * len(pictures) + [question])
         turns = self.turns + [{"from": "human", "value": text}]
-        ids = encode(turns, engine["template"], tokenizer, model.num_image_tokens, for_generation=True)["input_ids"]
+        every = self.pictures + pictures   # a tiled model's (max_tiles): views, grids and counts from each's shape
+        images, grids, counts = image_inputs(every, engine["processor"], model.args.image_aspect_ratio,
+                                             model.max_tiles, model.num_image_tokens)
+        images, grids = (None if x is None else x.to(engine["device"]) for x in (images, grids))
+        ids = encode(turns, engine["template"], tokenizer, counts, for_generation=True)["input_ids"]
         ids = ids[None].to(engine["device"])
-        every = self.pictures + pictures
-        images = torch.stack([preprocess_image(p, engine["processor"], model.args.image_aspect_ratio)
-                              for p in every]).to(engine["device"]) if every else None
         kwargs = {"max_new_tokens": int(max_new_tokens), "do_sample": temperature > 0}
         if temperature > 0:
             kwargs.update(temperature=float(temperature), top_p=float(top_p))
@@ -50,7 +52,8 @@ class Conversation:
 
         def run():
             try:
-                result["new"] = model.generate(ids, torch.ones_like(ids), images=images, streamer=streamer, **kwargs)
+                result["new"] = model.generate(ids, torch.ones_like(ids), images=images, image_grids=grids,
+                                               streamer=streamer, **kwargs)
             except Exception as e:   # noqa: BLE001 - shown on the page, the streamer released
                 result["error"] = e
                 streamer.end()
@@ -66,7 +69,7 @@ class Conversation:
             raise result["error"]
         answer = tokenizer.decode(result["new"][0], skip_special_tokens=True).strip()
         self.turns = turns + [{"from": "gpt", "value": answer}]
-        self.pictures, self.last = every, (ids, result["new"][0], images)
+        self.pictures, self.last = every, (ids, result["new"][0], images, grids)
         yield answer
 
     def explain(self, engine, layers="all", heads="all", top_k=5):
@@ -74,8 +77,9 @@ class Conversation:
         import visualize
         if self.last is None:
             return []
-        ids, new, images = self.last
-        records = visualize.trace(engine["model"], engine["tokenizer"], ids, new, images, layers, heads, int(top_k))
+        ids, new, images, grids = self.last
+        records = visualize.trace(engine["model"], engine["tokenizer"], ids, new, images, grids, layers, heads,
+                                  int(top_k))
         return [(visualize.panel(r, self.pictures), repr(r["token"])) for r in records]
 
 
