@@ -12,12 +12,13 @@ each answer token, the same attention rows and logits as the cached generation s
 indices or Python slices ("all", "-1", "0,2", "-4:"). The web demo (web_demo.py) draws the same panels.
 
 A tiled model's image (max_tiles: a global view, then the tiles of its grid; connectors.tile_tokens lays out their
-tokens) is drawn as two squares on one colour scale: the global view's heatmap over the picture, as for an untiled
-image; then, unless its grid is 1x1, each tile's heatmap on its patch grid, the tiles placed as on the grid, over the
-picture scaled and centred on the grid's canvas exactly as tiling cut it (tile borders in blue). The newline tokens
-that end each row of views are in no heatmap (their weight is neither an image's nor text's in the panel). Each
-image's token span comes from its own count (connectors.image_tokens of its grid); when the prompt's image positions
-do not add up to its images' counts, trace() raises instead of drawing heat over the wrong tokens.
+tokens) is drawn as two squares on one colour scale: the global view's heatmap on its patch grid; then, unless its
+grid is 1x1, each tile's heatmap on its patch grid, the tiles placed as on the grid (borders in blue). Each is drawn
+over that view's own pixels, as the tower saw them (in grey; the tiles' padding included), so no geometry is guessed:
+the canvas is the one tiling cut. The newline tokens that end each row of views are in no heatmap (their weight is
+neither an image's nor text's in the panel). Each image's token span comes from its own count (connectors.image_tokens
+of its grid); when the prompt's image positions do not add up to its images' counts, trace() raises instead of
+drawing heat over the wrong tokens.
 """
 import argparse
 import math
@@ -72,6 +73,7 @@ def trace(model, tokenizer, prompt_ids, new_ids, images=None, image_grids=None, 
     `image_grids`): {"token", "heat": [per image: rows x cols tensor, tiled a dict (module docstring)], "top":
     [(token, p)], "text": [(position, token, weight)]}."""
     import torch
+    from connectors import views_of
     lm = model.language_model
     ids = torch.cat([prompt_ids, new_ids.to(prompt_ids.device).reshape(1, -1)], dim=1)
     before = getattr(lm.config, "_attn_implementation", None)
@@ -87,11 +89,16 @@ def trace(model, tokenizer, prompt_ids, new_ids, images=None, image_grids=None, 
     att = att[:, pick(heads, att.shape[1])].mean(dim=(0, 1))          # T x T
     is_image = (ids[0] == IMAGE_TOKEN_INDEX).tolist()
     blocks = image_blocks(model, [i for i, x in enumerate(is_image) if x], image_grids)
+    views, first = [], 0   # a tiled image's views as the tower saw them (drawings() draws the heat on them)
+    for _, _, grid in blocks:
+        n = 0 if grid is None else views_of(grid)
+        views.append(images[first:first + n].detach().float().cpu() if n else None)
+        first += n
     probs = out.logits[0].float().softmax(-1)
     records = []
     for j in range(new_ids.numel()):
         q = prompt_ids.shape[1] + j - 1   # the position whose output chose token j
-        heat = [image_heat(att[q], block, per, grid, getattr(model, "image_size", None)) for block, per, grid in blocks]
+        heat = [image_heat(att[q], block, per, grid, v) for (block, per, grid), v in zip(blocks, views)]
         p, top = probs[q].topk(min(top_k, probs.shape[-1]))
         text = [(i, tokenizer.decode([int(ids[0, i])]), float(att[q, i])) for i in range(q + 1) if not is_image[i]]
         records.append({"token": tokenizer.decode([int(ids[0, q + 1])]), "heat": heat,
@@ -118,10 +125,10 @@ def image_blocks(model, image_pos, image_grids=None):
     return [(image_pos[s:s + n], per, g) for s, n, g in zip(starts, counts, grids)]
 
 
-def image_heat(row, block, per, grid=None, tile=None):
+def image_heat(row, block, per, grid=None, views=None):
     """One image's share of an attention row: untiled, a rows x cols tensor on the patch grid (grid_of); tiled,
     {"global": the global view's, "tiles": the tiles' maps side by side as on the grid (rows * r, cols * c; None
-    for a 1x1 grid), "grid": (rows, cols), "tile": the tower's (H, W)}. Newline tokens are left out."""
+    for a 1x1 grid), "grid": (rows, cols), "views": its pixels [views, 3, H, W]}. Newline tokens are left out."""
     import torch
 
     def view(positions):   # one view's tokens on its patch grid
@@ -135,7 +142,7 @@ def image_heat(row, block, per, grid=None, tile=None):
         line = block[start:start + cols * per]
         tiles.append(torch.cat([view(line[c * per:(c + 1) * per]) for c in range(cols)], dim=1))
         start += cols * per + 1
-    return {"global": view(block[:per]), "tiles": torch.cat(tiles) if tiles else None, "grid": grid, "tile": tile}
+    return {"global": view(block[:per]), "tiles": torch.cat(tiles) if tiles else None, "grid": grid, "views": views}
 
 
 def overlay(picture, heat, size=160, scale=None):
@@ -152,24 +159,32 @@ def overlay(picture, heat, size=160, scale=None):
     return PILImage.composite(red, base, mask.point(lambda v: int(v * 0.6)))
 
 
+def seen(pixels, low, high):
+    """A view as the tower saw it ([3, H, W], normalised pixels): its grey levels, low..high stretched to 0-255."""
+    from PIL import Image as PILImage
+    g = ((pixels.float().mean(0) - low) / (high - low + 1e-12)).clamp(0, 1)
+    return PILImage.fromarray((g * 255).byte().numpy(), "L")
+
+
 def drawings(picture, heat, size=160):
-    """One image's heatmaps, size x size each: untiled one; tiled the global view's, then (unless the grid is 1x1)
-    the tiles' on the grid's canvas (the picture scaled and centred as tiling cut it, tile borders in blue), on
-    one colour scale."""
+    """One image's heatmaps, size x size each: untiled one, over the picture; tiled (module docstring) the global
+    view's, then unless the grid is 1x1 the tiles' placed on the grid (tile borders in blue), each over the view's own
+    pixels, on one colour scale."""
     import torch
     from PIL import Image as PILImage, ImageDraw
     if not isinstance(heat, dict):
         return [overlay(picture, heat, size)]
+    views, grey = heat["views"], heat["views"].float().mean(1)
+    grey = float(grey.min()), float(grey.max())   # one grey scale for the image's views, as one for its heat
     maps = [heat["global"]] + [heat["tiles"]] * (heat["tiles"] is not None)
     every = torch.cat([m.flatten().float() for m in maps])
     scale = float(every.min()), float(every.max())
-    out = [overlay(picture, heat["global"], size, scale)]
+    out = [overlay(seen(views[0], *grey), heat["global"], size, scale)]
     if heat["tiles"] is not None:
-        from modeling_tinyllava_nano import tile_images
-        (rows, cols), (th, tw) = heat["grid"], heat["tile"]
-        canvas = PILImage.new("RGB", (cols * tw, rows * th))
-        for k, piece in enumerate(tile_images(picture, heat["grid"], heat["tile"], (127, 127, 127))):
-            canvas.paste(piece, ((k % cols) * tw, (k // cols) * th))
+        (rows, cols), (th, tw) = heat["grid"], views.shape[-2:]
+        canvas = PILImage.new("L", (cols * tw, rows * th))
+        for k, tile in enumerate(views[1:]):
+            canvas.paste(seen(tile, *grey), ((k % cols) * tw, (k // cols) * th))
         k = size / max(canvas.size)
         w, h = max(1, round(canvas.width * k)), max(1, round(canvas.height * k))
         x, y = (size - w) // 2, (size - h) // 2

@@ -178,6 +178,7 @@ def test_visualize_spans_follow_each_grid(tiled, tmp_path):
         for name, heat in zip(names, r["heat"]):
             rows, cols = GRIDS[name]
             assert heat["grid"] == (rows, cols) and heat["global"].shape == (4, 4)   # 32 px / 8 px patches
+            assert heat["views"].shape == (1 + rows * cols * (rows * cols > 1), 3, 32, 32)   # drawn on these
             if rows * cols == 1:
                 assert heat["tiles"] is None
             else:
