@@ -45,7 +45,7 @@ class Connector(nn.Module):
 
     def forward(self, x, grids=None):
         """Tower features (views, N, Dv) -> (views, M, D); with `grids` (tiling: one (rows, cols) per image, its
-        views consecutive in x) the tokens of all images as one (sum of image_tokens, D) tensor, laid out by tile_tokens."""
+        views consecutive in x) the tokens of all images as one (sum of image_tokens, D) tensor (tile_tokens)."""
         y = self._connector(x)
         return y if grids is None else tile_tokens(y, grids, self.image_newline)
 

@@ -36,7 +36,8 @@ Several images: "image" a list, one `<image>` per entry in order in any human tu
 original's relocation, a turn with several keeps them in place. Tiling (max_tiles > 0): an image is its global view
 and the tiles of its grid (modeling_tinyllava_nano.choose_grid), and its `<image>` becomes
 connectors.image_tokens(num_image_tokens, grid) sentinels; samples carry "image_grids". Not done here (on purpose):
-the original's "anyres" (dead code there), dummy zero images for text-only samples (those rows carry no image at all, so the vision tower never runs on them),
+the original's "anyres" (dead code there), dummy zero images for text-only samples (those rows carry no image at
+all, so the vision tower never runs on them),
 tokenizers that append EOS to every call.
 """
 
@@ -216,7 +217,8 @@ def encode(conversations, template, tokenizer, num_image_tokens, max_length=None
             n = len(ids)
             ids, labels = ids[:cut], labels[:cut]
             if all(x == IGNORE_INDEX for x in labels):
-                per = "+".join(map(str, counts)) + " for its images" if counts is not None else f"{num_image_tokens} per image"
+                per = (f"{num_image_tokens} per image" if counts is None else
+                       "+".join(map(str, counts)) + " for its images")
                 raise DataError(f"answer truncated away at max_length={max_length} (sample is {n} tokens, "
                                 f"{per})", "answer-truncated")
         if all(x == IGNORE_INDEX for x in labels):
@@ -460,7 +462,8 @@ def check(records, image_folder=None, tokenizer=None, template="phi", num_image_
                 except DataError as e:
                     found.append((e.code, str(e)))
             if good() and max_length and sum(counts) >= max_length:
-                per = f"x {num_image_tokens} tokens" if not max_tiles else f"({'+'.join(map(str, counts))} tokens, tiled)"
+                per = (f"x {num_image_tokens} tokens" if not max_tiles else
+                       f"({'+'.join(map(str, counts))} tokens, tiled)")
                 found.append(("images-over-max-length", f"{len(counts)} images {per} leave no room for text in "
                                                         f"max_length={max_length}"))
             if good() and r["conversations"][0]["from"] != "human":

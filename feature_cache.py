@@ -3,7 +3,7 @@
 
     cache = FeatureCache("cache/", model, processor)
     cache.fill(model, ["a.jpg", "b.jpg"], "data/images")   # -> (computed, unreadable)
-    cache.load("data/images", "a.jpg")   # tower outputs [tokens, D] (a pair for MoF; tiled: ([views, ...], grid)) | None
+    cache.load("data/images", "a.jpg")   # tower outputs [tokens, D] (MoF: a pair; tiled: ([views, ...], grid)), None
 """
 import hashlib
 import json

@@ -4,7 +4,7 @@ chosen from the image's shape; the geometry lives in modeling_tinyllava_nano.py,
 
     image = load_image("data/images/coco/1.jpg", aspect="square")   # PIL RGB, or DataError [image-...]
     pixels = preprocess_image(image, processor, "square")            # [3, H, W]
-    views, grid = preprocess_views(image, processor, "square", max_tiles=4)   # [1 + rows*cols or 1, 3, H, W], (rows, cols)
+    views, grid = preprocess_views(image, processor, "square", 4)   # [1 + rows*cols (1x1: 1), 3, H, W], (rows, cols)
     pixels, grids, counts = image_inputs([image], processor, "square", 4, model.num_image_tokens)  # generate's inputs
 """
 import os

@@ -15,8 +15,8 @@ IMAGE_TOKEN_INDEX (-200); `embed()` looks up the text embeddings and drops the c
 sentinel positions with one masked_scatter. Tiling (max_tiles > 0, off by default): each image is a global view plus
 a grid of tower-sized tiles chosen from its shape (modeling_tinyllava_nano.choose_grid); every view goes through the
 tower in one batch, and the connector lays an image's views out with a learned newline after each row
-(connectors.tile_tokens), so an image takes connectors.image_tokens(num_image_tokens, grid) positions. `images` holds only the pictures of the rows that have one, in
-batch order: text-only rows never run the tower (TinyLLaVA Factory feeds them a zero image; the one exception
+(connectors.tile_tokens), so an image takes connectors.image_tokens(num_image_tokens, grid) positions. `images`
+holds only the pictures of the rows that have one, in batch order: text-only rows never run the tower (TinyLLaVA Factory feeds them a zero image; the one exception
 is a trainable tower under ZeRO-3 / FSDP on a batch without pictures, see idle_images).
 
 State-dict keys follow TinyLLaVA Factory (`language_model.*`, `vision_tower._vision_tower.*`,
@@ -349,7 +349,8 @@ def save_pretrained(model, tokenizer, processor, out_dir, state_dict=None, templ
     it. `state_dict`: weights gathered elsewhere (ZeRO-3)."""
     os.makedirs(out_dir, exist_ok=True)
     config = {"model_type": "tinyllava_nano", "architectures": ["TinyLlavaNanoForConditionalGeneration"],
-              "auto_map": auto_map("TinyLlavaNano"), **tiling_off_unsaid(asdict(model.args)), "trust_remote_code": False,
+              "auto_map": auto_map("TinyLlavaNano"), **tiling_off_unsaid(asdict(model.args)),
+              "trust_remote_code": False,
               "text_config": {k: v for k, v in model.language_model.config.to_dict().items() if k != "auto_map"},
               "vision_configs": [t.config.to_dict() for t in model.vision_tower.towers],
               "num_image_tokens": model.num_image_tokens}

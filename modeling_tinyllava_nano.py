@@ -18,8 +18,9 @@ loads the folder:
 
 Images go in as they did in training: the processor tokenizes the text on each side of "<image>" separately (the
 original's tokenizer_image_token) and puts the image's tokens' worth of the sentinel id -200 between them
-(num_image_tokens; tiled, image_tokens of its grid); the model writes the connector's output into those positions. So the ids are training's ids exactly, with no token added to
-the tokenizer. Also reads the original's release layout (model_type "tinyllava", convert.py to-tinyllava).
+(num_image_tokens; tiled, image_tokens of its grid); the model writes the connector's output into those positions.
+So the ids are training's ids exactly, with no token added to the tokenizer. A tiled folder (max_tiles) gets each
+image as a global view and the tiles of its grid (choose_grid), `image_grids` beside `pixel_values`. Also reads the original's release layout (model_type "tinyllava", convert.py to-tinyllava).
 Imports only torch, transformers and connectors.py (copied beside it as modeling_connectors.py; the repository's
 module when imported there).
 """
