@@ -42,6 +42,18 @@ QUESTIONS = {
 PAIR_QUESTIONS = ["Are these the same digit?", "Do the two images show the same digit?",
                   "Is it the same digit in both images?"]
 N_PAIRS = 1500
+# detail (issue 28): a CANVAS x CANVAS image of small digits (the 8x8 scan at DETAIL px, its own resolution), each
+# in a quadrant, centred in a random one of the quadrant's four 16-px patches: at max_tiles=4 the canvas is a 2x2 grid
+# of 32-px tiles that show each digit at DETAIL px, while the global view (the canvas resized to 32 px) halves it.
+# PER_CANVAS 1: one digit in a random quadrant, asked as the `digit` type is ("What digit is shown?"); 4: one per
+# quadrant, every quadrant asked ("What digit is in the top left?"). Pretrain: N_SMALL 32-px images of one small digit
+# placed as in a tile, captioned as the others (the tower is trained only there); finetune: N_CANVAS canvases, one
+# conversation each; held out: the 300 held-out scans, each once. Appended after all the others from their own
+# seeded stream: every earlier record, image and the tokenizer stay byte for byte.
+CANVAS, DETAIL, N_SMALL, N_CANVAS, PER_CANVAS = 64, 8, 700, 300, 1
+QUADRANTS = ["top left", "top right", "bottom left", "bottom right"]   # row by row, as the tiles
+DETAIL_QUESTIONS = {1: [q + "{q}" for q in QUESTIONS["digit"][0]],   # {q}: the quadrant (4), nothing (1)
+                    4: ["What digit is in the {q}?", "Which number is in the {q}?", "What is the digit in the {q}?"]}
 EVAL_PHRASINGS = {"digit": 2}  # how many of the first phrasings the evaluation draws from (default 1)
 VQA_TYPES = ["digit", "color", "background", "even", "gt4"]   # the VQAv2-style evaluation; "there" is POPE's
 KEEP = "\n## "   # README.md from its first section heading on is hand-written: kept when regenerating
@@ -69,6 +81,43 @@ def render(pixels, color, background):
     im = Image.fromarray(levels, mode="P")
     im.putpalette(palette.round().astype(np.uint8).ravel().tolist())
     return im
+
+
+def small_digit(pixels, rng, levels=None, top=0, left=0):
+    """Draws the 8x8 scan at DETAIL px (levels 0..16, as render) into `levels` (a new 32x32 if None), centred in
+    a random one of the four 16-px patches of the 32x32 square at (top, left); returns `levels`."""
+    levels = np.zeros((SIZE, SIZE), np.uint8) if levels is None else levels
+    a = Image.fromarray((pixels / 16.0).astype(np.float32), mode="F").resize((DETAIL, DETAIL), Image.BILINEAR)
+    y, x = (top + 16 * rng.randrange(2) + (16 - DETAIL) // 2, left + 16 * rng.randrange(2) + (16 - DETAIL) // 2)
+    levels[y:y + DETAIL, x:x + DETAIL] = np.clip(np.asarray(a) * 16, 0, 16).round().astype(np.uint8)
+    return levels
+
+
+def paint(levels, color, background):
+    """Levels 0..16 -> a 17-colour palette image, each level a blend of `color` over `background` (as render)."""
+    t = np.linspace(0, 1, 17)[:, None]
+    palette = np.array(BACKGROUNDS[background]) * (1 - t) + np.array(COLORS[color]) * t
+    im = Image.fromarray(levels, mode="P")
+    im.putpalette(palette.round().astype(np.uint8).ravel().tolist())
+    return im
+
+
+def canvases(samples, n, per, rng, images, folder, name):
+    """n canvases of `per` samples each (`samples` n x per long: in order; else drawn at random), in quadrants drawn
+    at random (all four for per 4), saved as folder/<name><k>.png; yields (image name, [(quadrant, sample)])."""
+    for k in range(n):
+        some = samples[per * k:per * k + per] if len(samples) == per * n else [rng.choice(samples) for _ in range(per)]
+        placed = list(zip(rng.sample(range(4), per) if per < 4 else range(4), some))
+        levels = np.zeros((CANVAS, CANVAS), np.uint8)
+        for q, s in placed:
+            small_digit(images[s["index"]], rng, levels, top=SIZE * (q // 2), left=SIZE * (q % 2))
+        image = f"{name}{k:04d}.png"
+        paint(levels, rng.choice(list(COLORS)), rng.choice(list(BACKGROUNDS))).save(folder / image, optimize=True)
+        yield image, placed
+
+
+def where(q, per):   # the quadrant as a question says it (" top left"), or nothing when the canvas has one digit
+    return QUADRANTS[q] if per > 1 else ""
 
 
 def text_only(rng):
@@ -173,8 +222,25 @@ def main(out=OUT, caption="first", layout="pairs"):
     finetune += [{"id": f"pair_{k:04d}", "image": [a["image"], b["image"]],
                   "conversations": turn("<image>\n<image>\n" + q + SUFFIX, y)}
                  for k, (a, b, q, y) in enumerate(pairs(trains, N_PAIRS, prng))]
-    dump(out / "pretrain.json", pretrain)
-    dump(out / "finetune.json", finetune)
+    # detail (issue 28): from its own stream, appended last (the tokenizer below is trained on the others' text)
+    drng, small, detail = random.Random(SEED + 28), [], []
+    for k in range(N_SMALL):
+        s, color, background = drng.choice(trains), drng.choice(list(COLORS)), drng.choice(list(BACKGROUNDS))
+        image = f"small{k:04d}.png"
+        paint(small_digit(digits.images[s["index"]], drng), color, background).save(out / "images" / image,
+                                                                                    optimize=True)
+        small.append({"id": f"small_{k:04d}", "image": image, "conversations": turn(
+            "<image>\n" + drng.choice(CAPTION_REQUESTS), f"{s['digit']}, {color} on {background}.")})
+    for k, (image, placed) in enumerate(canvases(trains, N_CANVAS, PER_CANVAS, drng, digits.images, out / "images",
+                                                 "canvas")):
+        conv = []
+        for q, s in drng.sample(placed, len(placed)):   # every digit, in a random order: the answers are independent
+            conv += turn(drng.choice(DETAIL_QUESTIONS[PER_CANVAS]).format(q=where(q, PER_CANVAS)) + SUFFIX,
+                         str(s["digit"]))
+        conv[0]["value"] = "<image>\n" + conv[0]["value"]
+        detail.append({"id": f"detail_{k:04d}", "image": image, "conversations": conv})
+    dump(out / "pretrain.json", pretrain + small)
+    dump(out / "finetune.json", finetune + detail)
 
     # held-out VQAv2-style: every question type about every held-out image; GT answers lowercase as in VQA;
     # question_type is the demo's type name (VQA's is the first words of the question), so vqaEval reports per type
@@ -211,6 +277,16 @@ def main(out=OUT, caption="first", layout="pairs"):
     dump(out / "eval/pairs/answers.jsonl", [{"question_id": i, "answers": [y.lower()]} for i, *_, y in pair_q],
          jsonl=True)
     dump(out / "eval/pope/coco/coco_pope_random.json", pope_l, jsonl=True)
+    # held-out detail: the held-out scans in a shuffled order, each once, every digit asked
+    held, ask_detail = drng.sample(evals, len(evals)), DETAIL_QUESTIONS[PER_CANVAS][0]
+    detail_q = [(image, ask_detail.format(q=where(q, PER_CANVAS)), str(s["digit"]))
+                for image, placed in canvases(held, len(held) // PER_CANVAS, PER_CANVAS, drng, digits.images,
+                                              out / "images", "canvas_eval")
+                for q, s in placed]
+    detail_q = [(f"detail_{k:03d}", *x) for k, x in enumerate(detail_q)]
+    dump(out / "eval/detail/questions.jsonl", [{"question_id": i, "image": im, "text": q + SUFFIX,
+                                                "category": "detail"} for i, im, q, a in detail_q], jsonl=True)
+    dump(out / "eval/detail/answers.jsonl", [{"question_id": i, "answers": [a]} for i, *_, a in detail_q], jsonl=True)
 
     # what a model that learned nothing about the images scores: the most frequent TRAINING answer of each type
     # (what it would learn to say), and the best constant answer of the type on the held-out questions
@@ -223,6 +299,11 @@ def main(out=OUT, caption="first", layout="pairs"):
                     f"{100 * best[1] / len(gt):.1f} ({best[0]}) |")
     rows.append(f"| POPE-style (accuracy; F1 of always yes: 66.7) | {len(pope_l)} | 50.0 | 50.0 |")
     rows.append(f"| `same` (two images: \"{PAIR_QUESTIONS[0]}\") | {len(pair_q)} | 50.0 (yes) | 50.0 (yes) |")
+    gt, train_gt = [a for *_, a in detail_q], [g["value"] for r in detail for g in r["conversations"][1::2]]
+    common, best = Counter(train_gt).most_common(1)[0][0], Counter(gt).most_common(1)[0]
+    rows.append(f"| `detail` (\"{detail_q[0][2]}\" of a {CANVAS}x{CANVAS} canvas) | "
+                f"{len(gt)} | {100 * gt.count(common) / len(gt):.1f} ({common}) | "
+                f"{100 * best[1] / len(gt):.1f} ({best[0]}) |")
 
     texts = [SYSTEM, "USER:", "ASSISTANT:"] + [  # what the demo LLM reads, rendered roughly as data.py does
         SYSTEM + " " + " ".join(f"USER: {h['value'].replace('<image>', '')} ASSISTANT: {g['value']}"
@@ -237,7 +318,9 @@ All {len(digits.target)} UCI handwritten digits bundled with scikit-learn (`load
 Recognition of Handwritten Digits", Alpaydin & Kaynak 1998), 8x8 scans upscaled (bilinear) to {SIZE}x{SIZE} palette
 PNGs `images/<sklearn index>.png` (open with `.convert("RGB")`), the digit in red/green/blue/yellow on white or
 black (drawn at random per image). {N_EVAL} images are held out for evaluation, {len(trains)} are for training.
-- `pretrain.json`: {len(pretrain)} captions, one per training image, the digit first: "{pretrain[0]['conversations'][1]['value']}"
+- `pretrain.json`: {len(pretrain)} captions, one per training image, the digit first: "{pretrain[0]['conversations'][1]['value']}"; then
+  {N_SMALL} `images/small<k>.png`: one training digit drawn small ({DETAIL}x{DETAIL} px, the scan's own resolution) in one of
+  the four 16-px patches of a {SIZE}x{SIZE} image, as in a tile of the `detail` canvases, captioned the same way.
 - `finetune.json`: {len(finetune)} records, {sum(n_qa.values())} question-answer turns: per training image every question type
   ({", ".join(f"{k} {v}" for k, v in n_qa.items())}), in {layout} conversations
   (one of digit / even / greater than 4 / "Is there a D?" each, with a colour or background question; ~5% with
@@ -245,12 +328,18 @@ black (drawn at random per image). {N_EVAL} images are held out for evaluation, 
   "same digit?" questions (half yes; appended last, from their own seeded stream); questions in 3-4 phrasings per type, the
   evaluation's among them; {len(answers)} distinct answers:
   {" ".join(answers)}.
+  Then {N_CANVAS} `detail` records (issue 28; appended last, from their own seeded stream), one per `images/canvas<k>.png`:
+  a {CANVAS}x{CANVAS} canvas with {"a training digit in each quadrant" if PER_CANVAS > 1 else "one training digit in a random quadrant"}, drawn as in `small<k>.png`,
+  asked "{detail_q[0][2]}" ({len(DETAIL_QUESTIONS[PER_CANVAS])} phrasings{", every quadrant" if PER_CANVAS > 1 else ", the digit type's"}). At `max_tiles=4`
+  the canvas is a 2x2 grid of {SIZE}-px tiles, the digit {DETAIL} px in its tile; the global view (the canvas at {SIZE} px)
+  shows it at {DETAIL // 2} px.
 - `eval/`: the {N_EVAL} held-out images (never trained on), laid out as LLaVA's eval folders:
   `vqav2/llava_vqav2_demo_val.jsonl` ({len(vqa_q)} questions: every type about every image) + official-format
   `vqav2/demo_val_annotations.json` (`question_type` is the demo's type: vqaEval reports accuracy per type) and
   `vqav2/demo_val_questions.json`; `pope/llava_pope_test.jsonl` ({len(pope_q)} "Is there a D in the image?": per image one
   yes and one no) + `pope/coco/coco_pope_random.json`; `pairs/questions.jsonl` ({len(pair_q)} two-image "{PAIR_QUESTIONS[0]}",
-  half yes) + `pairs/answers.jsonl`.
+  half yes) + `pairs/answers.jsonl`; `detail/questions.jsonl` ({len(detail_q)} "{detail_q[0][2]}" about
+  {len(detail_q) // PER_CANVAS} canvases `images/canvas_eval<k>.png`, each held-out digit on one) + `detail/answers.jsonl`.
 - `tokenizer/`: phi-2 style byte-level BPE, {len(tok)} tokens, `<|endoftext|>` = bos/eos/unk/pad (template "phi").
 
 What a model that learned nothing about the images scores (held-out accuracy, %):
