@@ -3,7 +3,7 @@ Speed and memory of training on shapes that stand for real runs, ours against a 
 loop, alternating in one run; where our step's time goes; how fast the scripts start.
 
     python bench.py                       # the representative shapes + start-up times (~15 min on 2 cores)
-    python bench.py --shapes tiny_original --stages finetune --rounds 5
+    python bench.py --shapes phi2_siglip --stages finetune --variants ours,ours+tiles4,ours+tiles4+ps3   # tiling
     python bench.py --shapes head_heavy   # the issue-#7 bench model, a labelled extra (its head costs more than its LLM)
     python bench.py --only run,eval       # train.py end to end on tiny_original; issue #7's answering and loss
     python bench.py --variants original,ours,ours+cache,ours+bf16 --device cuda --micro-batch 16
@@ -24,16 +24,20 @@ modelled: DeepSpeed, HF Trainer's overhead, loader workers, its Python splice lo
 "ours" is train.py's step: the tower cut at the feature layer, no zero images, the LM head only at supervised
 positions and chunked, length-grouped batches, gelu_new as one kernel, fused AdamW, no checkpointing (auto's
 choice when the step fits; "ours+ckpt": on). Extras: "ours+cache" (model.FeatureCache), "ours+bf16" (autocast).
+Tiling (#28): "ours+tilesN": max_tiles=N; "+psS": connector pixel_shuffleS_mlp2x_gelu. Synthetic samples carry noise
+pictures sized as LLaVA-1.5's finetune images (PICTURES), scaled as the tower's input is (126 / 384 px): same grids.
 
 Same samples for every loop, collated before timing; each variant in its own process, alternating --rounds times.
-samples/s: median; x orig: median of per-round ratios [lowest-highest]. MFU: model FLOPs (flops.py) / time / the
-best matmul peak of the run, in its dtype. step MiB: peak of the step's live tensors, not the weights (first step,
-longest batch; flops.TensorMemory: what a GPU allocator holds). RSS+ MiB: peak RSS over the steps above the RSS
-before them (+ allocator cache, fragmentation, lazy start-up); proc MiB: the process's peak RSS.
+samples/s: median; x 1st: median of per-round ratios to the first of --variants [lowest-highest]. Tokens (tok/s, img
+tok per image, tok/smp per sample) count text, image and newline positions. MFU: model FLOPs (flops.py, every view
+through the tower) / time / the best matmul peak of the run, in its dtype. step MiB: peak of the step's live tensors,
+not the weights (first step, longest batch; flops.TensorMemory: what a GPU allocator holds). RSS+ MiB: peak RSS over
+the steps above the RSS before them (+ allocator cache, fragmentation, lazy start-up); proc MiB: its peak RSS.
 """
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -56,9 +60,13 @@ SHAPES = {
         samples=dict(pretrain=4, finetune=4), text=dict(pretrain=((0, 0), (2, 6)), finetune=((4, 12), (2, 6)))),
 }
 REPRESENTATIVE = ["phi2_siglip", "tiny_original"]
-VARIANTS, PARTS = ("original", "ours", "ours+ckpt", "ours+cache", "ours+bf16"), ("train", "startup", "run", "eval")
+VARIANTS = ("original", "ours", "ours+ckpt", "ours+cache", "ours+bf16", "ours+tiles4", "ours+tiles9", "ours+tiles4+ps3",
+            "ours+tiles9+ps3", "ours+tiles4+ps2")
+PARTS = ("train", "startup", "run", "eval")
+PICTURES = [(640, 480)] * 4 + [(640, 427), (480, 640), (427, 640), (800, 600), (500, 375), (500, 333), (332, 500),
+                               (1024, 768)]   # w x h, in turn: COCO 7 in 12, VG / GQA 3, OCR-VQA 1, TextVQA 1
 STAGES = {"pretrain": dict(template="pretrain", data="demo/pretrain.json", trains=("connector",)),
-          "finetune": dict(template="phi", data="demo/finetune.json", trains=("llm", "connector"))}
+          "finetune": dict(template="phi", data="demo/finetune.json", trains=("language_model", "connector"))}
 
 
 # ------------------------------------------------------------------------------------ shapes and their FLOPs
@@ -97,23 +105,26 @@ def make_base(root, shape, seed=0):
 def samples(a, stage, model, tok, proc):
     """The stage's samples (dicts as data.VLMDataset returns them), their lengths and how long reading them took."""
     import torch
-    from data import IMAGE_TOKEN_INDEX, VLMDataset
+    from PIL import Image
+    from data import IMAGE_TOKEN_INDEX, VLMDataset, image_inputs
     shape, n = SHAPES[a.shape], a.samples or SHAPES[a.shape]["samples"][stage]
     if shape["data"] == "demo":
         with open(os.path.join(ROOT, STAGES[stage]["data"])) as f:
             records = json.load(f)[:n]
         ds = VLMDataset(records, tok, proc, STAGES[stage]["template"], model.num_image_tokens, 2048,
-                        os.path.join(ROOT, "demo/images"))
+                        os.path.join(ROOT, "demo/images"), max_tiles=model.max_tiles)
         t0 = time.perf_counter()
         items = [ds[i] for i in range(len(ds))]
         return items, ds.lengths, (time.perf_counter() - t0) / len(items)
-    g, items, k = torch.Generator().manual_seed(0), [], model.num_image_tokens
-    for prompt, answer in synthetic_lengths(a.shape, stage, n):
+    g, items, scale = torch.Generator().manual_seed(0), [], shape["tower"][4] / shape["full"][1][4]
+    for (prompt, answer), (w, h) in zip(synthetic_lengths(a.shape, stage, n), PICTURES * n):
+        noise = torch.randint(0, 256, (round(h * scale), round(w * scale), 3), dtype=torch.uint8, generator=g)
+        views, grids, (k,) = image_inputs([Image.fromarray(noise.numpy())], proc, "square", model.max_tiles,
+                                          model.num_image_tokens)   # untiled: [1, 3, H, W], None
         ids = torch.randint(0, len(tok), (k + prompt + answer,), generator=g)
         ids[:k] = IMAGE_TOKEN_INDEX   # the image first, as the original moves it to the front of its turn
-        labels = torch.full_like(ids, -100)
-        labels[-answer:] = ids[-answer:]
-        items.append({"input_ids": ids, "labels": labels, "pixel_values": torch.randn(3, *model.image_size, generator=g)})
+        labels = torch.where(torch.arange(len(ids)) >= len(ids) - answer, ids, -100)   # the answer alone
+        items.append({"input_ids": ids, "labels": labels, "pixel_values": views, "image_grids": grids})
     return items, [len(x["input_ids"]) for x in items], None
 
 
@@ -151,22 +162,22 @@ def original_loss(model, b):
 def run_variant(a, stage, variant):
     """One variant of one stage in this process: warm-up, the timed steps; returns the measurements."""
     import torch
-    from data import IMAGE_TOKEN_INDEX, collate
+    from data import IMAGE_TOKEN_INDEX, collate, model_inputs
     from flops import TensorMemory, flop_profile, in_use, peak_since_reset, reset_peak, rss_mib, train_flops
     from model import ModelArgs, build_model
     from train import checkpoint_layers, grouped_batches
     torch.manual_seed(0)
     original, device = variant == "original", a.device
-    import model as model_py
-    model_py.FUSED_GELU = not original   # the original runs HF's gelu_new as it is written: eight ops
+    __import__("model").FUSED_GELU = not original   # the original runs HF's gelu_new as it is written: eight ops
+    tiles, ps = re.search(r"tiles(\d+)|$", variant)[1] or 0, re.search(r"ps(\d+)|$", variant)[1]   # ours+tilesN+psS
     # the original runs every tower layer and the post-norm: as costly as keeping all of them (layer -1)
     model, tok, proc = build_model(ModelArgs(llm=f"{a.root}/llm", vision_tower=f"{a.root}/siglip", dtype=a.dtype,
-                                             vision_feature_layer=-1 if original else -2,
+                                             vision_feature_layer=-1 if original else -2, max_tiles=int(tiles),
+                                             connector=f"pixel_shuffle{ps}_mlp2x_gelu" if ps else "mlp2x_gelu",
                                              legacy_patch_drop=SHAPES[a.shape]["legacy_patch_drop"]))
     model.to(device)
-    for name, part in [("llm", model.language_model), ("vision_tower", model.vision_tower),
-                       ("connector", model.connector)]:
-        part.requires_grad_(name in STAGES[stage]["trains"])
+    for name in ("language_model", "vision_tower", "connector"):
+        getattr(model, name).requires_grad_(name in STAGES[stage]["trains"])
     items, lengths, read_s = samples(a, stage, model, tok, proc)
     batches = original_batches(lengths, a.micro_batch, 0, stage == "finetune") if original else \
         grouped_batches(lengths, a.micro_batch, seed=0)
@@ -187,12 +198,8 @@ def run_variant(a, stage, variant):
     def step(b, mark=lambda name: None):   # mark: the profile's clock at the end of each phase
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
         with autocast:
-            if original:
-                loss = original_loss(model, b)
-            else:
-                out = model(b["input_ids"], b["attention_mask"], labels=b["labels"], images=b["images"],
-                            tower_features=b["tower_features"])
-                loss = out["loss_sum"] / out["num_tokens"].clamp(min=1)
+            out = original_loss(model, b) if original else model(**model_inputs(b))
+            loss = out if original else out["loss_sum"] / out["num_tokens"].clamp(min=1)
         mark("loss")
         loss.backward()
         mark("backward")
@@ -218,12 +225,16 @@ def run_variant(a, stage, variant):
     dt = time.perf_counter() - t0
     peak = peak_since_reset(dev)
     tokens, padded = sum(float(b["attention_mask"].sum()) for b in data), sum(b["attention_mask"].numel() for b in data)
+    grids = [f"{r}x{c}" for b in data if b["image_grids"] is not None for r, c in b["image_grids"].tolist()]
+    images = len(grids) or sum(b["n_images"] for b in data)   # untiled: one view each
     out = dict(samples_s=len(items) / dt, padding=1 - tokens / padded, seconds=dt, step_mib=tensors.peak / 2 ** 20,
-               rss_step_mib=peak - base, proc_mib=max(process_peak, rss_mib("VmHWM")))
+               rss_step_mib=peak - base, proc_mib=max(process_peak, rss_mib("VmHWM")), tokens_s=tokens / dt,
+               image_tokens=sum(int((b["input_ids"] == IMAGE_TOKEN_INDEX).sum()) for b in data) / max(1, images),
+               grids={g: grids.count(g) for g in sorted(set(grids))})
     if not original:   # model FLOPs of the useful work: the original's rows take ours' (the same samples)
-        profile = flop_profile(model, model.image_size)
-        parts = [train_flops(profile, b["attention_mask"], b["labels"], int((b["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum()),
-                             "cache" not in variant, parts=True) for b in data]
+        profile = flop_profile(model, model.image_size)   # the tower and connector per view: n_images counts views
+        parts = [train_flops(profile, b["attention_mask"], b["labels"], b["n_images"], "cache" not in variant,
+                             parts=True) for b in data]
         out["flop_parts"] = {k: sum(p[k] for p in parts) for k in parts[0]}
         out["flops"] = sum(out["flop_parts"].values())
     if variant == "ours" and a.profile:
@@ -238,26 +249,20 @@ def profile_step(model, step, data, items, batches, tok, read_s, sync, repeats=3
     clipping; "data": reading the batch's samples (decoding, preprocessing, tokenising) and collating them."""
     from data import collate
     now = lambda: (sync(), time.perf_counter())[1]  # noqa: E731
-    marks, handles, runs = {}, [], []
-    for name, m in [("tower", model.vision_tower), ("connector", model.connector),
-                    ("LLM forward", model.language_model.get_decoder())]:
-        handles.append(m.register_forward_pre_hook(lambda m, a, name=name: marks.__setitem__(name + "<", now())))
-        handles.append(m.register_forward_hook(lambda m, a, o, name=name: marks.__setitem__(name + ">", now())))
+    marks, runs = {}, []
+    for name, m in [("tower", model.vision_tower), ("connector", model.connector),   # hooks left on: the model is
+                    ("LLM forward", model.language_model.get_decoder())]:               # thrown away after this
+        m.register_forward_pre_hook(lambda m, a, name=name: marks.__setitem__(name + "<", now()))
+        m.register_forward_hook(lambda m, a, o, name=name: marks.__setitem__(name + ">", now()))
     i = max(range(len(data)), key=lambda i: float(data[i]["attention_mask"].sum()))
-    try:
-        for _ in range(repeats):
-            marks.clear()
-            marks["start"] = now()
-            step(data[i], lambda name: marks.__setitem__(name, now()))
-            t = {k: marks.get(k + ">", 0.0) - marks.get(k + "<", 0.0) for k in ("tower", "connector", "LLM forward")}
-            t["head (+ its backward)"] = marks["loss"] - marks["LLM forward>"]
-            t["backward"] = marks["backward"] - marks["loss"]
-            t["optimizer"] = marks["optimizer"] - marks["backward"]
-            t["step"] = marks["optimizer"] - marks["start"]
-            runs.append(t)
-    finally:
-        for h in handles:
-            h.remove()
+    for _ in range(repeats):
+        marks["start"] = now()   # the same batch each time: every mark is set again
+        step(data[i], lambda name: marks.__setitem__(name, now()))
+        t = {k: marks.get(k + ">", 0.0) - marks.get(k + "<", 0.0) for k in ("tower", "connector", "LLM forward")}
+        for k, start, end in [("head (+ its backward)", "LLM forward>", "loss"), ("backward", "loss", "backward"),
+                              ("optimizer", "backward", "optimizer"), ("step", "start", "optimizer")]:
+            t[k] = marks[end] - marks[start]
+        runs.append(t)
     out = {k: statistics.median(t[k] for t in runs) for k in runs[0]}
     if read_s is not None:   # synthetic samples cost nothing to make: no data time for them
         t0 = time.perf_counter()
@@ -304,19 +309,20 @@ def bench_shape(a, shape, peaks):
             for v in a.variants if r % 2 == 0 else a.variants[::-1]:
                 child = dict(spec, stage=stage, variant=v, profile=v == "ours" and r == a.rounds - 1)
                 runs[v].append(json.loads(command(python(__file__, "--_child", json.dumps(child)))[2].splitlines()[-1]))
-        peak, base, ours = max(peaks), runs.get("original"), runs["ours"]
+        peak, base, ours = max(peaks), runs[a.variants[0]], runs["ours"]
         print(f"\n{shape} / {stage}: {a.samples or SHAPES[shape]['samples'][stage]} samples, micro-batch "
-              f"{a.micro_batch}, {a.dtype}, {a.rounds} rounds, matmul peak {peak / 1e9:.0f} GFLOP/s\n{'variant':<11}"
-              f"{'samples/s':>10}{'x orig [range]':>20}{'MFU':>7}{'padding':>9}{'step MiB':>10}{'x orig':>8}{'RSS+ MiB':>10}"
-              f"{'proc MiB':>10}")
+              f"{a.micro_batch}, {a.dtype}, {a.rounds} rounds, matmul peak {peak / 1e9:.0f} GFLOP/s; x 1st: to "
+              f"{a.variants[0]}\n{'variant':<16}{'samples/s':>10}{'x 1st [range]':>19}{'tok/s':>7}{'img tok':>8}"
+              f"{'tok/smp':>8}{'MFU':>7}{'padding':>8}{'step MiB':>9}{'x 1st':>6}{'RSS+ MiB':>9}{'proc MiB':>9}  grids")
         for v, xs in runs.items():
-            med = lambda key: statistics.median(x[key] for x in xs)  # noqa: E731
-            ratio = spread([x["samples_s"] / o["samples_s"] for x, o in zip(xs, base)]) if base else ""
-            x_mem = med("step_mib") / statistics.median(o["step_mib"] for o in base) if base else float("nan")
+            med = lambda key, runs=xs: statistics.median(x[key] for x in runs)  # noqa: E731
+            ratio = spread([x["samples_s"] / o["samples_s"] for x, o in zip(xs, base)])
             mfu = statistics.median(x.get("flops", ours[0]["flops"]) / x["seconds"] for x in xs) / (
                 a.peak_bf16 if "bf16" in v else peak)   # each in its own dtype's peak
-            print(f"{v:<11}{med('samples_s'):>10.2f}{ratio:>20}{100 * mfu:>6.1f}%{100 * xs[0]['padding']:>8.1f}%"
-                  f"{med('step_mib'):>10.0f}{x_mem:>8.2f}{med('rss_step_mib'):>10.0f}{med('proc_mib'):>10.0f}")
+            print(f"{v:<16}{med('samples_s'):>10.2f}{ratio:>19}{med('tokens_s'):>7.0f}{med('image_tokens'):>8.1f}"
+                  f"{med('tokens_s') / med('samples_s'):>8.1f}{100 * mfu:>6.1f}%{100 * med('padding'):>7.1f}%"
+                  f"{med('step_mib'):>9.0f}{med('step_mib') / med('step_mib', base):>6.2f}{med('rss_step_mib'):>9.0f}"
+                  f"{med('proc_mib'):>9.0f}  " + " ".join(f"{g}:{n}" for g, n in xs[0]["grids"].items()))
         share = {k: v / ours[-1]["flops"] for k, v in ours[-1]["flop_parts"].items()}
         print("model FLOPs of our step: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items()))
         prof = ours[-1].get("profile")
@@ -465,9 +471,8 @@ def main(argv=None):
         if set(getattr(a, key).split(",")) - set(valid):   # a mistyped name: one line, before torch loads
             p.error(f"--{key} {getattr(a, key)}: each must be one of {', '.join(valid)}")
     if a._child:   # one measurement; JSON on the last stdout line
-        spec = json.loads(a._child)
-        print(json.dumps(run_variant(argparse.Namespace(**spec), spec["stage"], spec["variant"])))
-        return None
+        a = argparse.Namespace(**json.loads(a._child))
+        return print(json.dumps(run_variant(a, a.stage, a.variant)))
     import torch
     from flops import matmul_peak
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -481,7 +486,6 @@ def main(argv=None):
           "matmul peak " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
     report = {"device": a.device, "dtype": a.dtype, "peak_flops": peaks}
     for shape in a.shapes.split(",") if "train" in only else []:
-        os.makedirs(os.path.join(a.root, shape), exist_ok=True)
         make_base(os.path.join(a.root, shape), shape)
         report[shape] = bench_shape(a, shape, [peaks[a.dtype]])
     for part, measure in [("startup", startup), ("run", train_runs), ("eval", eval_and_loss)]:

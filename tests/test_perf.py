@@ -167,6 +167,17 @@ def test_phi2_shape_keeps_the_full_size_shares():
                                                                             rel=0.1)
 
 
+def test_bench_pictures_take_their_full_size_grids():
+    """bench.py's synthetic pictures, scaled as the shape scales the tower's input (126 / 384 px), get the grids that
+    the real pictures get at full size, so tiled samples keep the real views and tokens per image (/ 9)."""
+    from modeling_tinyllava_nano import choose_grid
+    small, full = bench.SHAPES["phi2_siglip"]["tower"][4], bench.SHAPES["phi2_siglip"]["full"][1][4]
+    for max_tiles in (4, 9):
+        for w, h in bench.PICTURES:
+            assert choose_grid(round(w * small / full), round(h * small / full), (small, small), max_tiles) == \
+                choose_grid(w, h, (full, full), max_tiles), (max_tiles, w, h)
+
+
 @pytest.fixture(scope="module")
 def smoke_base(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("bench") / "smoke")
@@ -195,11 +206,13 @@ def test_bench_variants_run_and_the_original_loop_computes_our_loss(smoke_base, 
     from argparse import Namespace
     a = Namespace(shape="smoke", root=smoke_base, device="cpu", dtype="float32", micro_batch=2, warmup=1,
                   samples=3, profile=True)
-    for variant in ("original", "ours", "ours+ckpt", "ours+cache"):
+    for variant in ("original", "ours", "ours+ckpt", "ours+cache", "ours+tiles4+ps3"):
         r = bench.run_variant(a, stage, variant)
         assert r["samples_s"] > 0 and r["step_mib"] >= 0 and r["proc_mib"] > 0, variant
         assert variant == "original" or r["flops"] == pytest.approx(sum(r["flop_parts"].values()))
         assert ("profile" in r) == (variant == "ours")
+        assert r["grids"] == ({"2x2": 3} if "tiles" in variant else {}), variant   # the smoke pictures: 2x2 each
+        assert r["image_tokens"] == (1 * 5 + 3 if "tiles" in variant else 9), variant   # ps3: 3x3 -> 1 per view
     torch.manual_seed(0)
     model, tok, proc = build_model(ModelArgs(llm=f"{smoke_base}/llm", vision_tower=f"{smoke_base}/siglip"))
     model.vision_tower.requires_grad_(False)
