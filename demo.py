@@ -39,9 +39,10 @@ def make_base_models(base=BASE, seed=0, tokenizer="demo/tokenizer", llm=None, to
     SiglipImageProcessor(size={"height": size, "width": size}).save_pretrained(f"{base}/siglip")
 
 
-TYPES = ["digit", "color", "background", "even", "gt4", "same"]   # the held-out questions' categories
+TYPES = ["digit", "color", "background", "even", "gt4", "same", "detail"]   # the held-out questions' categories
 QUESTIONS, ANSWERS = "demo/eval/vqav2/llava_vqav2_demo_val.jsonl", "demo/eval/vqav2/demo_val_annotations.json"
 PAIRS = "demo/eval/pairs"   # two-image questions (issue 26): "Are these the same digit?", half yes
+DETAIL = "demo/eval/detail"   # issue 28: "What digit is shown?" of a 64x64 canvas, the digit 8 px: tiling reads it
 
 
 def constant_baselines():
@@ -55,13 +56,15 @@ def constant_baselines():
         by_type.setdefault(a["question_type"], []).append(a["multiple_choice_answer"])
     with open(f"{PAIRS}/answers.jsonl") as f:
         by_type["same"] = [json.loads(line)["answers"][0] for line in f]
+    with open(f"{DETAIL}/answers.jsonl") as f:
+        by_type["detail"] = [json.loads(line)["answers"][0] for line in f]
     return {t: 100 * max(map(v.count, set(v))) / len(v) for t, v in by_type.items()}
 
 
-def per_type(custom, pope, pairs=None):
-    """{type: accuracy} from the custom benchmark's categories (exact match after VQA normalisation), plus
+def per_type(custom, pope, *more):
+    """{type: accuracy} from the custom benchmarks' categories (exact match after VQA normalisation), plus
     POPE-style F1, accuracy and yes-ratio (percent)."""
-    cats = {**custom["metrics"]["categories"], **(pairs["metrics"]["categories"] if pairs else {})}
+    cats = {k: v for r in (custom, *more) if r for k, v in r["metrics"]["categories"].items()}
     out = {t: cats[t]["exact_match"] for t in TYPES if t in cats}
     p = pope["metrics"]["splits"]["random"]
     out.update(pope_f1=100 * p["f1"], pope_acc=100 * p["accuracy"], pope_yes=100 * p["yes_ratio"])
@@ -113,11 +116,14 @@ def main(argv):
     pairs, = evaluate.main(["--model", model_dir, "--bench", "custom", "--questions", f"{PAIRS}/questions.jsonl",
                             "--annotations", f"{PAIRS}/answers.jsonl", "--image-folder", "demo/images", "--batch-size",
                             "64", *threads, *(limit and ["--limit", str(n_images[-1])])])
+    detail, = evaluate.main(["--model", model_dir, "--bench", "custom", "--questions", f"{DETAIL}/questions.jsonl",
+                             "--annotations", f"{DETAIL}/answers.jsonl", "--image-folder", "demo/images",
+                             "--batch-size", "64", *threads, *(limit and ["--limit", str(n_images[-1])])])
     pope, = evaluate.main(["--model", model_dir, "--bench", "pope", "--data", "demo/eval", "--image-folder",
                            "demo/images", "--batch-size", "64", *threads, *(limit and ["--limit", str(2 * n_images[-1])])])
     for stage, losses in results.items():
         print(f"{stage}: loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} ({len(losses)} steps)")
-    scores = per_type(custom, pope, pairs)
+    scores = per_type(custom, pope, pairs, detail)
     with open(os.path.join(model_dir, "demo_scores.json"), "w") as f:
         json.dump(scores, f, indent=1)
     print("held-out accuracy per question type (best constant answer): " + ", ".join(
