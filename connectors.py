@@ -88,17 +88,17 @@ def tile_tokens(views, grids, newline):
     """(total views, M, D) connector outputs, each image's views consecutive (global, then tiles row-major) ->
     (sum of image_tokens, D): per image the global view's M tokens, newline, then for each row of tiles its tiles'
     tokens left to right and a newline (LLaVA-NeXT's learned image_newline, one per tile row instead of per
-    feature row: tiles are not merged into one feature map)."""
-    out, v, nl = [], 0, newline.to(views.dtype)[None]
+    feature row: tiles are not merged into one feature map). One gather: the views' tokens in order, the newline
+    (the last row of `flat`) taken after the global view and after each row of tiles."""
+    m, flat = views.shape[1], torch.cat([views.flatten(0, 1), newline.to(views.dtype)[None]])
+    index, v = [], 0
     for rows, cols in (g.tolist() if torch.is_tensor(g) else g for g in grids):
-        n = views_of((rows, cols))
-        mine, v = views[v:v + n], v + n
-        out += [mine[0], nl]
-        for r in range(rows if n > 1 else 0):
-            out += [mine[1 + r * cols:1 + (r + 1) * cols].flatten(0, 1), nl]
+        for width in [1] + [cols] * rows * (rows * cols > 1):   # the global view, then each row of tiles
+            index += [*range(v * m, (v + width) * m), len(flat) - 1]
+            v += width
     if v != views.shape[0]:
         raise ValueError(f"{views.shape[0]} views for grids that have {v}")
-    return torch.cat(out) if out else views.new_zeros(0, views.shape[-1])
+    return flat[torch.tensor(index, dtype=torch.long, device=views.device)]
 
     def extra_repr(self):
         return f"name={self.name!r}"
