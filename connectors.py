@@ -62,12 +62,12 @@ def views_of(grid) -> int:
 
 
 def image_tokens(per_view: int, grid=None) -> int:
-    """Tokens of one image: per_view without tiling (grid None); tiled, each row of views (the global view, then
-    each row of tiles) followed by one newline: per_view * views + 1 + rows (1x1: per_view + 1)."""
-    if grid is None:
+    """Tokens of one image: per_view without tiling (grid None) and for a 1x1 grid (the global view alone, as
+    untiled); else each row of views (the global view, then each row of tiles) followed by one newline:
+    per_view * (1 + rows * cols) + 1 + rows."""
+    if grid is None or grid[0] * grid[1] == 1:
         return per_view
-    rows = 0 if grid[0] * grid[1] == 1 else grid[0]
-    return per_view * views_of(grid) + 1 + rows
+    return per_view * views_of(grid) + 1 + grid[0]
 
 
 def most_image_tokens(per_view: int, max_tiles: int) -> int:
@@ -80,7 +80,7 @@ def token_count(per_view: int, max_tiles: int = 0) -> str:
     if not max_tiles:
         return f"{per_view} tokens per image"
     most = most_image_tokens(per_view, max_tiles)
-    return (f"tiled (max_tiles={max_tiles}): {per_view} tokens per view, {per_view + 1} per image (a grid of 1x1, "
+    return (f"tiled (max_tiles={max_tiles}): {per_view} tokens per view, {per_view} per image (a grid of 1x1, "
             f"the global view alone) to {most}")
 
 
@@ -88,13 +88,15 @@ def tile_tokens(views, grids, newline):
     """(total views, M, D) connector outputs, each image's views consecutive (global, then tiles row-major) ->
     (sum of image_tokens, D): per image the global view's M tokens, newline, then for each row of tiles its tiles'
     tokens left to right and a newline (LLaVA-NeXT's learned image_newline, one per tile row instead of per
-    feature row: tiles are not merged into one feature map). One gather: the views' tokens in order, the newline
-    (the last row of `flat`) taken after the global view and after each row of tiles."""
+    feature row: tiles are not merged into one feature map); a 1x1 image is its global view alone, as untiled. One
+    gather: the views' tokens in order, the newline (the last row of `flat`, so it always has a gradient, zero when
+    unused: DDP needs none missing) after the global view and after each row of tiles."""
     m, flat = views.shape[1], torch.cat([views.flatten(0, 1), newline.to(views.dtype)[None]])
     index, v = [], 0
     for rows, cols in (g.tolist() if torch.is_tensor(g) else g for g in grids):
-        for width in [1] + [cols] * rows * (rows * cols > 1):   # the global view, then each row of tiles
-            index += [*range(v * m, (v + width) * m), len(flat) - 1]
+        tiled = rows * cols > 1
+        for width in [1] + [cols] * rows * tiled:   # the global view, then each row of tiles
+            index += [*range(v * m, (v + width) * m)] + [len(flat) - 1] * tiled
             v += width
     if v != views.shape[0]:
         raise ValueError(f"{views.shape[0]} views for grids that have {v}")

@@ -74,9 +74,10 @@ def test_odd_and_tiny_images_tile_without_blowing_up(tiny_towers):
 
 
 def test_token_counts_per_image():
-    # per view 16: the global view and a newline (1x1); + rows x cols tiles and a newline per row
+    # per view 16: a 1x1 image is its global view alone, as untiled; else the global view and a newline, then
+    # rows x cols tiles and a newline per row
     assert image_tokens(16) == 16
-    assert image_tokens(16, (1, 1)) == 17
+    assert image_tokens(16, (1, 1)) == 16
     assert image_tokens(16, (1, 2)) == 16 * 3 + 2
     assert image_tokens(16, (2, 2)) == 16 * 5 + 3
     assert image_tokens(4, (4, 1)) == 4 * 5 + 5
@@ -100,6 +101,10 @@ def test_the_layout_is_global_view_newline_then_each_tile_row_and_a_newline(tiny
     want = torch.cat([f[0], nl, f[1], f[2], nl,                       # image a: global, newline, row of 2, newline
                       f[3], nl, f[4], f[5], nl, f[6], f[7], nl])       # image b: global, newline, 2 rows of 2
     assert got.shape == (PER_VIEW * 8 + 5, 64) and torch.equal(got, want)
+    c, gc = preprocess_views(Image.new("RGB", (30, 30), (30, 200, 30)), proc, "square", 4)   # 1x1: as untiled
+    with torch.no_grad():
+        alone = model.encode_images(c, image_grids=torch.tensor([gc]))
+        assert gc == (1, 1) and torch.equal(alone, model.connector._connector(model.vision_tower(c))[0])
 
 
 @pytest.mark.parametrize("tower, tower2, connector, per_view", [
@@ -119,7 +124,7 @@ def test_every_tower_and_connector_tiles_and_trains(tiny_llms, tiny_towers, towe
     batch = collate([ds[0]], tok.pad_token_id)
     assert batch["image_grids"].tolist() == [[1, 4], [1, 1]] and batch["images"].shape[0] == 6
     slots = int((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum())
-    assert slots == (per_view * 5 + 2) + (per_view + 1)
+    assert slots == (per_view * 5 + 2) + per_view
     out = model(**model_inputs(batch))
     out["loss"].backward()
     assert model.connector.image_newline.grad is not None and model.connector.image_newline.grad.abs().sum() > 0
@@ -221,4 +226,4 @@ def test_a_later_stage_turns_tiling_on_and_the_folder_runs_in_transformers(tiny_
         ours = model(x["input_ids"], x["attention_mask"], images=views, image_grids=x["image_grids"])["logits"]
         theirs = hf(**x).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
-    assert int((x["input_ids"] == IMAGE_TOKEN_INDEX).sum()) == (16 * 5 + 2) + (16 + 1)
+    assert int((x["input_ids"] == IMAGE_TOKEN_INDEX).sum()) == (16 * 5 + 2) + 16

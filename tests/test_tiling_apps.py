@@ -188,7 +188,7 @@ def test_visualize_spans_follow_each_grid(tiled, tmp_path):
         assert image + sum(w for _, _, w in r["text"]) <= 1 + 1e-4   # newlines are in neither
     blocks = visualize.image_blocks(model, list(range(sum(image_tokens(16, GRIDS[n]) for n in names))),
                                     torch.tensor([GRIDS[n] for n in names]))
-    assert [len(b) for b, _, _ in blocks] == [image_tokens(16, GRIDS[n]) for n in names] == [16 * 5 + 2, 16 * 4 + 4, 17]
+    assert [len(b) for b, _, _ in blocks] == [image_tokens(16, GRIDS[n]) for n in names] == [16 * 5 + 2, 16 * 4 + 4, 16]
     with pytest.raises(ValueError, match="no heatmap drawn"):   # spans that do not add up are never drawn
         visualize.image_blocks(model, list(range(100)), torch.tensor([GRIDS["wide"]]))
     out = str(tmp_path / "vis.png")

@@ -33,10 +33,10 @@ def tokens(grid):
     """An image's tokens, tiled: the global view and a newline, then each row of tiles and a newline (1x1: the global
     view and its newline alone)."""
     rows, cols = grid
-    return PER_VIEW + 1 if rows * cols == 1 else PER_VIEW * (1 + rows * cols) + rows + 1
+    return PER_VIEW if rows * cols == 1 else PER_VIEW * (1 + rows * cols) + rows + 1
 
 
-COUNTS = {name: tokens(grid) for name, (_, _, grid) in SHAPES.items()}   # wide 82, tall 85, tiny 17, line 85, sq. 83
+COUNTS = {name: tokens(grid) for name, (_, _, grid) in SHAPES.items()}   # wide 82, tall 85, tiny 16, line 85, sq. 83
 
 
 def conv(*values):
@@ -60,7 +60,7 @@ def place(tiny_llms, tiny_towers, tmp_path_factory):
          "conversations": conv("<image> <image> <image> <image>\nSame colour?", "Yes.")},   # untiled: 64
         {"id": "two", "image": ["wide.png", "tall.png"],                    # 167 image tokens + a long answer > 256
          "conversations": conv("<image> <image>\nDescribe them.", " ".join(["red"] * 80) + ".")},
-        {"id": "short", "image": ["tiny.png", "wide.png"],                  # 17 + 82: fits
+        {"id": "short", "image": ["tiny.png", "wide.png"],                  # 16 + 82: fits
          "conversations": conv("<image> <image>\nSame?", "Yes.")}]
     (root / "several.json").write_text(json.dumps(several))
     llm, tower = tiny_llms["llama"], tiny_towers["siglip"]
@@ -81,7 +81,7 @@ def place(tiny_llms, tiny_towers, tmp_path_factory):
                 later=str(root / "later.py"), llm=llm, tower=tower)
 
 
-SEVERAL = [82, 85, 83, 85, 82, 85, 17, 82]   # every image read, in order (the bad record's too)
+SEVERAL = [82, 85, 83, 85, 82, 85, 16, 82]   # every image read, in order (the bad record's too)
 
 
 def expected_line(counts):
@@ -93,7 +93,7 @@ def expected_line(counts):
 
 
 def test_check_data_counts_each_image_from_its_grid_with_config_model_and_tokenizer(place, capsys):
-    assert sorted(COUNTS.values()) == [17, 82, 83, 85, 85]
+    assert sorted(COUNTS.values()) == [16, 82, 83, 85, 85]
     line = expected_line(COUNTS.values())
     assert line == "tokens per image, tiled (max_tiles=4, 16 per view): p50 83, p90 85, max 85; grids 1x1 1, 1x4 1, " \
                    "2x2 1, 4x1 2"
