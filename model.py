@@ -325,8 +325,9 @@ def set_tiling(model, max_tiles):
     if not max_tiles or max_tiles == model.max_tiles:
         return
     if not model.max_tiles:
-        like = model.language_model.get_input_embeddings().weight
-        model.connector.image_newline = nn.Parameter((torch.randn(like.shape[1]) * 0.02).to(like.device, like.dtype))
+        emb = model.language_model.get_input_embeddings()   # its width from the module: ZeRO-3 may have partitioned
+        like = emb.weight                                    # the weight to an empty placeholder at load
+        model.connector.image_newline = nn.Parameter((torch.randn(emb.embedding_dim) * 0.02).to(like.device, like.dtype))
     model.max_tiles = model.args.max_tiles = max_tiles
 
 

@@ -283,7 +283,7 @@ def train_stage(cfg, accelerator, init, stage_dir):
     if main:
         print(f"{len(dataset)} samples, {steps_per_epoch} steps/epoch, {total} steps; global batch "
               f"{cfg['global_batch_size']} = {mb} x {world} processes x {accum} accumulation; "
-              + token_count(model.num_image_tokens, model.max_tiles))
+              + token_count(raw.num_image_tokens, raw.max_tiles))
 
     val_loader = None
     if cfg["data_val"] and cfg["val_every"]:
