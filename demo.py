@@ -2,7 +2,7 @@
 The embedded demo: train a tiny vision-language model on real handwritten digits (shipped in demo/) on a CPU,
 through the same code as the real configs, then score it on the held-out split with evaluate.py's scorers.
 
-    python demo.py                  # about 4-5 CPU-minutes (1 thread), no network; held-out accuracy >= 90 per type
+    python demo.py                  # about 5 CPU-minutes (1 thread), no network; held-out accuracy per type
     python demo.py --seed=1 --finetune.epochs=3    # any train.py key can be overridden, as with train.py
     python demo.py --resume         # continue an interrupted demo (otherwise each run starts over in out/demo/)
     python demo.py --only-base      # only build and save the random-init base models in out/demo-base/
