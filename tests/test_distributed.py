@@ -332,8 +332,9 @@ def test_gradients_match_single_process(mode, launched, reference):
                                 for run in (main, ref))
             assert grads.keys() == ref_grads.keys() == set(main.info(stage)["trainable"])
             scale = max(float(g.abs().max()) for g in ref_grads.values())
-            for k, g in grads.items():
-                torch.testing.assert_close(g, ref_grads[k], rtol=1e-3, atol=1e-5 * scale, msg=f"{stage}: {k}")
+            for k, g in grads.items():   # atol: float order of the all-reduce; one element of a LoRA B was 6e-5 of
+                # the largest off with #28's demo data (a 1/world scale bug is 50% off, an unsynced rank O(1))
+                torch.testing.assert_close(g, ref_grads[k], rtol=1e-3, atol=1e-4 * scale, msg=f"{stage}: {k}")
             worst_grad = max(worst_grad, max_diff(grads, ref_grads) / scale)
     print(f"{mode}: gradient norms within {worst_norm:.1e} (relative) of the single-process run's; first-step "
           f"gradients within {worst_grad:.1e} of the largest")
