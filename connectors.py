@@ -71,7 +71,7 @@ def image_tokens(per_view: int, grid=None) -> int:
 
 
 def most_image_tokens(per_view: int, max_tiles: int) -> int:
-    """The tokens of an image on the grid of at most max_tiles tiles that takes the most (a row of them)."""
+    """The tokens of an image on the grid of at most max_tiles tiles that takes the most."""
     return max(image_tokens(per_view, (r, max_tiles // r)) for r in range(1, max_tiles + 1)) if max_tiles else per_view
 
 
