@@ -1,5 +1,5 @@
 # The embedded demo (python demo.py): tiny random-init models, real handwritten digits shipped in demo/.
-# Hardware: 2 CPU cores (1 used), no GPU, no network. Measured (README "The demo, measured"): ~5 CPU-minutes in all
+# Hardware: 2 CPU cores (1 used), no GPU, no network. Expected (README "The demo, measured"): ~5 CPU-minutes in all
 # (307 s user + sys), held-out accuracy 90-100 on the one- and two-image types at seed 42, the tiled detail type 87
 # (open in issue #28, with seed 1's weaker run).
 # Batch arithmetic: 16 = 16 x 1 x 1 (global = micro x processes x accumulation), both stages.

@@ -218,11 +218,14 @@ def test_a_finished_stage_counts_only_when_its_record_validates(record, match, t
 def test_ctrl_c_is_one_line_naming_what_was_kept_and_the_command_that_continues(tiny_llms, tiny_towers, data,
                                                                                  tmp_path):
     out = tmp_path / "run"
-    argv = args(tiny_llms, tiny_towers, data, out, ONE_STAGE, "--max_steps=400", "--save_every=1")
+    # steps enough that the run is still training when the first checkpoint is seen (400 could all pass between two
+    # looks on a fast, warm run); the loop stops if the run ends, so a miss says so instead of waiting out the deadline
+    argv = args(tiny_llms, tiny_towers, data, out, ONE_STAGE, "--max_steps=20000", "--save_every=1")
     p = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while checkpoints.latest_checkpoint(str(out / "1_finetune.partial")) is None and time.time() < deadline:
+        assert p.poll() is None, f"train.py ended (rc {p.returncode}) before a checkpoint was seen"
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
