@@ -215,14 +215,18 @@ def test_a_finished_stage_counts_only_when_its_record_validates(record, match, t
 
 
 # ----------------------------------------------------------------------------- 10, 11: Ctrl-C, temp files, checkpoints
+def default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_is_one_line_naming_what_was_kept_and_the_command_that_continues(tiny_llms, tiny_towers, data,
                                                                                  tmp_path):
     out = tmp_path / "run"
-    # steps enough that the run is still training when the first checkpoint is seen (400 could all pass between two
-    # looks on a fast, warm run); the loop stops if the run ends, so a miss says so instead of waiting out the deadline
-    argv = args(tiny_llms, tiny_towers, data, out, ONE_STAGE, "--max_steps=20000", "--save_every=1")
+    # Ctrl-C's default disposition in the child, whatever the tests were started with: a shell without job control
+    # starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt (the run goes on)
+    argv = args(tiny_llms, tiny_towers, data, out, ONE_STAGE, "--max_steps=400", "--save_every=1")
     p = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.time() + 180
     while checkpoints.latest_checkpoint(str(out / "1_finetune.partial")) is None and time.time() < deadline:
         assert p.poll() is None, f"train.py ended (rc {p.returncode}) before a checkpoint was seen"
@@ -239,7 +243,7 @@ def test_ctrl_c_is_one_line_naming_what_was_kept_and_the_command_that_continues(
     # before any checkpoint: says that nothing was kept
     p = subprocess.Popen([sys.executable, "train.py", *args(tiny_llms, tiny_towers, data, tmp_path / "r2", ONE_STAGE,
                                                             "--max_steps=400")],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     while not os.path.exists(tmp_path / "r2" / "tinyllava_run.json") and time.time() < deadline:
         time.sleep(0.1)
     p.send_signal(signal.SIGINT)
