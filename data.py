@@ -451,8 +451,7 @@ def check(records, image_folder=None, tokenizer=None, template="phi", num_image_
         rid = r.get("id") if isinstance(r, dict) else None
         good = lambda: all(c in NOT_BAD for c, _ in found)  # noqa: E731 - a record training keeps, so far
         try:
-            least = image_tokens(num_image_tokens, (1, 1) if max_tiles else None)   # unread, tiled: a 1x1 grid's
-            counts = [least] * len(record_images(r)) if good() else []
+            counts = [num_image_tokens] * len(record_images(r)) if good() else []   # unread tiled: as a 1x1 grid
             for k, name in enumerate(record_images(r) if good() and image_folder is not None else ()):   # training:
                 try:                                                                                     # when read
                     image = load_image(os.path.join(image_folder, name), image_aspect_ratio)
