@@ -13,6 +13,8 @@ to out/demo-base/, then loaded back through from_pretrained like a Hub model (co
 """
 import json
 import os
+import re
+import shutil
 import sys
 import time
 
@@ -71,6 +73,17 @@ def per_type(custom, pope, *more):
     return out
 
 
+def forget_features(cache):
+    """A fresh demo run trains a new tower, so the feature cache's entries of earlier runs (a folder per tower, named
+    by its 20-hex-digit fingerprint) go, as their stage folders do; nothing else in `cache` is touched."""
+    if os.path.isdir(cache):
+        for name in os.listdir(cache):
+            path = os.path.join(cache, name)
+            if re.fullmatch("[0-9a-f]{20}", name) and os.path.isdir(path) and not os.path.islink(path):
+                print(f"demo.py: deleting {path} (an earlier demo run's feature cache)")
+                shutil.rmtree(path)
+
+
 def main(argv):
     """Train and score the demo; returns the held-out scores (per type, POPE-style). Besides train.py's keys:
     --only-base (build the base models, nothing else), --eval-images=N (score the questions of N held-out images);
@@ -93,11 +106,18 @@ def main(argv):
         return say(f"random-init base models written to {BASE}/llm and {BASE}/siglip")
     n_images, argv = [own[k] for k in own if k == "--eval-images"], rest
     limit = ["--limit", str(5 * n_images[-1])] if n_images else []   # 5 VQAv2-style questions per image
-    if "--resume" not in argv and not any(a.startswith("--resume=") for a in argv):
+    fresh = "--resume" not in argv and not any(a.startswith("--resume=") for a in argv)
+    if fresh:
         argv = ["--overwrite", *argv]   # a demo run starts over: out/demo/ holds only the last one
     argv = ["--config", "configs/demo.py", f"--llm={BASE}/llm", f"--vision_tower={BASE}/siglip", *argv]
     from recipes import load_config, stage_configs
-    stage_configs(load_config(argv))   # every key and value, before torch loads (train.main checks the rest)
+    cfg = load_config(argv)
+    stage_configs(cfg)   # every key and value, before torch loads (train.main checks the rest)
+    if not any(a.replace("-", "_").split("=")[0] == "__feature_cache" for a in argv):
+        cache = os.path.join(cfg["out_dir"], "features")   # the demo's feature cache lives in its out_dir
+        argv.append(f"--feature_cache={cache}")
+        if fresh:
+            forget_features(cache)
     import torch
 
     import evaluate

@@ -47,10 +47,11 @@ N_PAIRS = 1500
 # of 32-px tiles that show each digit at DETAIL px, while the global view (the canvas resized to 32 px) halves it.
 # PER_CANVAS 1: one digit in a random quadrant, asked as the `digit` type is ("What digit is shown?"); 4: one per
 # quadrant, every quadrant asked ("What digit is in the top left?"). Pretrain: N_SMALL 32-px images of one small digit
-# placed as in a tile, captioned as the others (the tower is trained only there); finetune: N_CANVAS canvases, one
+# placed as in a tile (every training digit once: 700 drawn at random, ~560 distinct, left `detail` at 83-87 held
+# out), captioned as the others (the tower is trained only there); finetune: N_CANVAS canvases, one
 # conversation each; held out: the 300 held-out scans, each once. Appended after all the others from their own
 # seeded stream: every earlier record, image and the tokenizer stay byte for byte.
-CANVAS, DETAIL, N_SMALL, N_CANVAS, PER_CANVAS = 64, 8, 700, 300, 1
+CANVAS, DETAIL, N_SMALL, N_CANVAS, PER_CANVAS = 64, 8, 1497, 300, 1
 QUADRANTS = ["top left", "top right", "bottom left", "bottom right"]   # row by row, as the tiles
 DETAIL_QUESTIONS = {1: [q + "{q}" for q in QUESTIONS["digit"][0]],   # {q}: the quadrant (4), nothing (1)
                     4: ["What digit is in the {q}?", "Which number is in the {q}?", "What is the digit in the {q}?"]}
@@ -224,8 +225,9 @@ def main(out=OUT, caption="first", layout="pairs"):
                  for k, (a, b, q, y) in enumerate(pairs(trains, N_PAIRS, prng))]
     # detail (issue 28): from its own stream, appended last (the tokenizer below is trained on the others' text)
     drng, small, detail = random.Random(SEED + 28), [], []
-    for k in range(N_SMALL):
-        s, color, background = drng.choice(trains), drng.choice(list(COLORS)), drng.choice(list(BACKGROUNDS))
+    cycle = [s for _ in range(-(-N_SMALL // len(trains))) for s in drng.sample(trains, len(trains))]
+    for k in range(N_SMALL):   # every training digit once (then again), in a shuffled order
+        s, color, background = cycle[k], drng.choice(list(COLORS)), drng.choice(list(BACKGROUNDS))
         image = f"small{k:04d}.png"
         paint(small_digit(digits.images[s["index"]], drng), color, background).save(out / "images" / image,
                                                                                     optimize=True)

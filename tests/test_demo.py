@@ -71,6 +71,20 @@ def run_demo(base, out, *extra):
         demo.BASE = saved
 
 
+def test_a_fresh_demo_clears_only_earlier_feature_caches(tmp_path):
+    """The demo's feature cache (out_dir/features/<tower fingerprint>/) of an earlier run goes on a fresh start;
+    anything else there stays."""
+    cache = tmp_path / "features"
+    (cache / "0123456789abcdef0123" / "ab").mkdir(parents=True)
+    (cache / "0123456789abcdef0123" / "ab" / "x.safetensors").write_bytes(b"x")
+    (cache / "notes").mkdir()
+    (cache / "0123456789abcdef012").mkdir()   # 19 hex digits: not a fingerprint
+    (cache / "fedcba9876543210fedc").write_text("a file, not a cache folder")
+    demo.forget_features(str(cache))
+    assert sorted(os.listdir(cache)) == ["0123456789abcdef012", "fedcba9876543210fedc", "notes"]
+    demo.forget_features(str(tmp_path / "missing"))   # nothing there: nothing to do
+
+
 def test_short_demo_learns_what_guessing_cannot(base, tmp_path):
     """A shortened demo (4 pretrain epochs, 750 of the 2530 finetune steps, the questions of 100 held-out images;
     about 1.5 CPU-minutes) is far above what any constant answer gets on the types it has had time for: the colours
