@@ -23,7 +23,7 @@ import traceback
 import warnings
 
 from errors import ConfigError   # (recipes.ConfigError: a mistake in the command or config, one line, exit status 2)
-from settings import TRAIN, Choice, tower_layers
+from settings import TRAIN, Bool, Choice, tower_layers
 
 DEFAULTS = dict(
     # --- model (see model.ModelArgs)
@@ -225,11 +225,13 @@ def load_config(argv):
             continue
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")   # --max-steps is --max_steps
-        value = value if eq else "true"   # a bare flag: --resume
         stage, dot, name = key.rpartition(".")
         if name not in DEFAULTS:
             problems.append(str(unknown(name)))
+        elif not eq and not isinstance(RULES[name], Bool):   # --feature_cache alone is not a folder named "true"
+            problems.append(f"--{key}: needs a value (--{key}=...; expected {RULES[name].what})")
         else:
+            value = value if eq else "true"   # a bare flag: --resume
             take(name, value, overrides.setdefault(stage, {}) if dot else cfg, f"--{key}")
     if problems:
         raise ConfigError("\n".join(problems))

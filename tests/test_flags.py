@@ -58,6 +58,8 @@ FAST = [(f"{TRAIN} {arg}", said) for arg, said in [
     ("--recipe=banana", "--recipe"), ("--finetune.lr=-1", "--finetune.lr"), ("--nostage.lr=1", "no stage named"),
     ("--learning_rate=1", "did you mean lr"), ("--data_finetune=/nonexistent.json", "data_finetune"),
     ("--images_finetune=/nonexistent", "images_finetune"), ("--resume_allow=banana", "--resume_allow"),
+    ("--feature_cache", "--feature_cache: needs a value"), ("--out-dir", "--out_dir: needs a value"),
+    ("--finetune.lr", "--finetune.lr: needs a value"),
     ("--resume --overwrite", "--resume and --overwrite"), ("--config={yaml}", "a config is a Python file"),
     ("--config={yaml_py}", "NameError"), ("--config=/nonexistent.py", "--config"), ("--num_workers=-1", "--num_w"),
     ("--threads=-1", "--threads"), ("--val_every=-1", "--val_every"), ("--val_batches=0", "--val_batches"),
