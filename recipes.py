@@ -447,11 +447,12 @@ def merge_adapters(model, stage_dir, cfg, init):
     save_adapter(model, adapter, os.path.abspath(init) if init else None)
     if cfg["tune_llm"] == "qlora":
         from folders import merge_lora
-        from model import load_pretrained
+        from model import load_pretrained, set_tiling
         if not init:
             print("qlora without a previous stage: adapters saved, no merged model written")
             return None, None
         base = load_pretrained(init, trust_remote_code=cfg.get("trust_remote_code", False))[0]   # the user's flag
+        set_tiling(base, cfg.get("max_tiles", 0))   # as the stage's model: this stage may have turned tiling on
         weights = base.state_dict()
         merge_lora(weights, adapter)   # onto the full-precision base; the fully trained parts replace theirs
         base.load_state_dict(weights)

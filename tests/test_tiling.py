@@ -227,3 +227,23 @@ def test_a_later_stage_turns_tiling_on_and_the_folder_runs_in_transformers(tiny_
         theirs = hf(**x).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert int((x["input_ids"] == IMAGE_TOKEN_INDEX).sum()) == (16 * 5 + 2) + 16
+
+
+def test_a_qlora_stage_that_turns_tiling_on_saves_its_trained_newline(tiny_llms, tiny_towers, tmp_path):
+    """QLoRA merges onto the previous stage's full-precision folder, which is untiled here: the merged folder is tiled
+    and holds the newline the stage trained (it was refused at the final save: an unexpected key)."""
+    from safetensors.torch import load_file
+    from conftest import write_dataset
+    data, images = write_dataset(str(tmp_path / "d"), n=8, text_only=2)
+    stages = [dict(name="pretrain", data="finetune", tune_llm="frozen", tune_connector="full", lr=1e-3, max_steps=1),
+              dict(name="finetune", data="finetune", tune_llm="qlora", tune_connector="full", lr=1e-2, max_steps=2,
+                   max_tiles=4)]
+    out, _ = run_train(["--llm", tiny_llms["llama"], "--vision_tower", tiny_towers["siglip"], "--template", "llama",
+                        "--data_finetune", data, "--images_finetune", images, "--stages", json.dumps(stages),
+                        "--out_dir", tmp_path / "run", "--micro_batch_size", 4, "--global_batch_size", 4,
+                        "--lora_r", 4, "--lora_alpha", 8, "--bf16", "false", "--threads", 1, "--num_workers", 0,
+                        "--check_data_at_start", "false"])
+    model, _, _ = load_pretrained(out)
+    trained = load_file(os.path.join(out, "adapter_llm", "adapter_model.safetensors"))
+    assert model.max_tiles == 4
+    assert torch.equal(model.connector.image_newline, trained["base_model.model.connector.image_newline"])
