@@ -8,7 +8,7 @@ line each), else 0.
     python check_data.py data/llava_v1_5_mix665k.json --image-folder data --config configs/phi2_siglip_base.py
     python check_data.py data.json --image-folder images --model out/phi2_siglip_base/2_finetune
     python check_data.py data.json --image-folder images --tokenizer DIR --template phi --num-image-tokens 729
-    python check_data.py data.json --image-folder images --tokenizer DIR --num-image-tokens 729 --max-tiles 4 \
+    python check_data.py data.json --image-folder images --tokenizer DIR --num-image-tokens 729 --max-tiles 4 \\
         --tile-size 384          # tiled: 729 tokens per view, a grid of <= 4 tiles of 384x384 per image
 
 What it finds, by code (data.check: records.record_problems, data.load_image, data.encode, as training reads):
@@ -22,7 +22,8 @@ What it finds, by code (data.check: records.record_problems, data.load_image, da
                image-outside (an absolute path or one through '..'; --allow-outside-images)
   image        image-missing, image-not-a-file (a directory, FIFO, device: only a regular file is opened),
                image-unreadable, image-truncated, image-too-large (over images.MAX_IMAGE_PIXELS; with
-               image_aspect_ratio "pad", also a padded square over images.MAX_PAD_SIDE)
+               image_aspect_ratio "pad", also a padded square over images.MAX_PAD_SIDE; "square" with --config or
+               --model whose tower resizes the short side (CLIP, DINOv2), also a resized image over the former)
   sample       answer-truncated (at max_length), images-over-max-length, no-supervised-tokens, prompt-too-long,
                template-error, feature-cache-miss
   anything     internal-error: an exception on one record is reported with its text, and the check goes on
@@ -46,7 +47,7 @@ from collections import Counter
 # data.py (and torch with it) is imported inside the functions that use it: --help answers at once.
 from settings import TEMPLATES, TRAIN, Choice, ConfigError, File, Folder, Int, Model, Parser
 from stage_check import PROGRESS_MIN, check_stages, model_settings  # noqa: F401 (check_data.check_stages, as before)
-from stage_check import image_token_line, percentiles
+from stage_check import image_token_line, percentiles, short_side_of
 
 
 def __getattr__(name):   # check_data.check is data.check, imported (and torch with it) when first asked for
@@ -58,7 +59,7 @@ def __getattr__(name):   # check_data.check is data.check, imported (and torch w
 
 def settings_from_config(path, stage_name, data_path, max_tiles=0):
     """tokenizer, template, max_length, num_image_tokens (tiled: per view), stage, allow_outside_images,
-    image_aspect_ratio, max_tiles, tile of one stage of a train.py config (no weights loaded). The model is its
+    image_aspect_ratio, max_tiles, tile, short side (images.short_side) of one stage of a train.py config (no weights loaded). The model is its
     init_from's when that is a folder of ours (what training loads), else its llm and towers; max_tiles as training
     sets it: the last stage up to this one that sets it, else init_from's; `max_tiles` (--max-tiles) overrides."""
     import recipes
@@ -88,7 +89,8 @@ def settings_from_config(path, stage_name, data_path, max_tiles=0):
     tiles = max_tiles or next((s["max_tiles"] for s in reversed(upto) if s["max_tiles"]), 0)
     tokenizer, n_img, tiles, tile = model_settings({**stage, "max_tiles": tiles}, start if ours else None)
     return (tokenizer, stage["template"], stage["max_length"], n_img, stage["stage"],
-            stage.get("allow_outside_images", False), stage["image_aspect_ratio"], tiles, tile)
+            stage.get("allow_outside_images", False), stage["image_aspect_ratio"], tiles, tile,
+            short_side_of(start if ours else stage["vision_tower"]))
 
 
 def main(argv=None):
@@ -129,10 +131,10 @@ def main(argv=None):
         p.error("--max-tiles: needs --tile-size (the vision tower's input side, e.g. 384) with --tokenizer")
     tokenizer, template, max_length, n_img, where = None, a.template, a.max_length, a.num_image_tokens, ""
     outside, aspect = a.allow_outside_images, "square"
-    tiles, tile = a.max_tiles or 0, (a.tile_size, a.tile_size) if a.tile_size else None
+    tiles, tile, short = a.max_tiles or 0, (a.tile_size, a.tile_size) if a.tile_size else None, None
     if a.config:
         (tokenizer, template, max_length, n_img, stage, in_config, aspect, tiles,
-         tile) = settings_from_config(a.config, a.stage, a.data, tiles)
+         tile, short) = settings_from_config(a.config, a.stage, a.data, tiles)
         where, outside = f" (stage {stage} of {a.config})", outside or in_config
     elif a.model:
         with open(os.path.join(a.model, "config.json")) as f:
@@ -141,6 +143,7 @@ def main(argv=None):
             p.error(f"--model: {a.model} is not one of our model folders (its config.json has no num_image_tokens): "
                     "give --tokenizer and --num-image-tokens")
         tokenizer, n_img, tiles, tile = model_settings({"max_tiles": tiles}, a.model)   # 0 keeps the model's
+        short = short_side_of(a.model)
         aspect = saved.get("image_aspect_ratio", aspect)
         train_cfg = os.path.join(a.model, "train_config.json")
         if os.path.isfile(train_cfg):
@@ -174,7 +177,7 @@ def main(argv=None):
 
     aspect = a.image_aspect_ratio or aspect
     report = check(records, a.image_folder, tokenizer, template, n_img or 0, max_length, outside, show,
-                   len(records) >= PROGRESS_MIN, aspect, max_tiles=tiles, tile=tile)
+                   len(records) >= PROGRESS_MIN, aspect, max_tiles=tiles, tile=tile, short_side=short)
     kinds = Counter(code for _, _, code, _ in report["problems"])
     listed, bad = ({i for i, _, c, _ in report["problems"] if c not in skip} for skip in ((), NOT_BAD))
     print(f"\n{a.data}{where}: {report['records']} records ({report['image']} with an image, "

@@ -51,7 +51,7 @@ import torch
 
 from connectors import image_tokens, most_image_tokens, token_count  # noqa: F401 (data.token_count)
 from images import (MAX_IMAGE_PIXELS, MAX_PAD_SIDE, NOT_REGULAR, image_inputs, load_image,  # noqa: F401 (re-exported)
-                    preprocess_image, preprocess_views)
+                    preprocess_image, preprocess_views, square_problem)
 from modeling_tinyllava_nano import choose_grid
 from records import (IMAGE_PLACEHOLDER, MAX_IMAGES, NOT_BAD, BadLine, DataError, _error, _id, _json,  # noqa: F401
                      _turns, _where, load_records, read_records, record_images, record_problems, scan)   # re-exported
@@ -438,12 +438,14 @@ def _many(x, dims):   # one image's tensor ([3, H, W]; [tokens, D]) as a stack o
 # ---- The data check (check_data.py prints it) ----------------------------------------------------------------------
 def check(records, image_folder=None, tokenizer=None, template="phi", num_image_tokens=0, max_length=None,
           allow_outside_images=False, on_problem=None, progress=False, image_aspect_ratio="square",
-          max_images=MAX_IMAGES, max_tiles=0, tile=None):
+          max_images=MAX_IMAGES, max_tiles=0, tile=None, short_side=None):
     """Every record as training reads it (scan, then load_image and encode with training's settings) -> {"problems":
     [(index, id, code, message)], "notes": [(index, id, message)], "lengths": [tokens], "image_tokens": [tokens of
     each image read], "over_max_length": n, ...}; on_problem(index, record, code, message) is called as each problem
     or note (code "note") is found. Tiled (max_tiles, tile = the tower's (H, W)): each image's count from its grid
-    (num_image_tokens is then per view); the images' tokens together must leave room for text in max_length."""
+    (num_image_tokens is then per view); the images' tokens together must leave room for text in max_length.
+    short_side: the side the tower's processor resizes an image's short side to (images.short_side), so that "square"
+    refuses what training will (images.square_problem)."""
     from tqdm import tqdm
     problems, notes, lengths, over, per_image = [], [], [], 0, []
     bar = tqdm(total=len(records), unit=" records", file=sys.stderr, disable=not progress)
@@ -455,6 +457,8 @@ def check(records, image_folder=None, tokenizer=None, template="phi", num_image_
             for k, name in enumerate(record_images(r) if good() and image_folder is not None else ()):   # training:
                 try:                                                                                     # when read
                     image = load_image(os.path.join(image_folder, name), image_aspect_ratio)
+                    if image_aspect_ratio == "square" and square_problem(*image.size, short_side):
+                        raise DataError(square_problem(*image.size, short_side), "image-too-large")
                     if max_tiles:
                         counts[k] = image_tokens(num_image_tokens, choose_grid(*image.size, tile, max_tiles))
                     per_image.append(counts[k])

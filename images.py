@@ -66,10 +66,31 @@ def _pad_problem(w, h):   # why "pad" refuses a w x h image, or None
                 f"{MAX_PAD_SIDE}")
 
 
+def short_side(processor):
+    """The side a processor resizes an image's short side to, keeping its aspect ratio, before the centre crop
+    (CLIP's and DINOv2's size={"shortest_edge": S}); None for one that resizes to a fixed size (SigLIP)."""
+    size = getattr(processor, "size", None)   # a dict, or transformers 5's SizeDict
+    side = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    return side if getattr(processor, "do_resize", True) else None
+
+
+def square_problem(w, h, side):
+    """Why "square" refuses a w x h image whose short side a processor resizes to `side` (None: fine). The long
+    side grows with it, before the crop: a 1x15000 image became 224 x 3,360,000 pixels (7.8 GB, 27 s, one image)."""
+    if side and side * (max(w, h) * side // max(1, min(w, h))) > MAX_IMAGE_PIXELS:
+        long = max(w, h) * side // max(1, min(w, h))
+        return (f"a {w}x{h} image resized to {side} px on its short side would be {side}x{long} pixels, over "
+                f"images.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS} (crop it, or leave it out)")
+    return None
+
+
 def preprocess_image(image: Image.Image, processor, aspect="square") -> torch.Tensor:
-    """PIL image -> (3, H, W) float tensor. "square": the processor's own resize/crop (TinyLLaVA's default);
-    "pad": LLaVA's expand2square first, centring the image on a square canvas filled with the mean colour (DataError
-    when that square's side would exceed MAX_PAD_SIDE)."""
+    """PIL image -> (3, H, W) float tensor. "square": the processor's own resize/crop (TinyLLaVA's default;
+    DataError when a short-side resize would make it over MAX_IMAGE_PIXELS); "pad": LLaVA's expand2square first,
+    centring the image on a square canvas filled with the mean colour (DataError when that square's side would exceed
+    MAX_PAD_SIDE)."""
+    if aspect == "square" and square_problem(*image.size, short_side(processor)):
+        raise DataError(square_problem(*image.size, short_side(processor)), "image-too-large")
     if aspect == "pad":
         (w, h), side = image.size, max(image.size)
         if _pad_problem(w, h):

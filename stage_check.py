@@ -44,6 +44,18 @@ def tile_size(path):
     return image_size(load_image_processor(path))
 
 
+def short_side_of(path):
+    """The side the image processor in `path` (a tower or a saved model folder) resizes short sides to
+    (images.short_side), or None: also when there is none to read here (a Hub id not downloaded)."""
+    from errors import LoadError
+    from folders import load_image_processor
+    from images import short_side
+    try:
+        return short_side(load_image_processor(path))
+    except (OSError, ValueError, LoadError):   # training's load says why, in its own words
+        return None
+
+
 def percentiles(values, qs=(50, 90, 99, 100)):
     v = sorted(values)
     return {f"p{q}" if q < 100 else "max": v[min(len(v) - 1, int(len(v) * q / 100))] for q in qs} if v else {}
@@ -87,8 +99,9 @@ def check_stages(stages, start=None, show=50):
         if tokenizer is not None:   # each stage starts from the one before: its max_tiles, when not 0, turns tiling on
             tiles = s["max_tiles"] or tiles                                                 # or changes it (set_tiling)
             tile = tile or (tile_size(start if start else s["vision_tower"]) if tiles else None)
+        short = short_side_of(start or s["vision_tower"]) if s["image_aspect_ratio"] == "square" else None
         key = (data, images, s["template"], s["max_length"], s["image_aspect_ratio"], s["allow_outside_images"],
-               s["max_images"], tiles)
+               s["max_images"], tiles, short)
         if key not in done:
             t0, shown = time.time(), [0]
 
@@ -104,7 +117,7 @@ def check_stages(stages, start=None, show=50):
                 continue
             report = check(records, images, tokenizer, s["template"], n_img, s["max_length"],
                            s["allow_outside_images"], found, len(records) >= PROGRESS_MIN and sys.stderr.isatty(),
-                           s["image_aspect_ratio"], s["max_images"], tiles, tile)
+                           s["image_aspect_ratio"], s["max_images"], tiles, tile, short)
             bad = Counter(c for _, _, c, _ in report["problems"] if c not in NOT_BAD)
             n_bad = len({i for i, _, c, _ in report["problems"] if c not in NOT_BAD})
             done[key] = (len(records), n_bad, bad, time.time() - t0)

@@ -401,6 +401,28 @@ def test_the_check_refuses_what_pad_refuses_with_the_configs_setting(tiny_llms, 
         VLMDataset(path, tok, proc, "llama", N_IMG, MAX_LEN, str(tmp_path), "pad")[0]   # training
 
 
+def test_a_sliver_that_a_short_side_resize_would_blow_up_is_refused_square(tiny_llms, tiny_towers, tok, tmp_path,
+                                                                          capsys):
+    """CLIP-style processors resize the short side and keep the aspect ratio before the crop: a 1x15000 image became
+    224 x 3,360,000 pixels (7.8 GB, 27 s for one image). Over images.MAX_IMAGE_PIXELS it is refused as one record's
+    problem, by training and by the check with the config's tower; SigLIP's fixed-size resize takes it as before."""
+    from transformers import CLIPImageProcessor
+    Image.new("RGB", (1, 70000)).save(tmp_path / "sliver.png")   # the tiny CLIP's short side is 32: 32 x 2,240,000
+    path = one_image_set(tmp_path, "sliver.png")
+    said = (f"record 0 (id='sliver.png'): a 1x70000 image resized to 32 px on its short side would be 32x2240000 "
+            f"pixels, over images.MAX_IMAGE_PIXELS = {data.MAX_IMAGE_PIXELS} (crop it, or leave it out) [image-too-large]")
+    for tower, bad in (("clip", True), ("siglip", False)):
+        cfg = tmp_path / f"{tower}.py"
+        cfg.write_text(f"llm = {tiny_llms['llama']!r}\nvision_tower = {tiny_towers[tower]!r}\ntemplate = 'llama'\n")
+        assert check_data.main([path, "--image-folder", str(tmp_path), "--config", str(cfg)]) == int(bad), tower
+        assert (said in capsys.readouterr().out) == bad
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    with pytest.raises(DataError, match=r"record 0 \(id='sliver.png'\): .*32x2240000 pixels.*\[image-too-large\]"):
+        VLMDataset(path, tok, proc, "llama", N_IMG, MAX_LEN, str(tmp_path))[0]   # training
+    Image.new("RGB", (1, 60000)).save(tmp_path / "sliver.png")   # 32 x 1,920,000: under the limit, read as ever
+    assert VLMDataset(path, tok, proc, "llama", N_IMG, MAX_LEN, str(tmp_path))[0]["pixel_values"].shape == (3, 32, 32)
+
+
 def test_repeated_ids_alone_are_listed_and_the_exit_status_is_0(tmp_path, capsys):
     """The docs: a repeated id is listed but is not a bad sample, and the exit status is 1 only for a bad one."""
     Image.new("RGB", (16, 16)).save(tmp_path / "ok.png")
