@@ -11,6 +11,8 @@ token is that of the step that generated it: one eager forward over prompt + ans
 each answer token, the same attention rows and logits as the cached generation step. --layers / --heads take
 indices or Python slices ("all", "-1", "0,2", "-4:"). The web demo (web_demo.py) draws the same panels.
 
+An image's heatmap is drawn over its pixels as the tower saw them (in grey: CLIP's centre crop, the padded square of
+image_aspect_ratio "pad"), so each patch's heat lands on the part of the picture that patch held.
 A tiled model's image (max_tiles: a global view, then the tiles of its grid; connectors.tile_tokens lays out their
 tokens) is drawn as two squares on one colour scale: the global view's heatmap on its patch grid; then, unless its
 grid is 1x1, each tile's heatmap on its patch grid, the tiles placed as on the grid (borders in blue). Each is drawn
@@ -89,10 +91,10 @@ def trace(model, tokenizer, prompt_ids, new_ids, images=None, image_grids=None, 
     att = att[:, pick(heads, att.shape[1])].mean(dim=(0, 1))          # T x T
     is_image = (ids[0] == IMAGE_TOKEN_INDEX).tolist()
     blocks = image_blocks(model, [i for i, x in enumerate(is_image) if x], image_grids)
-    views, first = [], 0   # a tiled image's views as the tower saw them (drawings() draws the heat on them)
+    views, first = [], 0   # each image's views as the tower saw them (drawings() draws the heat on them)
     for _, _, grid in blocks:
-        n = 0 if grid is None else views_of(grid)
-        views.append(images[first:first + n].detach().float().cpu() if n else None)
+        n = 1 if grid is None else views_of(grid)
+        views.append(images[first:first + n].detach().float().cpu() if torch.is_tensor(images) else None)
         first += n
     probs = out.logits[0].float().softmax(-1)
     records = []
@@ -101,7 +103,7 @@ def trace(model, tokenizer, prompt_ids, new_ids, images=None, image_grids=None, 
         heat = [image_heat(att[q], block, per, grid, v) for (block, per, grid), v in zip(blocks, views)]
         p, top = probs[q].topk(min(top_k, probs.shape[-1]))
         text = [(i, tokenizer.decode([int(ids[0, i])]), float(att[q, i])) for i in range(q + 1) if not is_image[i]]
-        records.append({"token": tokenizer.decode([int(ids[0, q + 1])]), "heat": heat,
+        records.append({"token": tokenizer.decode([int(ids[0, q + 1])]), "heat": heat, "views": views,
                         "top": [(tokenizer.decode([int(t)]), float(v)) for t, v in zip(top, p)], "text": text})
     return records
 
@@ -166,14 +168,16 @@ def seen(pixels, low, high):
     return PILImage.fromarray((g * 255).byte().numpy(), "L")
 
 
-def drawings(picture, heat, size=160):
-    """One image's heatmaps, size x size each: untiled one, over the picture; tiled (module docstring) the global
-    view's, then unless the grid is 1x1 the tiles' placed on the grid (tile borders in blue), each over the view's own
-    pixels, on one colour scale."""
+def drawings(picture, heat, size=160, view=None):
+    """One image's heatmaps, size x size each: untiled one, over `view` ([1, 3, H, W], the pixels the tower saw:
+    a crop or a padded square lands where the tower's patches were), else over the picture; tiled (module docstring)
+    the global view's, then unless the grid is 1x1 the tiles' placed on the grid (tile borders in blue), each over
+    the view's own pixels, on one colour scale."""
     import torch
     from PIL import Image as PILImage, ImageDraw
     if not isinstance(heat, dict):
-        return [overlay(picture, heat, size)]
+        grey = view[0].float().mean(0) if view is not None else None
+        return [overlay(picture if view is None else seen(view[0], float(grey.min()), float(grey.max())), heat, size)]
     views, grey = heat["views"], heat["views"].float().mean(1)
     grey = float(grey.min()), float(grey.max())   # one grey scale for the image's views, as one for its heat
     maps = [heat["global"]] + [heat["tiles"]] * (heat["tiles"] is not None)
@@ -204,7 +208,8 @@ def panel(record, pictures, size=160, texts=8):
     from PIL import Image as PILImage, ImageDraw
     if len(record["heat"]) != len(pictures):
         raise ValueError(f"{len(pictures)} pictures for the heatmaps of {len(record['heat'])} images")
-    drawn = [im for pic, heat in zip(pictures, record["heat"]) for im in drawings(pic, heat, size)]
+    views = record.get("views") or [None] * len(pictures)
+    drawn = [im for pic, heat, v in zip(pictures, record["heat"], views) for im in drawings(pic, heat, size, v)]
     width = max(size * max(len(drawn), 1), 2 * size) + 20
     height = 24 + (size + 8 if drawn else 0) + 16 * (len(record["top"]) + min(texts, len(record["text"])) + 2)
     im = PILImage.new("RGB", (width, height), "white")

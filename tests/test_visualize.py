@@ -52,3 +52,23 @@ def test_layers_and_heads_change_the_map_and_several_images(tiny_chat_model):
     _, two = visualize.answer_and_trace(model, tok, proc, "llama", "What?", [pic, pic.transpose(0)], max_new_tokens=2)
     assert len(two[0]["heat"]) == 2
     assert visualize.render(two, [pic, pic]).size[0] >= 2 * 160
+
+
+def test_an_untiled_heatmap_is_drawn_over_the_pixels_the_tower_saw(tiny_chat_model):
+    """CLIP keeps the middle of a wide picture: the heat goes over that crop (trace keeps each image's view), not
+    over the whole picture squeezed into the square, where the patches would be misplaced."""
+    from transformers import CLIPImageProcessor
+
+    from images import preprocess_image
+    pic = Image.new("RGB", (96, 32), "white")
+    pic.paste((0, 0, 0), (32, 0, 64, 32))   # white | black | white: the crop is the black third
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    view = preprocess_image(pic, proc)[None]
+    new, = visualize.drawings(pic, torch.zeros(4, 4), 48, view)
+    old, = visualize.drawings(pic, torch.zeros(4, 4), 48)
+    assert set(new.getdata()) == {(0, 0, 0)} and len(set(old.getdata())) > 1
+    model_dir, image, _ = tiny_chat_model
+    model, tok, proc = load_pretrained(model_dir)
+    picture = Image.open(image).convert("RGB")
+    _, records = visualize.answer_and_trace(model.eval(), tok, proc, "llama", "What?", [picture], max_new_tokens=1)
+    assert torch.equal(records[0]["views"][0], preprocess_image(picture, proc, model.args.image_aspect_ratio)[None])
