@@ -59,9 +59,10 @@ def __getattr__(name):   # check_data.check is data.check, imported (and torch w
 
 def settings_from_config(path, stage_name, data_path, max_tiles=0):
     """tokenizer, template, max_length, num_image_tokens (tiled: per view), stage, allow_outside_images,
-    image_aspect_ratio, max_tiles, tile, short side (images.short_side) of one stage of a train.py config (no weights loaded). The model is its
-    init_from's when that is a folder of ours (what training loads), else its llm and towers; max_tiles as training
-    sets it: the last stage up to this one that sets it, else init_from's; `max_tiles` (--max-tiles) overrides."""
+    image_aspect_ratio, max_tiles, tile, short side (images.short_side) of one stage of a train.py config (no weights
+    loaded). The model is its init_from's when that is a folder of ours (what training loads), else its llm and
+    towers; max_tiles as training sets it: the last stage up to this one that sets it, else init_from's; `max_tiles`
+    (--max-tiles) overrides."""
     import recipes
     cfg = recipes.load_config(["--config", path])
     stages = recipes.stage_configs(cfg)

@@ -458,7 +458,7 @@ def check(records, image_folder=None, tokenizer=None, template="phi", num_image_
                 try:                                                                                     # when read
                     image = load_image(os.path.join(image_folder, name), image_aspect_ratio)
                     if image_aspect_ratio == "square" and square_problem(*image.size, short_side):
-                        raise DataError(square_problem(*image.size, short_side), "image-too-large")
+                        raise DataError(f"image {name}: {square_problem(*image.size, short_side)}", "image-too-large")
                     if max_tiles:
                         counts[k] = image_tokens(num_image_tokens, choose_grid(*image.size, tile, max_tiles))
                     per_image.append(counts[k])

@@ -77,8 +77,8 @@ def short_side(processor):
 def square_problem(w, h, side):
     """Why "square" refuses a w x h image whose short side a processor resizes to `side` (None: fine). The long
     side grows with it, before the crop: a 1x15000 image became 224 x 3,360,000 pixels (7.8 GB, 27 s, one image)."""
-    if side and side * (max(w, h) * side // max(1, min(w, h))) > MAX_IMAGE_PIXELS:
-        long = max(w, h) * side // max(1, min(w, h))
+    long = max(w, h) * side // max(1, min(w, h)) if side else 0
+    if side and side * long > MAX_IMAGE_PIXELS:
         return (f"a {w}x{h} image resized to {side} px on its short side would be {side}x{long} pixels, over "
                 f"images.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS} (crop it, or leave it out)")
     return None

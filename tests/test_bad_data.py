@@ -409,8 +409,9 @@ def test_a_sliver_that_a_short_side_resize_would_blow_up_is_refused_square(tiny_
     from transformers import CLIPImageProcessor
     Image.new("RGB", (1, 70000)).save(tmp_path / "sliver.png")   # the tiny CLIP's short side is 32: 32 x 2,240,000
     path = one_image_set(tmp_path, "sliver.png")
-    said = (f"record 0 (id='sliver.png'): a 1x70000 image resized to 32 px on its short side would be 32x2240000 "
-            f"pixels, over images.MAX_IMAGE_PIXELS = {data.MAX_IMAGE_PIXELS} (crop it, or leave it out) [image-too-large]")
+    said = (f"record 0 (id='sliver.png'): image sliver.png: a 1x70000 image resized to 32 px on its short side would "
+            f"be 32x2240000 pixels, over images.MAX_IMAGE_PIXELS = {data.MAX_IMAGE_PIXELS} (crop it, or leave it out) "
+            "[image-too-large]")
     for tower, bad in (("clip", True), ("siglip", False)):
         cfg = tmp_path / f"{tower}.py"
         cfg.write_text(f"llm = {tiny_llms['llama']!r}\nvision_tower = {tiny_towers[tower]!r}\ntemplate = 'llama'\n")
