@@ -72,8 +72,8 @@ def grid_of(n):
 def trace(model, tokenizer, prompt_ids, new_ids, images=None, image_grids=None, layers="all", heads="all",
           top_k=5):
     """One record per token of `new_ids` (what model.generate returned for `prompt_ids` [1, T], `images` and, tiled,
-    `image_grids`): {"token", "heat": [per image: rows x cols tensor, tiled a dict (module docstring)], "top":
-    [(token, p)], "text": [(position, token, weight)]}."""
+    `image_grids`): {"token", "heat": [per image: rows x cols tensor, tiled a dict (module docstring)], "views": [per
+    image: its views' pixels, [views, 3, H, W]], "top": [(token, p)], "text": [(position, token, weight)]}."""
     import torch
     from connectors import views_of
     lm = model.language_model
