@@ -178,7 +178,7 @@ def main(argv=None):
 
     aspect = a.image_aspect_ratio or aspect
     report = check(records, a.image_folder, tokenizer, template, n_img or 0, max_length, outside, show,
-                   len(records) >= PROGRESS_MIN, aspect, max_tiles=tiles, tile=tile, short_side=short)
+                   len(records) >= PROGRESS_MIN, aspect, max_tiles=tiles, tile=tile, side=short)
     kinds = Counter(code for _, _, code, _ in report["problems"])
     listed, bad = ({i for i, _, c, _ in report["problems"] if c not in skip} for skip in ((), NOT_BAD))
     print(f"\n{a.data}{where}: {report['records']} records ({report['image']} with an image, "

@@ -51,7 +51,7 @@ import torch
 
 from connectors import image_tokens, most_image_tokens, token_count  # noqa: F401 (data.token_count)
 from images import (MAX_IMAGE_PIXELS, MAX_PAD_SIDE, NOT_REGULAR, image_inputs, load_image,  # noqa: F401 (re-exported)
-                    preprocess_image, preprocess_views, square_problem)
+                    preprocess_image, preprocess_views, short_side)
 from modeling_tinyllava_nano import choose_grid
 from records import (IMAGE_PLACEHOLDER, MAX_IMAGES, NOT_BAD, BadLine, DataError, _error, _id, _json,  # noqa: F401
                      _turns, _where, load_records, read_records, record_images, record_problems, scan)   # re-exported
@@ -258,7 +258,7 @@ class VLMDataset(torch.utils.data.Dataset):
         if not self.records:
             raise DataError(f"{self.source}: no usable records ({len(self.skipped)} skipped)", "no-records")
         self.bad_samples, self.feature_cache = bad_samples, feature_cache   # model.FeatureCache: no pixels
-        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.tokenizer, self.image_processor, self.side = tokenizer, image_processor, short_side(image_processor)
         self.template = get_template(template)
         self.num_image_tokens, self.max_length, self.max_tiles = num_image_tokens, max_length, max_tiles
         self.image_folder, self.image_aspect_ratio = image_folder, image_aspect_ratio
@@ -342,11 +342,11 @@ class VLMDataset(torch.utils.data.Dataset):
     def _views(self, name):
         """Tiling: (the image's views as pixels, or its tower outputs from the feature cache; its grid)."""
         if self.feature_cache is None:
-            image = load_image(os.path.join(self.image_folder, name), self.image_aspect_ratio)
+            image = load_image(os.path.join(self.image_folder, name), self.image_aspect_ratio, self.side)
             return preprocess_views(image, self.image_processor, self.image_aspect_ratio, self.max_tiles)
         found = self.feature_cache.load(self.image_folder, name)
         if found is None:
-            load_image(os.path.join(self.image_folder, name), self.image_aspect_ratio)   # its own problem first
+            load_image(os.path.join(self.image_folder, name), self.image_aspect_ratio, self.side)   # its own first
             raise DataError(f"image {name} is not in the feature cache {self.feature_cache.dir}", "feature-cache-miss")
         return found
 
@@ -356,13 +356,13 @@ class VLMDataset(torch.utils.data.Dataset):
             return None, None
         if self.feature_cache is None:
             return torch.stack([preprocess_image(load_image(os.path.join(self.image_folder, name),
-                                                            self.image_aspect_ratio), self.image_processor,
+                                                            self.image_aspect_ratio, self.side), self.image_processor,
                                                  self.image_aspect_ratio) for name in names]), None
         feats = []
         for name in names:
             feats.append(self.feature_cache.load(self.image_folder, name))
             if feats[-1] is None:
-                load_image(os.path.join(self.image_folder, name), self.image_aspect_ratio)   # its own problem first
+                load_image(os.path.join(self.image_folder, name), self.image_aspect_ratio, self.side)   # its own first
                 raise DataError(f"image {name} is not in the feature cache {self.feature_cache.dir}",
                                 "feature-cache-miss")
         return None, tuple(map(torch.stack, zip(*feats))) if isinstance(feats[0], tuple) else torch.stack(feats)
@@ -438,13 +438,13 @@ def _many(x, dims):   # one image's tensor ([3, H, W]; [tokens, D]) as a stack o
 # ---- The data check (check_data.py prints it) ----------------------------------------------------------------------
 def check(records, image_folder=None, tokenizer=None, template="phi", num_image_tokens=0, max_length=None,
           allow_outside_images=False, on_problem=None, progress=False, image_aspect_ratio="square",
-          max_images=MAX_IMAGES, max_tiles=0, tile=None, short_side=None):
+          max_images=MAX_IMAGES, max_tiles=0, tile=None, side=None):
     """Every record as training reads it (scan, then load_image and encode with training's settings) -> {"problems":
     [(index, id, code, message)], "notes": [(index, id, message)], "lengths": [tokens], "image_tokens": [tokens of
     each image read], "over_max_length": n, ...}; on_problem(index, record, code, message) is called as each problem
     or note (code "note") is found. Tiled (max_tiles, tile = the tower's (H, W)): each image's count from its grid
     (num_image_tokens is then per view); the images' tokens together must leave room for text in max_length.
-    short_side: the side the tower's processor resizes an image's short side to (images.short_side), so that "square"
+    side: the side the tower's processor resizes an image's short side to (images.short_side), so that "square"
     refuses what training will (images.square_problem)."""
     from tqdm import tqdm
     problems, notes, lengths, over, per_image = [], [], [], 0, []
@@ -456,9 +456,7 @@ def check(records, image_folder=None, tokenizer=None, template="phi", num_image_
             counts = [num_image_tokens] * len(record_images(r)) if good() else []   # unread tiled: as a 1x1 grid
             for k, name in enumerate(record_images(r) if good() and image_folder is not None else ()):   # training:
                 try:                                                                                     # when read
-                    image = load_image(os.path.join(image_folder, name), image_aspect_ratio)
-                    if image_aspect_ratio == "square" and square_problem(*image.size, short_side):
-                        raise DataError(f"image {name}: {square_problem(*image.size, short_side)}", "image-too-large")
+                    image = load_image(os.path.join(image_folder, name), image_aspect_ratio, side)
                     if max_tiles:
                         counts[k] = image_tokens(num_image_tokens, choose_grid(*image.size, tile, max_tiles))
                     per_image.append(counts[k])

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from folders import write_file
-from images import DataError, load_image, preprocess_views
+from images import DataError, load_image, preprocess_views, short_side
 
 
 class FeatureCache:
@@ -35,6 +35,7 @@ class FeatureCache:
                             + [a.max_tiles] * bool(a.max_tiles), sort_keys=True, default=str).encode())
         self.dir = os.path.join(root, h.hexdigest()[:20])
         self.processor, self.aspect, self.max_tiles = processor, a.image_aspect_ratio, a.max_tiles
+        self.side = short_side(processor)
 
     def path(self, image_folder, image):
         st = os.stat(os.path.join(image_folder, image))
@@ -72,8 +73,8 @@ class FeatureCache:
             names, pixels, grids = [], [], []
             for image in todo[i:i + batch_size]:
                 try:
-                    views, grid = preprocess_views(load_image(os.path.join(image_folder, image), self.aspect),
-                                                   self.processor, self.aspect, self.max_tiles)
+                    picture = load_image(os.path.join(image_folder, image), self.aspect, self.side)
+                    views, grid = preprocess_views(picture, self.processor, self.aspect, self.max_tiles)
                     names.append(image)
                     pixels.append(views)
                     grids.append(grid)

@@ -25,10 +25,11 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 MAX_PAD_SIDE = 8192
 
 
-def load_image(path, aspect="square") -> Image.Image:
+def load_image(path, aspect="square", side=None) -> Image.Image:
     """`path` as RGB, or DataError: image-missing, -not-a-file (a directory, FIFO, device or socket: only a regular
     file is opened, since opening a FIFO waits for a writer forever), -too-large (over MAX_IMAGE_PIXELS; with aspect
-    "pad" also a padded square over MAX_PAD_SIDE; from the header, before decoding), -truncated (never grey),
+    "pad" also a padded square over MAX_PAD_SIDE; "square" with `side`, the processor's short_side, also a resized
+    image over MAX_IMAGE_PIXELS: square_problem; from the header, before decoding), -truncated (never grey),
     -unreadable."""
     truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # whoever set it
     try:
@@ -39,8 +40,9 @@ def load_image(path, aspect="square") -> Image.Image:
         with Image.open(path) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, over images.MAX_IMAGE_PIXELS")
-            if aspect == "pad" and _pad_problem(*im.size):
-                raise Image.DecompressionBombError(_pad_problem(*im.size))
+            problem = _pad_problem(*im.size) if aspect == "pad" else square_problem(*im.size, side)
+            if problem:
+                raise Image.DecompressionBombError(problem)
             return im.convert("RGB")
     except Exception as e:  # noqa: BLE001 - whatever a decoder throws at a bad file, it is this file's problem
         code = ("image-missing" if isinstance(e, (FileNotFoundError, NotADirectoryError)) else
@@ -89,8 +91,8 @@ def preprocess_image(image: Image.Image, processor, aspect="square") -> torch.Te
     DataError when a short-side resize would make it over MAX_IMAGE_PIXELS); "pad": LLaVA's expand2square first,
     centring the image on a square canvas filled with the mean colour (DataError when that square's side would exceed
     MAX_PAD_SIDE)."""
-    if aspect == "square" and square_problem(*image.size, short_side(processor)):
-        raise DataError(square_problem(*image.size, short_side(processor)), "image-too-large")
+    if aspect == "square" and (problem := square_problem(*image.size, short_side(processor))):
+        raise DataError(problem, "image-too-large")   # a picture from memory (chat, evaluate); files: load_image
     if aspect == "pad":
         (w, h), side = image.size, max(image.size)
         if _pad_problem(w, h):

@@ -18,7 +18,7 @@ from transformers import SiglipImageProcessor
 import check_data
 import data
 import records as records_py
-from data import DataError, VLMDataset, collate
+from data import DataError, VLMDataset, collate, preprocess_image
 from tiny_tokenizers import make_tokenizer
 
 N_IMG, MAX_LEN = 4, 64
@@ -409,17 +409,20 @@ def test_a_sliver_that_a_short_side_resize_would_blow_up_is_refused_square(tiny_
     from transformers import CLIPImageProcessor
     Image.new("RGB", (1, 70000)).save(tmp_path / "sliver.png")   # the tiny CLIP's short side is 32: 32 x 2,240,000
     path = one_image_set(tmp_path, "sliver.png")
-    said = (f"record 0 (id='sliver.png'): image sliver.png: a 1x70000 image resized to 32 px on its short side would "
-            f"be 32x2240000 pixels, over images.MAX_IMAGE_PIXELS = {data.MAX_IMAGE_PIXELS} (crop it, or leave it out) "
-            "[image-too-large]")
+    said = (f"record 0 (id='sliver.png'): cannot read image {tmp_path}/sliver.png: a 1x70000 image resized to 32 px "
+            f"on its short side would be 32x2240000 pixels, over images.MAX_IMAGE_PIXELS = {data.MAX_IMAGE_PIXELS} "
+            "(crop it, or leave it out) [image-too-large]")
     for tower, bad in (("clip", True), ("siglip", False)):
         cfg = tmp_path / f"{tower}.py"
         cfg.write_text(f"llm = {tiny_llms['llama']!r}\nvision_tower = {tiny_towers[tower]!r}\ntemplate = 'llama'\n")
         assert check_data.main([path, "--image-folder", str(tmp_path), "--config", str(cfg)]) == int(bad), tower
         assert (said in capsys.readouterr().out) == bad
     proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    with pytest.raises(DataError, match=r"record 0 \(id='sliver.png'\): .*32x2240000 pixels.*\[image-too-large\]"):
-        VLMDataset(path, tok, proc, "llama", N_IMG, MAX_LEN, str(tmp_path))[0]   # training
+    with pytest.raises(DataError) as e:
+        VLMDataset(path, tok, proc, "llama", N_IMG, MAX_LEN, str(tmp_path))[0]   # training: the check's words
+    assert str(e.value) == f"{path}: {said}" and e.value.code == "image-too-large"
+    with pytest.raises(DataError, match=r"^a 1x70000 image resized .*32x2240000 pixels"):   # a picture from memory
+        preprocess_image(Image.open(tmp_path / "sliver.png"), proc)
     Image.new("RGB", (1, 60000)).save(tmp_path / "sliver.png")   # 32 x 1,920,000: under the limit, read as ever
     assert VLMDataset(path, tok, proc, "llama", N_IMG, MAX_LEN, str(tmp_path))[0]["pixel_values"].shape == (3, 32, 32)
 

@@ -197,18 +197,25 @@ def test_the_feature_cache_gives_the_tiled_loss_of_the_pixels(tiny_llms, tiny_to
     assert untiled.dir != cache.dir   # a cache of untiled features is never read as tiled ones
 
 
-def test_a_later_stage_turns_tiling_on_and_the_folder_runs_in_transformers(tiny_llms, tiny_towers, tmp_path):
-    """Pretrain untiled, finetune with max_tiles=4 (a fresh newline, trained): the final folder is tiled, loads back
-    as ours and as a plain transformers model (remote code), which computes our logits on the same inputs."""
+def untiled_then_tiled(tiny_llms, tiny_towers, tmp_path, finetune, *extra):
+    """Two stages on 40x24 images (a 1x2 grid each): pretrain untiled (the connector), then finetune (`finetune`:
+    its tune_llm and lr) with max_tiles=4, two steps each; the finetune's folder."""
     from conftest import write_dataset
-    data, images = write_dataset(str(tmp_path / "d"), n=8, text_only=2)   # 40x24 images: a 1x2 grid
+    data, images = write_dataset(str(tmp_path / "d"), n=8, text_only=2)
     stages = [dict(name="pretrain", data="finetune", tune_llm="frozen", tune_connector="full", lr=1e-3, max_steps=2),
-              dict(name="finetune", data="finetune", tune_llm="full", tune_connector="full", lr=1e-3, max_steps=2,
-                   max_tiles=4)]
+              dict(name="finetune", data="finetune", tune_connector="full", max_steps=2, max_tiles=4, **finetune)]
     out, _ = run_train(["--llm", tiny_llms["llama"], "--vision_tower", tiny_towers["siglip"], "--template", "llama",
                         "--data_finetune", data, "--images_finetune", images, "--stages", json.dumps(stages),
                         "--out_dir", tmp_path / "run", "--micro_batch_size", 4, "--global_batch_size", 4,
-                        "--bf16", "false", "--threads", 1, "--num_workers", 0, "--check_data_at_start", "false"])
+                        "--bf16", "false", "--threads", 1, "--num_workers", 0, "--check_data_at_start", "false",
+                        *extra])
+    return out
+
+
+def test_a_later_stage_turns_tiling_on_and_the_folder_runs_in_transformers(tiny_llms, tiny_towers, tmp_path):
+    """Pretrain untiled, finetune with max_tiles=4 (a fresh newline, trained): the final folder is tiled, loads back
+    as ours and as a plain transformers model (remote code), which computes our logits on the same inputs."""
+    out = untiled_then_tiled(tiny_llms, tiny_towers, tmp_path, dict(tune_llm="full", lr=1e-3))
     first = os.path.join(tmp_path, "run", "1_pretrain")
     assert "max_tiles" not in json.load(open(os.path.join(first, "config.json")))
     assert json.load(open(os.path.join(out, "config.json")))["max_tiles"] == 4
@@ -233,16 +240,8 @@ def test_a_qlora_stage_that_turns_tiling_on_saves_its_trained_newline(tiny_llms,
     """QLoRA merges onto the previous stage's full-precision folder, which is untiled here: the merged folder is tiled
     and holds the newline the stage trained (it was refused at the final save: an unexpected key)."""
     from safetensors.torch import load_file
-    from conftest import write_dataset
-    data, images = write_dataset(str(tmp_path / "d"), n=8, text_only=2)
-    stages = [dict(name="pretrain", data="finetune", tune_llm="frozen", tune_connector="full", lr=1e-3, max_steps=1),
-              dict(name="finetune", data="finetune", tune_llm="qlora", tune_connector="full", lr=1e-2, max_steps=2,
-                   max_tiles=4)]
-    out, _ = run_train(["--llm", tiny_llms["llama"], "--vision_tower", tiny_towers["siglip"], "--template", "llama",
-                        "--data_finetune", data, "--images_finetune", images, "--stages", json.dumps(stages),
-                        "--out_dir", tmp_path / "run", "--micro_batch_size", 4, "--global_batch_size", 4,
-                        "--lora_r", 4, "--lora_alpha", 8, "--bf16", "false", "--threads", 1, "--num_workers", 0,
-                        "--check_data_at_start", "false"])
+    out = untiled_then_tiled(tiny_llms, tiny_towers, tmp_path, dict(tune_llm="qlora", lr=1e-2), "--lora_r", 4,
+                             "--lora_alpha", 8)
     model, _, _ = load_pretrained(out)
     trained = load_file(os.path.join(out, "adapter_llm", "adapter_model.safetensors"))
     assert model.max_tiles == 4

@@ -31,7 +31,7 @@ SHAPES = {
 
 def tokens(grid):
     """An image's tokens, tiled: the global view and a newline, then each row of tiles and a newline (1x1: the global
-    view and its newline alone)."""
+    view alone, as untiled)."""
     rows, cols = grid
     return PER_VIEW if rows * cols == 1 else PER_VIEW * (1 + rows * cols) + rows + 1
 
